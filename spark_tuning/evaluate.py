@@ -1,0 +1,79 @@
+"""Classification metrics with scikit-learn, and the confusion-matrix plot. Pure functions plus one PNG."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def classification_metrics(preds: Sequence[int], labels: Sequence[int], names: Sequence[str]) -> dict:
+    """Accuracy, precision, recall, F1, a per-class report and the confusion matrix.
+
+    Two classes: precision/recall/F1 of the positive class (id 1), as most users read them for binary
+    tasks. More classes: macro averages (every class counts the same, whatever its size).
+    """
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, precision_recall_fscore_support
+
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    ids = list(range(len(names)))
+    average = "binary" if len(names) == 2 else "macro"
+    p, r, f1, _ = precision_recall_fscore_support(labels, preds, labels=ids, average=average, zero_division=0)
+    report = classification_report(
+        labels, preds, labels=ids, target_names=list(names), output_dict=True, zero_division=0
+    )
+    return {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "precision": float(p),
+        "recall": float(r),
+        "f1": float(f1),
+        "average": average,
+        "num_examples": int(len(labels)),
+        "per_class": {n: {k: float(v) for k, v in report[n].items()} for n in names},
+        "confusion_matrix": confusion_matrix(labels, preds, labels=ids).tolist(),
+    }
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], names: Sequence[str], path: str, title: str = "") -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(matrix)
+    size = max(3.5, 0.6 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(names)), labels=names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), labels=names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(history: list[dict], path: str) -> str:
+    """Training loss and learning rate per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot(steps, [h["train_loss"] for h in history])
+    a.set_xlabel("step")
+    a.set_ylabel("training loss")
+    b.plot(steps, [h["learning_rate"] for h in history])
+    b.set_xlabel("step")
+    b.set_ylabel("learning rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,153 @@
+"""From Spark to PyTorch: stage tokenized rows as Parquet once; each rank reads only its own row groups.
+
+Staging writes `world_size * k` similar-sized files, so row groups split evenly between ranks. A rank
+reads its groups with pyarrow (only the columns it needs) and cuts them into batches that are padded to
+their own longest row. With `group_by_length`, rows of similar length share a batch ("sortish" batching:
+shuffle, sort within chunks of 50 batches, shuffle the batches), which keeps training random while
+wasting little compute on padding.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+
+TRAIN_COLUMNS = ["row_id", "input_ids", "length", "label"]
+SORTISH_CHUNK = 50  # batches per sorting window
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """Where a staged split lives, and how many rows it has. Plain data: it travels to every rank."""
+
+    path: str
+    num_rows: int
+
+
+def stage(df, path: str, num_files: int) -> DataRef:
+    """Write a tokenized DataFrame once as Parquet (with a stable `row_id`) and describe it."""
+    from pyspark.sql import functions as F
+
+    staged = df.repartition(num_files).withColumn("row_id", F.monotonically_increasing_id())
+    staged.write.mode("error").parquet(path)
+    import pyarrow.parquet as pq
+
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in _files(path))
+    return DataRef(path=path, num_rows=rows)
+
+
+def _files(path: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(path, "*.parquet")))
+
+
+def _row_groups(path: str) -> list[tuple[str, int, int]]:
+    """Every (file, row group, rows) of a staged folder, in a fixed order that every rank agrees on."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for f in _files(path):
+        meta = pq.ParquetFile(f).metadata
+        out += [(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+    return out
+
+
+@dataclass
+class Shard:
+    """One rank's rows, in memory: token ids as one flat array plus offsets (no Python list per row)."""
+
+    row_ids: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+    offsets: np.ndarray  # row i is values[offsets[i]:offsets[i+1]]
+    values: np.ndarray
+    rows_per_rank: list[int]
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    def ids(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+
+def read_shard(ref: DataRef, rank: int, world_size: int, columns: Optional[list[str]] = None) -> Shard:
+    """Read this rank's row groups (every world_size-th, starting at rank)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    groups = _row_groups(ref.path)
+    rows_per_rank = [sum(n for _, _, n in groups[r::world_size]) for r in range(world_size)]
+    tables = []
+    for f, g, _ in groups[rank::world_size]:
+        tables.append(pq.ParquetFile(f).read_row_group(g, columns=columns or TRAIN_COLUMNS))
+    if not tables:
+        empty = np.zeros(0, dtype=np.int64)
+        return Shard(empty, empty, empty, np.zeros(1, dtype=np.int64), empty, rows_per_rank)
+    table = pa.concat_tables(tables).combine_chunks()
+    ids = table.column("input_ids").chunk(0)
+    offsets = ids.offsets.to_numpy().astype(np.int64)
+    values = ids.values.to_numpy(zero_copy_only=False)
+    # Offsets of a sliced array start where the slice starts: rebase them onto `values`.
+    values = values[offsets[0]:offsets[-1]]
+    offsets = offsets - offsets[0]
+    return Shard(
+        row_ids=table.column("row_id").to_numpy(),
+        labels=table.column("label").to_numpy().astype(np.int64),
+        lengths=table.column("length").to_numpy().astype(np.int64),
+        offsets=offsets,
+        values=values,
+        rows_per_rank=rows_per_rank,
+    )
+
+
+def batches_per_epoch(shard: Shard, batch_size: int) -> int:
+    """The same number on every rank (DDP needs it): ranks with fewer rows wrap around to fill up."""
+    return math.ceil(max(shard.rows_per_rank) / batch_size)
+
+
+def plan_train_batches(shard: Shard, batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[np.ndarray]:
+    """Row indices of each training batch for one epoch: seeded, so every run sees the same order."""
+    rng = np.random.default_rng([seed, epoch])
+    n_batches = batches_per_epoch(shard, batch_size)
+    if len(shard) == 0:
+        return []
+    order = rng.permutation(len(shard))
+    need = n_batches * batch_size
+    order = np.resize(order, need)  # wrap around: every rank does the same number of steps
+    if not group_by_length:
+        return [order[i:i + batch_size] for i in range(0, need, batch_size)]
+    chunk = batch_size * SORTISH_CHUNK
+    batches = []
+    for start in range(0, need, chunk):
+        window = order[start:start + chunk]
+        window = window[np.argsort(shard.lengths[window], kind="stable")]
+        batches += [window[i:i + batch_size] for i in range(0, len(window), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def plan_eval_batches(shard: Shard, batch_size: int) -> list[np.ndarray]:
+    """Validation batches sorted by length: predictions do not depend on order, padding does."""
+    order = np.lexsort((shard.row_ids, shard.lengths))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(shard: Shard, index: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+    """Pad one batch to its own longest row (right padding), with an attention mask."""
+    lengths = shard.lengths[index]
+    width = int(lengths.max())
+    input_ids = np.full((len(index), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(index), width), dtype=np.int64)
+    for row, i in enumerate(index):
+        n = lengths[row]
+        input_ids[row, :n] = shard.ids(i)
+        mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": shard.labels[index]}
+
+
+def iterate(shard: Shard, plan: list[np.ndarray], pad_id: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    for index in plan:
+        yield index, collate(shard, index, pad_id)

