@@ -201,8 +201,8 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     for key in raw:
         if key not in names:
             guess = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {prefix}{guess[0]!r}?" if guess else f"; known keys: {', '.join(names)}"
-            problems.append(f"unknown key {prefix}{key!r}{hint}")
+            hint = f"; did you mean {prefix + guess[0]!r}?" if guess else f"; known keys: {', '.join(names)}"
+            problems.append(f"unknown key {prefix + str(key)!r}{hint}")
     kwargs = {}
     for name in names:
         if name not in raw:

@@ -255,6 +255,12 @@ def sample(df: DataFrame, n: Optional[int], seed: int) -> DataFrame:
 
 def prepare(spark: SparkSession, cfg: DataConfig, seed: int) -> Prepared:
     """Source -> checked, cleaned, labelled, split and sampled `text`/`label` DataFrames."""
+    fmt = cfg.format if cfg.format != "auto" else infer_format(cfg.source)
+    if cfg.eval_split and fmt not in ("hf_disk", "hf_hub", "table_or_hub"):
+        raise InputError(
+            f"data.eval_split = {cfg.eval_split!r} names a split of a Hugging Face dataset, but data.source = "
+            f"{cfg.source!r} is {fmt}: set data.eval_split: null (a seeded split is made) or data.eval_source"
+        )
     raw, source_names = read_source(spark, cfg.source, cfg.format, cfg.train_split)
     df = select_columns(raw, cfg.text_column, cfg.label_column)
     df = _clean_and_count(df, "source")
