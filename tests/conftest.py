@@ -113,3 +113,7 @@ def tiny_job_config(tmp_path, data: str, model: str, **overrides):
         **overrides,
     }
     return load_config(None, [f"{k}={v}" for k, v in sets.items()])
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs of a minute or more (still run by .ci/run)")
