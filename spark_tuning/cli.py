@@ -18,7 +18,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from spark_tuning.config import load_config
 
     cfg = load_config(args.config, args.set)
-    summary = finetune.run(cfg, overwrite=args.overwrite)
+    summary = finetune.run(cfg, overwrite=args.overwrite, resume=args.resume)
     print(render_summary(summary))
     return 0
 
@@ -57,19 +57,27 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set train.learning_rate=3e-5 (repeatable)")
     ft.add_argument("--overwrite", action="store_true", help="replace an output folder that already holds files")
+    ft.add_argument("--resume", action="store_true",
+                    help="continue the interrupted run in output_dir from its newest complete checkpoint "
+                         "(done automatically when the config is the same)")
     ft.set_defaults(func=_finetune)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from spark_tuning.secrets import install_log_scrubbing
+
+    install_log_scrubbing()
     for noisy in ("py4j", "urllib3", "mlflow", "alembic", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (InputError, JobFailed) as e:
-        print(f"\nspark-tuning: error: {e}", file=sys.stderr)
+        from spark_tuning.secrets import scrub
+
+        print(f"\nspark-tuning: error: {scrub(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("\nspark-tuning: interrupted", file=sys.stderr)

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from spark_tuning.errors import InputError
+from spark_tuning.secrets import config_problems as secret_problems
 
 TASKS = ("classification",)
 FORMATS = ("auto", "parquet", "csv", "json", "table", "delta", "hf_disk", "hf_hub")
@@ -47,6 +48,7 @@ class DataConfig:
     train_limit: Optional[int] = None  # seeded random sample of this many training rows
     eval_limit: Optional[int] = None
     max_length: int = 256  # truncation only: batches are padded to their own longest row
+    encoding: str = "utf-8"  # of CSV and JSON files
 
 
 @dataclass
@@ -57,6 +59,10 @@ class ModelConfig:
     gguf_file: Optional[str] = None
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    # Pickle-based weights (pytorch_model.bin) can run code when loaded: refused unless allowed here.
+    allow_pickle_weights: bool = False
+    # A reference to a hub token, never the token: env:HF_TOKEN or secret:scope/key (Databricks).
+    hub_token: Optional[str] = None
     # Dropout inside attention pushes BERT-style models off the fused attention kernel (slow on CPU);
     # None keeps the model's own value.
     attention_dropout: Optional[float] = None
@@ -101,6 +107,14 @@ class LoaderConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    enabled: bool = True  # at every epoch end, and every `every_steps` optimizer steps
+    every_steps: Optional[int] = None
+    keep_last: int = 1  # complete checkpoints kept on disk while training
+    keep_after_success: bool = False  # keep the last one in the output folder when the run finishes
+
+
+@dataclass
 class TrackingConfig:
     # None: "databricks" on Databricks, else a SQLite store beside the output folder (no server needed).
     tracking_uri: Optional[str] = None
@@ -120,6 +134,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +169,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     cfg = _build(Config, raw, "", problems)
     if not problems:
         problems.extend(_check_values(cfg))
+    problems.extend(secret_problems(cfg.to_dict()))
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -298,10 +314,12 @@ def _check_values(cfg: Config) -> list[str]:
         ("train.log_every_steps", cfg.train.log_every_steps),
         ("data.max_length", cfg.data.max_length),
         ("distributed.num_processes", cfg.distributed.num_processes),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last),
     ]:
         positive(name, value)
     for name, value in [("data.train_limit", cfg.data.train_limit), ("data.eval_limit", cfg.data.eval_limit),
-                        ("train.max_steps", cfg.train.max_steps)]:
+                        ("train.max_steps", cfg.train.max_steps),
+                        ("checkpoint.every_steps", cfg.checkpoint.every_steps)]:
         positive(name, value, allow_none=True)
     if cfg.train.weight_decay < 0:
         p.append(f"train.weight_decay = {cfg.train.weight_decay} must be 0 or more")
@@ -321,9 +339,29 @@ def _check_values(cfg: Config) -> list[str]:
         p.append(f"data.label_names = {cfg.data.label_names!r} must name at least two distinct classes")
     if cfg.model.attention_dropout is not None and not 0 <= cfg.model.attention_dropout < 1:
         p.append(f"model.attention_dropout = {cfg.model.attention_dropout} must be in [0, 1)")
+    if cfg.model.hub_token is not None and not cfg.model.hub_token.startswith(("env:", "secret:")):
+        p.append("model.hub_token must be a reference, env:NAME or secret:scope/key, never the token itself")
     if cfg.data.text_column == cfg.data.label_column:
         p.append(f"data.text_column and data.label_column are both {cfg.data.text_column!r}: they must differ")
     return p
+
+
+# Settings that do not change what is trained: a resumed run may differ from the original in these.
+RESUME_NEUTRAL = ("run_name", "spark.", "tracking.", "loader.staging_dir", "checkpoint.", "train.log_every_steps")
+
+
+def training_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys whose values differ between two configs (as dicts), ignoring settings that do not change the
+    result. Used to refuse resuming a checkpoint with another config."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and not name.startswith("spark."):
+            out += training_differences(a, b, name + ".")
+        elif a != b and not any(name == n or name.startswith(n) for n in RESUME_NEUTRAL if n.endswith(".") or n == name):
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
 
 
 def to_yaml(cfg: Config) -> str:

@@ -23,6 +23,7 @@ from spark_tuning.paths import PACKAGE_PREFIX, resolve_package_path
 log = logging.getLogger(__name__)
 
 TEXT, LABEL = "text", "label"
+LONG_TEXT = 100_000  # characters: worth a warning (a 1 MB review is usually a data error)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def infer_format(source: str) -> str:
 
 
 def read_source(
-    spark: SparkSession, source: str, fmt: str, split: Optional[str] = None
+    spark: SparkSession, source: str, fmt: str, split: Optional[str] = None, encoding: str = "utf-8"
 ) -> tuple[DataFrame, Optional[list[str]]]:
     """Read any supported source into a DataFrame. Also returns class names when the source declares
     them (a Hugging Face ClassLabel feature), else None."""
@@ -86,15 +87,18 @@ def read_source(
         fmt = infer_format(source)
     if fmt == "table_or_hub":
         fmt = "table" if spark.catalog.tableExists(source) else "hf_hub"
+    is_local = "://" not in path and not path.startswith(("dbfs:", "s3", "abfss:", "gs:"))
+    if fmt in ("parquet", "csv", "json", "delta", "hf_disk") and is_local and not os.path.exists(path):
+        raise InputError(f"data.source = {source!r}: no such file or folder ({os.path.abspath(path)}): fix the path")
     try:
         if fmt == "parquet":
             return spark.read.parquet(path), None
         if fmt == "csv":
             # multiLine: reviews contain newlines inside quoted fields.
-            reader = spark.read.option("header", True).option("inferSchema", True)
+            reader = spark.read.option("header", True).option("inferSchema", True).option("encoding", encoding)
             return reader.option("multiLine", True).option("escape", '"').csv(path), None
         if fmt == "json":
-            return spark.read.json(path), None
+            return spark.read.option("encoding", encoding).json(path), None
         if fmt == "table":
             return spark.table(source), None
         if fmt == "delta":
@@ -261,12 +265,12 @@ def prepare(spark: SparkSession, cfg: DataConfig, seed: int) -> Prepared:
             f"data.eval_split = {cfg.eval_split!r} names a split of a Hugging Face dataset, but data.source = "
             f"{cfg.source!r} is {fmt}: set data.eval_split: null (a seeded split is made) or data.eval_source"
         )
-    raw, source_names = read_source(spark, cfg.source, cfg.format, cfg.train_split)
+    raw, source_names = read_source(spark, cfg.source, cfg.format, cfg.train_split, cfg.encoding)
     df = select_columns(raw, cfg.text_column, cfg.label_column)
     df = _clean_and_count(df, "source")
     eval_df = None
     if cfg.eval_source or cfg.eval_split:
-        raw_eval, _ = read_source(spark, cfg.eval_source or cfg.source, cfg.format, cfg.eval_split)
+        raw_eval, _ = read_source(spark, cfg.eval_source or cfg.source, cfg.format, cfg.eval_split, cfg.encoding)
         eval_df = _clean_and_count(select_columns(raw_eval, cfg.text_column, cfg.label_column), "validation source")
     labels = infer_labels(df, cfg.label_names, source_names)
     df = encode_labels(df, labels)
@@ -292,10 +296,22 @@ def _clean_and_count(df: DataFrame, what: str) -> DataFrame:
         F.count(F.lit(1)).alias("rows"),
         F.sum(F.when(F.col(TEXT).isNull() | (F.length(F.trim(F.col(TEXT))) == 0), 1).otherwise(0)).alias("empty"),
         F.sum(F.when(F.col(LABEL).isNull(), 1).otherwise(0)).alias("nolabel"),
+        # Bytes that are not valid UTF-8 arrive as U+FFFD: the file has another encoding.
+        F.sum(F.when(F.col(TEXT).contains("\ufffd"), 1).otherwise(0)).alias("undecodable"),
+        F.sum(F.when(F.length(F.col(TEXT)) > LONG_TEXT, 1).otherwise(0)).alias("long"),
+        F.first(F.when(F.col(TEXT).contains("\ufffd"), F.substring(F.col(TEXT), 1, 60)), ignorenulls=True).alias("bad"),
     ).first()
     rows, empty, nolabel = row["rows"], row["empty"] or 0, row["nolabel"] or 0
     if rows == 0:
         raise InputError(f"the {what} holds no rows: check data.source")
+    if row["undecodable"]:
+        raise InputError(
+            f"{row['undecodable']} rows of the {what} hold bytes that are not valid UTF-8 (e.g. {row['bad']!r}): "
+            "convert the file to UTF-8, or set data.encoding (e.g. latin-1) for CSV and JSON files"
+        )
+    if row["long"]:
+        log.warning("%s: %d texts are longer than %d characters; they are clipped before tokenizing "
+                    "(max_length tokens need far fewer characters)", what, row["long"], LONG_TEXT)
     if empty or nolabel:
         log.warning("%s: dropped %d rows with null or empty text and %d without a label (of %d)",
                     what, empty, nolabel, rows)

@@ -50,31 +50,95 @@ def derived_figures(cfg: Config, train_rows: Optional[int] = None, mean_length: 
     return out
 
 
-def preflight(cfg: Config, overwrite: bool):
-    """Everything that can be checked before Spark starts. Returns the resolved model source."""
-    from spark_tuning.launch import check_resources
-    from spark_tuning.model import check_reachable, resolve_model
+RUN_MARKER = "run.json"  # written into output_dir while a run is in progress: its config and MLflow run
+
+
+@dataclass
+class Plan:
+    """What preflight decided about the output folder."""
+
+    resume_from: Optional[str] = None  # the checkpoint to continue from
+    earlier_run: Optional[dict] = None  # the interrupted run's marker (its MLflow run id)
+    clear_first: bool = False  # an interrupted run's leftovers, to be removed before starting afresh
+
+
+def output_state(out: str) -> str:
+    """'empty', 'model' (a finished run), 'interrupted' (checkpoints of a run that did not finish) or 'other'."""
+    if not holds_output(out):
+        return "empty"
+    names = set(os.listdir(out))
+    if "metrics.json" in names or "config.json" in names:
+        return "model"
+    if RUN_MARKER in names and names <= {RUN_MARKER, "checkpoints"}:
+        return "interrupted"
+    return "other"
+
+
+def plan_output(cfg: Config, overwrite: bool, resume: bool) -> Plan:
+    """Never lose work: refuse to touch a finished model without --overwrite; continue an interrupted run
+    of the same config from its newest complete checkpoint; refuse one of another config."""
+    from spark_tuning import checkpoint
+    from spark_tuning.config import training_differences
 
     out = local_path(cfg.output_dir)
-    if holds_output(out) and not overwrite:
-        kind = "a model" if os.path.isfile(os.path.join(out, "config.json")) else "files"
+    state = output_state(out)
+    if state == "model" and not overwrite:
         raise InputError(
-            f"output_dir {out} already holds {kind}: pass --overwrite to replace it, or set another output_dir"
+            f"output_dir {out} already holds a model: pass --overwrite to replace it, or set another output_dir"
         )
-    parent = output_root(cfg.output_dir)
-    probe = parent
+    if state == "other" and not overwrite:
+        raise InputError(
+            f"output_dir {out} already holds files that spark-tuning did not write ({sorted(os.listdir(out))[:5]}): "
+            "pass --overwrite to replace them, or set another output_dir"
+        )
+    if state != "interrupted":
+        if resume:
+            raise InputError(f"--resume: output_dir {out} holds no interrupted run to continue: drop --resume")
+        return Plan()
+    with open(os.path.join(out, RUN_MARKER)) as f:
+        earlier = json.load(f)
+    latest = checkpoint.latest(checkpoint.checkpoint_dir(out))
+    if overwrite:
+        return Plan(earlier_run=earlier, clear_first=True)
+    if latest is None:
+        log.warning("output_dir %s holds an interrupted run without a complete checkpoint: starting afresh", out)
+        return Plan(earlier_run=earlier, clear_first=True)
+    changed = training_differences(earlier["config"], cfg.to_dict())
+    if changed:
+        raise InputError(
+            f"output_dir {out} holds an interrupted run with another config ({'; '.join(changed)}): rerun with "
+            "the same config to resume it, pass --overwrite to start over, or set another output_dir"
+        )
+    log.info("resuming the interrupted run in %s from %s", out, latest)
+    return Plan(resume_from=latest, earlier_run=earlier)
+
+
+def preflight(cfg: Config, overwrite: bool, resume: bool = False):
+    """Everything that can be checked before Spark starts. Returns the model source and the output plan."""
+    from spark_tuning.launch import check_resources
+    from spark_tuning.model import check_reachable, load_tokenizer, max_positions, resolve_model
+
+    plan = plan_output(cfg, overwrite, resume)
+    out = local_path(cfg.output_dir)
+    probe = output_root(cfg.output_dir)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
-    if not os.access(probe, os.W_OK):
-        raise InputError(f"output_dir {out} cannot be written ({probe} is not writable): choose another output_dir")
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+        raise InputError(f"output_dir {out} cannot be written ({probe} is not a writable folder): "
+                         "choose another output_dir")
     src = resolve_model(cfg.model)
     check_reachable(src, cfg.model)
+    load_tokenizer(src, cfg.model)  # a missing or broken tokenizer fails here, not in a Spark task
+    positions = max_positions(src, cfg.model)
+    if positions and cfg.data.max_length > positions:
+        raise InputError(f"data.max_length = {cfg.data.max_length} is more than the {positions} positions model "
+                         f"{src.location} takes: set data.max_length to at most {positions}")
     check_resources(cfg.distributed)
-    return src
+    return src, plan
 
 
-def run(cfg: Config, overwrite: bool = False, spark=None) -> Summary:
-    from spark_tuning import dataset, evaluate, tracking
+def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) -> Summary:
+    from spark_tuning import checkpoint, dataset, evaluate, tracking
     from spark_tuning.launch import check_resources, run_distributed
     from spark_tuning.loader import stage
     from spark_tuning.spark import get_spark
@@ -87,7 +151,7 @@ def run(cfg: Config, overwrite: bool = False, spark=None) -> Summary:
     log.info("derived: %s", derived_figures(cfg))
     if cfg.model.trust_remote_code:
         log.warning("model.trust_remote_code is ON: the model's own Python code will run")
-    src = preflight(cfg, overwrite)
+    src, plan = preflight(cfg, overwrite, resume)
 
     spark = spark or get_spark(cfg.spark)
     check_resources(cfg.distributed, spark)
@@ -120,6 +184,11 @@ def run(cfg: Config, overwrite: bool = False, spark=None) -> Summary:
         # 2. Tracking: the driver owns the run; rank 0 logs into it by id.
         run_ref = tracking.start_run(cfg)
         tracking.log_params(run_ref, {**cfg.to_dict(), "derived": figures})
+        if plan.earlier_run:
+            tracking.close_stale_run(plan.earlier_run)  # a killed driver could not mark it FAILED
+        if plan.resume_from:
+            tracking.set_tag(run_ref, "spark_tuning.resumed_from", plan.resume_from)
+        _mark_run_in_progress(out_dir, cfg, run_ref, clear_first=plan.clear_first)
 
         # 3. Train on every rank.
         t = time.perf_counter()
@@ -132,6 +201,10 @@ def run(cfg: Config, overwrite: bool = False, spark=None) -> Summary:
             "eval_ref": vars(eval_ref),
             "run": vars(run_ref),
             "model_dir": partial,
+            "resume_from": plan.resume_from,
+            "log_dir": os.path.join(staging, "logs"),
+            "checkpoint": {"dir": checkpoint.checkpoint_dir(out_dir), "every_steps": cfg.checkpoint.every_steps,
+                           "keep_last": cfg.checkpoint.keep_last} if cfg.checkpoint.enabled else None,
         }
         result = run_distributed(train_fn, payload, cfg.distributed)
         timings["training"] = time.perf_counter() - t
@@ -155,7 +228,12 @@ def run(cfg: Config, overwrite: bool = False, spark=None) -> Summary:
                 tracking.log_artifact(run_ref, os.path.join(partial, name))
         if cfg.tracking.log_model:
             tracking.log_artifacts(run_ref, partial, "model")
-        publish(partial, out_dir, overwrite)
+        if cfg.checkpoint.keep_after_success and checkpoint.latest(checkpoint.checkpoint_dir(out_dir)):
+            last = checkpoint.latest(checkpoint.checkpoint_dir(out_dir))
+            os.makedirs(checkpoint.checkpoint_dir(partial))
+            os.rename(last, os.path.join(checkpoint.checkpoint_dir(partial), os.path.basename(last)))
+        # Our own interrupted-run folder (run.json + checkpoints) is replaced by the finished one.
+        publish(partial, out_dir, overwrite or output_state(out_dir) == "interrupted")
         timings["logging"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         tracking.log_metrics(run_ref, {f"time_{k}_seconds": v for k, v in timings.items()})
@@ -170,10 +248,24 @@ def run(cfg: Config, overwrite: bool = False, spark=None) -> Summary:
         raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+        # A run that failed before its first checkpoint leaves nothing to resume: leave no folder either.
+        if output_state(out_dir) == "interrupted" and not checkpoint.latest(checkpoint.checkpoint_dir(out_dir)):
+            shutil.rmtree(out_dir, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
         if prepared is not None:
             prepared.train.unpersist()
             prepared.eval.unpersist()
+
+
+def _mark_run_in_progress(out_dir: str, cfg: Config, run_ref, clear_first: bool) -> None:
+    """Create output_dir with run.json: which config and MLflow run its checkpoints belong to."""
+    if clear_first:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, f".{RUN_MARKER}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"config": cfg.to_dict(), "run_id": run_ref.run_id, "tracking_uri": run_ref.tracking_uri}, f)
+    os.replace(tmp, os.path.join(out_dir, RUN_MARKER))
 
 
 def _length_stats(spark, path: str, max_length: int) -> dict[str, float]:

@@ -52,6 +52,7 @@ def check_resources(cfg: DistributedConfig, spark=None) -> None:
 
 
 def run_distributed(train_fn: Callable[[dict], Any], payload: dict, cfg: DistributedConfig) -> Optional[Any]:
+    """payload["log_dir"], when set, is where each rank writes its own log (see faults.py)."""
     """TorchDistributor(...).run(train_fn, payload): DDP over gloo (CPU) or NCCL (GPU)."""
     from pyspark.ml.torch.distributor import TorchDistributor
 
@@ -59,12 +60,29 @@ def run_distributed(train_fn: Callable[[dict], Any], payload: dict, cfg: Distrib
     try:
         return distributor.run(train_fn, payload)
     except Exception as e:  # noqa: BLE001
-        raise JobFailed(f"training failed: {_summarise(e)}") from e
+        from spark_tuning.faults import describe_failure
+
+        raise JobFailed(f"training failed: {describe_failure(payload.get('log_dir')) or _summarise(e)}") from e
 
 
 def _summarise(e: Exception) -> str:
-    """TorchDistributor's error holds the worker command and its last 100 lines: keep the useful end."""
+    """TorchDistributor's error holds torchrun's failure report and the last 100 lines of output. Say which
+    rank failed and how, then show that rank's own last lines (worker log lines carry "[rank N]")."""
+    import re
+
     text = str(e)
-    lines = [l for l in text.splitlines() if l.strip()]
-    tail = "\n".join(lines[-40:])
-    return tail if len(lines) > 1 else text
+    lines = [line for line in text.splitlines() if line.strip()]
+    rank = re.search(r"rank\s*:\s*(\d+)", text)
+    code = re.search(r"exitcode\s*:\s*(-?\d+)", text)
+    cause = re.search(r"traceback\s*:\s*(.+)", text)
+    if not rank:
+        return "\n".join(lines[-40:]) if len(lines) > 1 else text
+    r = rank.group(1)
+    own = [line for line in lines if f"[rank {r}]" in line][-15:]
+    errors = [line for line in lines if re.search(r"(Error|Exception)\b", line) and "ChildFailedError" not in line][-5:]
+    parts = [f"training process rank {r} failed (exit code {code.group(1) if code else '?'}"
+             + (f": {cause.group(1).strip()}" if cause and "<N/A>" not in cause.group(1) else "") + ")"]
+    if errors:
+        parts += ["errors:", *errors]
+    parts += [f"last log lines of rank {r}:", *(own or ["(none)"])]
+    return "\n".join(parts)

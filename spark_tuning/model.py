@@ -33,6 +33,10 @@ class ModelSource:
             kwargs["gguf_file"] = self.gguf_file
         if cfg.revision and not self.is_local:
             kwargs["revision"] = cfg.revision
+        if cfg.hub_token and not self.is_local:
+            from spark_tuning.secrets import resolve
+
+            kwargs["token"] = resolve(cfg.hub_token, "model.hub_token")
         return kwargs
 
 
@@ -96,10 +100,17 @@ def _check_local(folder: str, cfg: ModelConfig) -> ModelSource:
         raise InputError(f"model folder {folder} has no config.json: is it a Hugging Face model folder?")
     if not glob.glob(os.path.join(folder, "*.safetensors")):
         pickled = glob.glob(os.path.join(folder, "*.bin")) + glob.glob(os.path.join(folder, "*.pt"))
+        if pickled and cfg.allow_pickle_weights:
+            import logging
+
+            logging.getLogger(__name__).warning("loading pickle-based weights from %s (model.allow_pickle_weights)",
+                                                folder)
+            return ModelSource(location=folder, is_local=True)
         if pickled:
             raise InputError(
                 f"model folder {folder} has only pickle-based weights ({os.path.basename(pickled[0])}), which "
-                "can run code when loaded: convert them to safetensors (model.save_pretrained(folder))"
+                "can run code when loaded: convert them to safetensors (model.save_pretrained(folder)), or set "
+                "model.allow_pickle_weights: true if you trust their source"
             )
         raise InputError(f"model folder {folder} holds no weights (*.safetensors): copy the model's weights there")
     return ModelSource(location=folder, is_local=True)
@@ -109,7 +120,11 @@ def load_tokenizer(src: ModelSource, cfg: ModelConfig):
     """The model's fast tokenizer, with a pad token (GPT-2 and Llama ship without one)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(src.location, **src.load_kwargs(cfg))
+    try:
+        tok = AutoTokenizer.from_pretrained(src.location, **src.load_kwargs(cfg))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception for bad files
+        raise InputError(f"the tokenizer of model {src.location} could not be loaded ({e}): "
+                         "the folder needs tokenizer.json and tokenizer_config.json") from None
     if not getattr(tok, "is_fast", False):
         raise InputError(f"model {src.location} has no fast tokenizer (tokenizer.json): spark-tuning needs one")
     if tok.pad_token is None:
@@ -142,8 +157,22 @@ def build_classifier(src: ModelSource, cfg: ModelConfig, id2label: dict[int, str
             if hasattr(config, key):
                 setattr(config, key, cfg.attention_dropout)
     if not src.gguf_file:
-        kwargs["use_safetensors"] = True
+        kwargs["use_safetensors"] = not cfg.allow_pickle_weights
     return AutoModelForSequenceClassification.from_pretrained(src.location, config=config, **kwargs)
+
+
+def max_positions(src: ModelSource, cfg: ModelConfig) -> Optional[int]:
+    """The longest input the model takes (None when the config does not say)."""
+    if not src.is_local or src.gguf_file:
+        return None
+    import json
+
+    with open(os.path.join(src.location, "config.json")) as f:
+        config = json.load(f)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -19,6 +19,9 @@ from spark_tuning.config import ModelConfig
 from spark_tuning.model import ModelSource
 
 TOKENS_SCHEMA = "input_ids array<int>, length int"
+# Characters kept per allowed token before tokenizing. Real tokens are far shorter, so nothing that would
+# survive truncation is lost, and a 1 MB text costs no more than a long review.
+CHARS_PER_TOKEN = 64
 
 
 def tokenize(df: DataFrame, src: ModelSource, model_cfg: ModelConfig, max_length: int) -> DataFrame:
@@ -32,6 +35,7 @@ def tokenize(df: DataFrame, src: ModelSource, model_cfg: ModelConfig, max_length
 
         tok = load_tokenizer(src, model_cfg)  # once per task, not per batch
         for texts in batches:
+            texts = texts.str.slice(0, max_length * CHARS_PER_TOKEN)
             ids = tok(texts.tolist(), truncation=True, max_length=max_length, padding=False)["input_ids"]
             yield pd.DataFrame({
                 "input_ids": [np.asarray(x, dtype=np.int32) for x in ids],

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from spark_tuning.config import Config
 from spark_tuning.paths import on_databricks, output_root
+from spark_tuning.secrets import scrub
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
         else:
-            out[key] = str(v)[:6000]
+            out[key] = scrub(str(v))[:6000]  # config values were checked; this is a second guard
     return out
 
 
@@ -105,6 +106,25 @@ def end_run(ref: RunRef, status: str) -> None:
     from mlflow import MlflowClient
 
     MlflowClient(ref.tracking_uri).set_terminated(ref.run_id, status=status)
+
+
+def set_tag(ref: RunRef, key: str, value: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(ref.tracking_uri).set_tag(ref.run_id, key, value)
+
+
+def close_stale_run(marker: dict) -> None:
+    """Mark an earlier run FAILED if it is still RUNNING (its driver was killed and could not say so)."""
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(marker["tracking_uri"])
+        if client.get_run(marker["run_id"]).info.status == "RUNNING":
+            client.set_terminated(marker["run_id"], status="FAILED")
+            client.set_tag(marker["run_id"], "spark_tuning.failure", "interrupted: driver or job killed")
+    except Exception:  # noqa: BLE001 - an unreachable old store must not stop a new run
+        pass
 
 
 class RankZeroLogger:

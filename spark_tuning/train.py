@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -79,6 +80,28 @@ def predict(model, shard, plan, pad_id: int, device: str, precision: str) -> dic
     return {"row_ids": ids, "probs": np.concatenate(probs), "labels": labels, "loss_sum": loss_sum}
 
 
+def _resume(path, model, optimizer, scheduler, ctx) -> dict:
+    """Load a checkpoint into the model and optimizer (before DDP wraps the model); {} when starting fresh."""
+    if not path:
+        return {}
+    import torch
+
+    from spark_tuning import checkpoint
+
+    state = checkpoint.load_state(path)
+    if state["world_size"] != ctx.world_size:
+        raise RuntimeError(f"checkpoint {path} was written by {state['world_size']} processes, not {ctx.world_size}")
+    checkpoint.load_weights(path, model)
+    training = checkpoint.load_training_state(path)
+    optimizer.load_state_dict(training["optimizer"])
+    scheduler.load_state_dict(training["scheduler"])
+    torch.set_rng_state(training["rng"][ctx.rank])
+    if ctx.is_rank_zero:
+        log.info("resumed from %s: step %d, epoch %d, %d batches of that epoch already done",
+                 path, state["step"], state["epoch"], state["micro"])
+    return state
+
+
 def _quiet_libraries(rank_zero: bool) -> None:
     """One rank's load report is enough; progress bars garble interleaved logs."""
     import transformers
@@ -89,16 +112,35 @@ def _quiet_libraries(rank_zero: bool) -> None:
 
 
 def train_fn(payload: dict[str, Any]) -> dict[str, Any]:
+    """Runs on every rank. Sets up logging (a file per rank, for failure reports) around `_train`."""
+    from spark_tuning.faults import FAILED, FINISHED, start_rank_log
+    from spark_tuning.secrets import install_log_scrubbing
+
+    # Each line names its rank: when a process dies, its own last lines can be picked out of the mix.
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, force=True,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    start_rank_log(payload.get("log_dir"), int(rank))
+    install_log_scrubbing()
+    try:
+        result = _train(payload)
+    except BaseException as e:
+        log.exception("%s: %s", FAILED, e)
+        raise
+    log.info("%s", FINISHED)
+    return result
+
+
+def _train(payload: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from spark_tuning import distributed
+    from spark_tuning import checkpoint, distributed
     from spark_tuning.config import config_from_dict
     from spark_tuning.evaluate import classification_metrics
     from spark_tuning.loader import DataRef, batches_per_epoch, iterate, plan_eval_batches, plan_train_batches, read_shard
     from spark_tuning.model import ModelSource, build_classifier, count_parameters, load_tokenizer
     from spark_tuning.tracking import RankZeroLogger, RunRef
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     cfg = config_from_dict(payload["config"])
     tc = cfg.train
     ctx = distributed.init(cfg.distributed.use_gpu)
@@ -116,7 +158,6 @@ def train_fn(payload: dict[str, Any]) -> dict[str, Any]:
         id2label = {int(k): v for k, v in payload["id2label"].items()}
         model = build_classifier(src, cfg.model, id2label, tokenizer.pad_token_id).to(ctx.device)
         total_params, trainable = count_parameters(model)
-        ddp_model = distributed.wrap(model, ctx)
 
         # Data: each rank reads only its own row groups of the staged Parquet.
         train_shard = read_shard(DataRef(**payload["train_ref"]), ctx.rank, ctx.world_size)
@@ -130,26 +171,69 @@ def train_fn(payload: dict[str, Any]) -> dict[str, Any]:
 
         optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.learning_rate)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total_steps))
+
+        # Resume: same weights, optimizer, schedule and RNG as when the checkpoint was written; the
+        # batches of the interrupted epoch that were already seen are skipped (plans are seeded).
+        resume = _resume(payload.get("resume_from"), model, optimizer, scheduler, ctx)
+        ddp_model = distributed.wrap(model, ctx)
         autocast = torch.autocast(ctx.device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
         if ctx.is_rank_zero:
             log.info("training %s: %d parameters (%d trainable, %.1f%%), %d processes, precision %s, "
                      "%d steps (%d per epoch), warm-up %d", src.location, total_params, trainable,
                      100 * trainable / total_params, ctx.world_size, precision, total_steps, steps_per_epoch, warmup)
 
-        history: list[dict] = []
-        epochs: list[dict] = []
-        step = 0
+        history: list[dict] = resume.get("history", [])
+        epochs: list[dict] = resume.get("epochs", [])
+        step = resume.get("step", 0)
+        start_epoch, skip = resume.get("epoch", 0), resume.get("micro", 0)
+        ckpt = payload.get("checkpoint")  # {"dir", "every_steps", "keep_last"} or None
+
+        def save_checkpoint(epoch: int, micro: int) -> None:
+            # Every rank hands over its RNG state (dropout masks differ per rank); rank 0 writes.
+            rng = distributed.gather(torch.get_rng_state(), ctx)
+            if ctx.is_rank_zero:
+                state = {"step": step, "epoch": epoch, "micro": micro, "history": history, "epochs": epochs,
+                         "totals": totals, "world_size": ctx.world_size}
+                path = checkpoint.save(ckpt["dir"], step, model, optimizer, scheduler, rng, state, ckpt["keep_last"])
+                log.info("checkpoint written: %s", path)
+
+        def evaluate_now(epoch_done: int, train_seconds: float) -> dict:
+            """Every rank predicts its share of the validation rows; every rank gets the whole picture."""
+            local = predict(model, eval_shard, plan_eval_batches(eval_shard, tc.eval_batch_size),
+                            tokenizer.pad_token_id, ctx.device, precision)
+            parts = distributed.gather(local, ctx)
+            row_ids = np.concatenate([p["row_ids"] for p in parts])
+            probs = np.concatenate([p["probs"] for p in parts if len(p["probs"])])
+            labels = np.concatenate([p["labels"] for p in parts])
+            preds = probs.argmax(axis=1)
+            metrics = classification_metrics(preds, labels, list(id2label.values()))
+            eval_loss = sum(p["loss_sum"] for p in parts) / max(1, len(labels))
+            epoch_rec = {"epoch": epoch_done, "step": step, "eval_loss": eval_loss, "eval_accuracy": metrics["accuracy"],
+                         "eval_f1": metrics["f1"], "epoch_train_seconds": train_seconds}
+            epochs.append(epoch_rec)
+            tracker.metrics({k: v for k, v in epoch_rec.items() if k not in ("step", "epoch")}, step)
+            if ctx.is_rank_zero:
+                log.info("epoch %d: eval loss %.4f accuracy %.4f f1 %.4f", epoch_done, eval_loss,
+                         metrics["accuracy"], metrics["f1"])
+            order = np.argsort(row_ids)
+            return {"row_ids": row_ids[order].tolist(), "preds": preds[order].tolist(),
+                    "labels": labels[order].tolist(), "probs": probs[order].round(6).tolist()}
         window = {"loss": 0.0, "micro": 0, "tokens": 0, "padded": 0, "t0": time.perf_counter()}
-        totals = {"tokens": 0, "padded": 0, "seconds": 0.0}
+        totals = resume.get("totals", {"tokens": 0, "padded": 0, "seconds": 0.0})
         eval_out: dict = {}
-        for epoch in range(tc.epochs):
+        for epoch in range(start_epoch, tc.epochs):
             if step >= total_steps:
                 break
             ddp_model.train()
             plan = plan_train_batches(train_shard, tc.batch_size, cfg.seed, epoch, tc.group_by_length)
+            if epoch == start_epoch and skip:
+                plan_skipped, plan = plan[:skip], plan[skip:]
+            else:
+                plan_skipped = []
             t_epoch = time.perf_counter()
-            for micro, (index, batch) in enumerate(iterate(train_shard, plan, tokenizer.pad_token_id)):
-                sync = (micro + 1) % tc.grad_accum_steps == 0 or micro + 1 == len(plan)
+            for micro, (index, batch) in enumerate(iterate(train_shard, plan, tokenizer.pad_token_id),
+                                                   start=len(plan_skipped)):
+                sync = (micro + 1) % tc.grad_accum_steps == 0 or micro + 1 == len(plan) + len(plan_skipped)
                 # Skip the gradient all-reduce on accumulation micro-steps: it is only needed on the last.
                 with (contextlib.nullcontext() if sync or not ctx.is_distributed else ddp_model.no_sync()):
                     with autocast:
@@ -184,31 +268,20 @@ def train_fn(payload: dict[str, Any]) -> dict[str, Any]:
                                  total_steps, rec["epoch"], loss_avg, rec["learning_rate"],
                                  rec["tokens_per_second"], 100 * rec["padding_share"])
                     window = {"loss": 0.0, "micro": 0, "tokens": 0, "padded": 0, "t0": time.perf_counter()}
+                if ckpt and ckpt["every_steps"] and step % ckpt["every_steps"] == 0 and step < total_steps:
+                    save_checkpoint(epoch, micro + 1)
                 if step >= total_steps:
                     break
             train_seconds = time.perf_counter() - t_epoch
 
-            # Evaluate: every rank predicts its share; rank 0 puts them together.
-            local = predict(model, eval_shard, plan_eval_batches(eval_shard, tc.eval_batch_size),
-                            tokenizer.pad_token_id, ctx.device, precision)
-            parts = distributed.gather(local, ctx)
-            row_ids = np.concatenate([p["row_ids"] for p in parts])
-            probs = np.concatenate([p["probs"] for p in parts if len(p["probs"])])
-            labels = np.concatenate([p["labels"] for p in parts])
-            preds = probs.argmax(axis=1)
-            metrics = classification_metrics(preds, labels, list(id2label.values()))
-            eval_loss = sum(p["loss_sum"] for p in parts) / max(1, len(labels))
-            epoch_rec = {"epoch": epoch + 1, "step": step, "eval_loss": eval_loss, "eval_accuracy": metrics["accuracy"],
-                         "eval_f1": metrics["f1"], "epoch_train_seconds": train_seconds}
-            epochs.append(epoch_rec)
-            tracker.metrics({k: v for k, v in epoch_rec.items() if k not in ("step", "epoch")}, step)
-            if ctx.is_rank_zero:
-                log.info("epoch %d: eval loss %.4f accuracy %.4f f1 %.4f", epoch + 1, eval_loss,
-                         metrics["accuracy"], metrics["f1"])
-            order = np.argsort(row_ids)
-            eval_out = {"row_ids": row_ids[order].tolist(), "preds": preds[order].tolist(),
-                        "labels": labels[order].tolist(), "probs": probs[order].round(6).tolist()}
+            eval_out = evaluate_now(epoch + 1, train_seconds)
+            if ckpt:
+                save_checkpoint(epoch + 1, 0)
 
+        if not eval_out:  # resumed from the last checkpoint of a finished training: evaluate once more
+            if epochs and epochs[-1]["step"] == step:
+                epochs.pop()
+            eval_out = evaluate_now(tc.epochs, 0.0)
         if ctx.is_rank_zero:
             # Weights in fp32 safetensors, with the tokenizer and the label names in config.json.
             model.save_pretrained(payload["model_dir"], safe_serialization=True)

@@ -1,0 +1,101 @@
+"""Checkpoints: written atomically by rank 0, found again on resume. No distributed code here.
+
+A checkpoint is a folder `<output_dir>/checkpoints/step-00000120/` holding the model (safetensors), the
+optimizer and scheduler states, every rank's RNG state, and `trainer_state.json` (step, epoch, position in
+the epoch's batch plan, metrics so far). It is written under a temporary name and renamed into place; the
+marker file COMPLETE is written last, so a folder without it is a checkpoint that was cut short.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+STATE = "trainer_state.json"
+TRAINING_STATE = "training_state.pt"
+PREFIX = "step-"
+
+
+def checkpoint_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def save(root: str, step: int, model, optimizer, scheduler, rng_states: list, state: dict[str, Any],
+         keep_last: int) -> str:
+    import torch
+
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"{PREFIX}{step:08d}")
+    tmp = os.path.join(root, f".tmp-{PREFIX}{step:08d}-{uuid.uuid4().hex[:6]}")
+    os.makedirs(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states},
+               os.path.join(tmp, TRAINING_STATE))
+    with open(os.path.join(tmp, STATE), "w") as f:
+        json.dump(state, f)
+    with open(os.path.join(tmp, COMPLETE), "w") as f:
+        f.write(str(step))
+    _fsync_dir(tmp)
+    if os.path.exists(final):  # the same step again (e.g. a resumed run): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    prune(root, keep_last)
+    return final
+
+
+def _fsync_dir(path: str) -> None:
+    for name in os.listdir(path):
+        with open(os.path.join(path, name), "rb") as f:
+            os.fsync(f.fileno())
+
+
+def complete(root: str) -> list[str]:
+    """Complete checkpoints, oldest first. Incomplete ones are reported and skipped."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.startswith(PREFIX) and os.path.isfile(os.path.join(path, COMPLETE)):
+            found.append(path)
+        elif name.startswith((PREFIX, ".tmp-")):
+            log.warning("ignoring incomplete checkpoint %s (no %s marker: it was cut short)", path, COMPLETE)
+    return found
+
+
+def latest(root: str) -> Optional[str]:
+    found = complete(root)
+    return found[-1] if found else None
+
+
+def prune(root: str, keep_last: int) -> None:
+    for path in complete(root)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+    for name in os.listdir(root):  # leftovers of checkpoints cut short by an earlier crash
+        if name.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def load_state(path: str) -> dict[str, Any]:
+    with open(os.path.join(path, STATE)) as f:
+        return json.load(f)
+
+
+def load_training_state(path: str) -> dict[str, Any]:
+    """Our own checkpoint: tensors and plain containers only, so the safe `weights_only` loader suffices."""
+    import torch
+
+    return torch.load(os.path.join(path, TRAINING_STATE), weights_only=True)
+
+
+def load_weights(path: str, model) -> None:
+    from safetensors.torch import load_model
+
+    load_model(model, os.path.join(path, "model.safetensors"), strict=False)

@@ -1,0 +1,114 @@
+"""Secrets: read from the environment or a Databricks secret scope, never from a config file; and kept out
+of logs, MLflow params and saved files.
+
+A config names a secret by reference, never by value:
+    model.hub_token: env:HF_TOKEN             # an environment variable
+    model.hub_token: secret:my-scope/hf-token # a Databricks secret scope and key
+A config value that looks like a credential (a Hugging Face, Databricks, OpenAI, AWS or Azure key) is
+refused when the config is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Iterable, Optional
+
+from spark_tuning.errors import InputError
+
+# What credentials look like. Deliberately specific: paths, hashes of 40 hex digits and run ids must pass.
+PATTERNS: list[tuple[str, re.Pattern]] = [
+    ("a Hugging Face token", re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")),
+    ("a Databricks token", re.compile(r"\bdapi[0-9a-f]{32}(-\d)?\b")),
+    ("an OpenAI key", re.compile(r"\bsk-[A-Za-z0-9_\-]{20,}\b")),
+    ("an AWS access key", re.compile(r"\bAKIA[0-9A-Z]{16}\b")),
+    ("an Azure key", re.compile(r"(?<![0-9a-fA-F])[0-9a-fA-F]{32}(?![0-9a-fA-F])|\b[A-Za-z0-9+/]{86}==")),
+    ("a JSON web token", re.compile(r"\beyJ[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]{10,}\.")),
+]
+# Environment variables whose values are treated as secrets and scrubbed from everything written.
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|_KEY$|CREDENTIAL", re.IGNORECASE)
+MASK = "***"
+
+
+def looks_like_secret(value: str) -> Optional[str]:
+    for what, pattern in PATTERNS:
+        if pattern.search(value):
+            return what
+    return None
+
+
+def config_problems(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """Config values that look like credentials, as ConfigError problems."""
+    problems = []
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            problems += config_problems(value, name + ".")
+        elif isinstance(value, (list, tuple)):
+            problems += config_problems({f"{key}[{i}]": v for i, v in enumerate(value)}, prefix)
+        elif isinstance(value, str):
+            what = looks_like_secret(value)
+            if what:
+                problems.append(
+                    f"{name} looks like {what}: secrets never go in a config file. Put it in an environment "
+                    "variable (e.g. HF_TOKEN) or a Databricks secret scope, and reference it as env:NAME or "
+                    "secret:scope/key where the setting takes a reference"
+                )
+    return problems
+
+
+def secret_values(environ: Optional[dict[str, str]] = None) -> list[str]:
+    env = os.environ if environ is None else environ
+    found = {v for k, v in env.items() if SECRET_NAME.search(k) and len(v) >= 8}
+    found |= {v for v in env.values() if len(v) >= 20 and looks_like_secret(v)}
+    return sorted(found, key=len, reverse=True)
+
+
+def scrub(text: str, values: Optional[Iterable[str]] = None) -> str:
+    for value in secret_values() if values is None else values:
+        text = text.replace(value, MASK)
+    for _, pattern in PATTERNS[:4]:  # well-known token formats, whatever their source
+        text = pattern.sub(MASK, text)
+    return text
+
+
+class ScrubFilter(logging.Filter):
+    """Masks secret values in every log record that passes through a handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = scrub(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def install_log_scrubbing() -> None:
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if not any(isinstance(f, ScrubFilter) for f in handler.filters):
+            handler.addFilter(ScrubFilter())
+
+
+def resolve(reference: Optional[str], setting: str) -> Optional[str]:
+    """`env:NAME` or `secret:scope/key` -> the secret's value (None when no reference is given)."""
+    if reference is None:
+        return None
+    kind, _, name = reference.partition(":")
+    if kind == "env":
+        value = os.environ.get(name)
+        if value is None:
+            raise InputError(f"{setting} = {reference!r}: environment variable {name} is not set: export it first")
+        return value
+    if kind == "secret":
+        scope, _, key = name.partition("/")
+        try:
+            from pyspark.dbutils import DBUtils  # Databricks only
+            from pyspark.sql import SparkSession
+
+            return DBUtils(SparkSession.getActiveSession()).secrets.get(scope=scope, key=key)
+        except ImportError:
+            raise InputError(f"{setting} = {reference!r}: secret scopes exist only on Databricks; "
+                             "use env:NAME here") from None
+    raise InputError(f"{setting} = {reference!r} must be a reference, env:NAME or secret:scope/key")

@@ -1,0 +1,209 @@
+"""The bad-input catalogue: one row per bad input across config, data, model and output. Each is run
+through the CLI entry point (in-process, sharing the test SparkSession) and must end with its own clear
+message, exit code 2 for input errors (1 for runtime failures), and no earlier output changed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Callable
+
+import pandas as pd
+import pytest
+
+from conftest import make_reviews
+
+
+@dataclass
+class Case:
+    name: str
+    setup: Callable  # (tmp_path, env) -> list of --set overrides (and may write files)
+    message: str  # a fragment of the one message the user must see
+    code: int = 2
+
+
+def reviews(tmp, rows=None, name="d.jsonl"):
+    p = tmp / name
+    p.write_text("".join(json.dumps(r) + "\n" for r in (rows or make_reviews(40))))
+    return f"data.source={p}"
+
+
+def parquet(tmp, df, name="d.parquet"):
+    df.to_parquet(tmp / name)
+    return f"data.source={tmp / name}"
+
+
+def model_copy(tmp, env, drop=(), edit=None):
+    folder = tmp / "model-copy"
+    shutil.copytree(env["tiny"], folder)
+    for name in drop:
+        os.remove(folder / name)
+    if edit:
+        edit(folder)
+    return f"model.source={folder}"
+
+
+def no_pad_tokenizer(folder):
+    """A valid fast tokenizer that declares no special tokens at all (no pad, eos or unk)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (folder / name).exists():
+            os.remove(folder / name)
+    words = sorted({w for r in make_reviews(40) for w in r["text"].split()})
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core).save_pretrained(str(folder))
+
+
+def pickle_only(folder):
+    os.rename(folder / "model.safetensors", folder / "pytorch_model.bin")
+
+
+def existing_model(tmp):
+    out = tmp / "out" / "model"
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    (out / "metrics.json").write_text("{}")
+    return []
+
+
+def foreign_files(tmp):
+    out = tmp / "out" / "model"
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    return []
+
+
+def latin1_csv(tmp):
+    p = tmp / "d.csv"
+    rows = "text,label\n" + "".join(f"caf\xe9 review {i},{i % 2}\n" for i in range(20))
+    p.write_bytes(rows.encode("latin-1"))
+    return f"data.source={p}"
+
+
+def corrupt_parquet(tmp):
+    pd.DataFrame({"text": ["a", "b"], "label": [0, 1]}).to_parquet(tmp / "ok.parquet")
+    data = (tmp / "ok.parquet").read_bytes()
+    (tmp / "bad.parquet").write_bytes(data[: len(data) // 2])
+    return f"data.source={tmp / 'bad.parquet'}"
+
+
+def empty_parquet(tmp):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}),
+                   tmp / "empty.parquet")
+    return f"data.source={tmp / 'empty.parquet'}"
+
+
+def under_a_file(tmp):
+    (tmp / "a-file").write_text("x")
+    return [f"output_dir={tmp / 'a-file' / 'model'}"]
+
+
+CASES = [
+    # config
+    Case("unknown key", lambda t, e: ["train.lerning_rate=1e-4"], "did you mean 'train.learning_rate'"),
+    Case("wrong type", lambda t, e: ["train.epochs=two"], "train.epochs = 'two' has the wrong type"),
+    Case("zero batch size", lambda t, e: ["train.batch_size=0"], "train.batch_size = 0 must be greater than 0"),
+    Case("negative learning rate", lambda t, e: ["train.learning_rate=-0.1"], "train.learning_rate = -0.1"),
+    Case("unknown precision", lambda t, e: ["train.precision=fp8"], "train.precision = 'fp8' is not one of"),
+    Case("validation fraction above 1", lambda t, e: ["data.validation_fraction=1.5"], "must be between 0 and 1"),
+    Case("same text and label column", lambda t, e: ["data.label_column=text"], "they must differ"),
+    Case("a token in the config", lambda t, e: ["run_name=hf_" + "a1B2" * 9], "looks like a Hugging Face token"),
+    Case("a key in the config", lambda t, e: ["tracking.experiment=0123456789abcdef0123456789abcdef"],
+         "looks like an Azure key"),
+    # resources
+    Case("more processes than cores", lambda t, e: ["distributed.num_processes=512"], "more than the"),
+    Case("GPU where there is none", lambda t, e: ["distributed.use_gpu=true"], "no GPU is visible"),
+    # model
+    Case("model folder missing", lambda t, e: [f"model.source={t / 'nope'}"], "does not exist"),
+    Case("model folder without weights", lambda t, e: [model_copy(t, e, drop=["model.safetensors"])],
+         "holds no weights"),
+    Case("pickle-only weights", lambda t, e: [model_copy(t, e, edit=pickle_only)], "pickle-based weights"),
+    Case("tokenizer without a pad token", lambda t, e: [model_copy(t, e, edit=no_pad_tokenizer)],
+         "no pad, eos or unk token"),
+    Case("max_length above the model's positions", lambda t, e: ["data.max_length=4096"],
+         "data.max_length = 4096 is more than"),
+    # data
+    Case("data path missing", lambda t, e: [f"data.source={t / 'missing.parquet'}"], "no such file"),
+    Case("missing text column", lambda t, e: [reviews(t), "data.text_column=body"], "it has ['label', 'text']"),
+    Case("missing label column", lambda t, e: [reviews(t), "data.label_column=stars"], "data.label_column = 'stars'"),
+    Case("text column is not text", lambda t, e: [parquet(t, pd.DataFrame({"text": [1, 2], "label": [0, 1]}))],
+         "not text"),
+    Case("only null and empty texts", lambda t, e: [reviews(t, [{"text": None, "label": 1}, {"text": "", "label": 0},
+                                                                 {"text": "   ", "label": 1}])], "no rows left"),
+    Case("one class only", lambda t, e: [reviews(t, [{"text": f"t {i}", "label": "pos"} for i in range(30)])],
+         "single class"),
+    Case("labels out of range", lambda t, e: [reviews(t, [{"text": f"t {i}", "label": i % 3} for i in range(30)]),
+                                              "data.label_names=[neg, pos]"], "labels out of range: [2]"),
+    Case("labels of mixed types", lambda t, e: [reviews(t, [{"text": f"t {i}", "label": [0, "pos"][i % 2]}
+                                                            for i in range(30)])], "mixed types"),
+    Case("empty dataset", lambda t, e: [empty_parquet(t)], "holds no rows"),
+    Case("corrupt Parquet file", lambda t, e: [corrupt_parquet(t)], "could not be read as parquet"),
+    Case("non-UTF-8 bytes in a CSV", lambda t, e: [latin1_csv(t)], "not valid UTF-8"),
+    Case("eval_split on a file", lambda t, e: [reviews(t), "data.eval_split=test"], "names a split"),
+    # output
+    Case("output holds another run's model", lambda t, e: existing_model(t), "already holds a model"),
+    Case("output holds someone's files", lambda t, e: foreign_files(t), "did not write"),
+    Case("output under a file", lambda t, e: under_a_file(t), "cannot be written"),
+    # a runtime failure, not an input error: weights that pass the file checks but do not load
+    Case("truncated weights", lambda t, e: [model_copy(t, e, edit=lambda f: (f / "model.safetensors").write_bytes(
+        (f / "model.safetensors").read_bytes()[:300]))], "training failed", code=1),
+]
+
+
+def test_the_catalogue_is_large_enough():
+    assert len(CASES) >= 25
+    assert len({c.message for c in CASES}) == len(CASES)  # each input has its own message
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(spark, tmp_path, capsys, reviews_jsonl, tiny_bert_dir, case):
+    from spark_tuning import cli
+
+    earlier = tmp_path / "out" / "earlier-run"
+    earlier.mkdir(parents=True)
+    (earlier / "model.safetensors").write_bytes(b"precious")
+    sets = {"output_dir": str(tmp_path / "out" / "model"), "data.source": reviews_jsonl,
+            "model.source": tiny_bert_dir, "data.max_length": "64", "train.epochs": "1",
+            "distributed.num_processes": "2", "tracking.log_model": "false"}
+    for item in case.setup(tmp_path, {"tiny": tiny_bert_dir}):
+        key, _, value = item.partition("=")
+        sets[key] = value
+    before = set(os.listdir(tmp_path / "out"))
+    args = ["finetune"] + [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+    code = cli.main(args)
+    err = capsys.readouterr().err
+    assert code == case.code, err[-2000:]
+    message = err.split("spark-tuning: error:")[-1]
+    assert case.message in message, message
+    assert (earlier / "model.safetensors").read_bytes() == b"precious"
+    after = set(os.listdir(tmp_path / "out"))
+    assert after - before <= {"mlflow.db", "mlartifacts", ".staging"}, after - before  # no output folder left
+
+
+def test_huge_texts_are_clipped_not_refused(spark, tmp_path, minilm_dir, caplog):
+    """A 1 MB review is accepted: it is clipped before tokenizing (max_length tokens need far fewer
+    characters) and the data stage says how many texts were that long."""
+    import logging
+
+    from spark_tuning import dataset
+    from spark_tuning.config import DataConfig, ModelConfig
+    from spark_tuning.model import ModelSource
+    from spark_tuning.tokenize import tokenize
+
+    rows = make_reviews(20) + [{"text": "endless " * 131_072, "label": "positive"}]
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING):
+        prepared = dataset.prepare(spark, DataConfig(source=str(p), validation_fraction=0.1), seed=1)
+    assert "1 texts are longer than" in caplog.text
+    both = prepared.train.unionByName(prepared.eval)
+    out = tokenize(both, ModelSource(minilm_dir, True), ModelConfig(source=minilm_dir), max_length=128)
+    assert max(r.length for r in out.select("length").collect()) == 128

@@ -1,0 +1,201 @@
+"""Faults with real processes and real signals: a killed worker or driver fails the job fast, keeps the
+last complete checkpoint, and a rerun resumes to the same model as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import yaml
+
+from conftest import ROOT, make_reviews, tiny_job_config
+
+CKPT_EVERY = 10
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    p = tmp_path_factory.mktemp("fault-data") / "reviews.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in make_reviews(640, seed=3)))
+    return str(p)
+
+
+def config(tmp_path, data, model):
+    return tiny_job_config(tmp_path, data, model, **{
+        "train.epochs": 6, "checkpoint.every_steps": CKPT_EVERY, "checkpoint.keep_last": 2,
+        "train.log_every_steps": 5})
+
+
+@pytest.fixture(scope="module")
+def reference(spark, tmp_path_factory, data, tiny_bert_dir):
+    """The same job, never interrupted."""
+    from spark_tuning import finetune
+
+    cfg = config(tmp_path_factory.mktemp("reference"), data, tiny_bert_dir)
+    return finetune.run(cfg, spark=spark)
+
+
+def weights(folder: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def assert_same_model(summary, reference):
+    assert summary.metrics["accuracy"] == reference.metrics["accuracy"]
+    assert summary.metrics["eval_loss"] == pytest.approx(reference.metrics["eval_loss"], abs=1e-5)
+    a, b = weights(summary.output_dir), weights(reference.output_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
+
+
+def first_checkpoint(out: str, timeout: float = 600) -> str:
+    root = os.path.join(out, "checkpoints")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.isdir(root):
+            done = [n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n, "COMPLETE"))]
+            if done:
+                return sorted(done)[0]
+        time.sleep(0.05)
+    raise TimeoutError("no checkpoint appeared")
+
+
+def training_processes(root_pid: int, local_rank: str | None = None) -> list[psutil.Process]:
+    found = []
+    for p in psutil.Process(root_pid).children(recursive=True):
+        try:
+            env = p.environ()
+        except (psutil.Error, OSError):
+            continue
+        if "LOCAL_RANK" in env and (local_rank is None or env["LOCAL_RANK"] == local_rank):
+            found.append(p)
+    return found
+
+
+def assert_resumable(out: str):
+    names = set(os.listdir(out))
+    assert names == {"run.json", "checkpoints"}, names  # no half-written model beside the checkpoints
+    complete = [n for n in os.listdir(os.path.join(out, "checkpoints"))
+                if os.path.isfile(os.path.join(out, "checkpoints", n, "COMPLETE"))]
+    assert complete
+
+
+@pytest.mark.slow
+def test_killed_worker_fails_fast_and_resume_matches(spark, tmp_path, data, tiny_bert_dir, reference):
+    from mlflow import MlflowClient
+
+    from spark_tuning import finetune
+    from spark_tuning.errors import JobFailed
+
+    cfg = config(tmp_path, data, tiny_bert_dir)
+    killed = {}
+
+    def kill_rank_one():
+        first_checkpoint(cfg.output_dir)
+        victims = training_processes(os.getpid(), "1")
+        killed["at"] = time.time()
+        for v in victims:
+            v.send_signal(signal.SIGKILL)
+        killed["pids"] = [v.pid for v in victims]
+
+    killer = threading.Thread(target=kill_rank_one, daemon=True)
+    killer.start()
+    with pytest.raises(JobFailed) as err:
+        finetune.run(cfg, spark=spark)
+    failed_after = time.time() - killed["at"]
+    killer.join(5)
+    assert killed["pids"], "no rank-1 process was found to kill"
+    print(f"\nkilled worker -> job failed after {failed_after:.1f}s")
+    message = str(err.value)
+    assert "training process rank 1 died without a word" in message, message
+    assert "rank 0: stopped by torchrun" in message and "last log lines of rank 1:" in message, message
+    assert failed_after < 60, failed_after
+
+    assert_resumable(cfg.output_dir)
+    marker = json.load(open(os.path.join(cfg.output_dir, "run.json")))
+    client = MlflowClient(marker["tracking_uri"])
+    assert client.get_run(marker["run_id"]).info.status == "FAILED"
+    last_logged = max(m.step for m in client.get_metric_history(marker["run_id"], "train_loss"))
+
+    resumed = finetune.run(cfg, spark=spark)  # same config: resumes by itself
+    run = client.get_run(resumed.run_id)
+    start = run.data.tags["spark_tuning.resumed_from"]
+    resumed_step = int(os.path.basename(start).split("-")[1])
+    print(f"resume started at step {resumed_step}; the killed run had logged up to step {last_logged} "
+          f"(at most {last_logged - resumed_step + 5} steps redone)")
+    assert resumed_step % CKPT_EVERY == 0 or resumed_step == reference.result["steps"]
+    assert_same_model(resumed, reference)
+    assert not os.path.exists(os.path.join(resumed.output_dir, "checkpoints"))
+
+
+@pytest.mark.slow
+def test_killed_driver_leaves_a_resumable_run(spark, tmp_path, data, tiny_bert_dir, reference):
+    from mlflow import MlflowClient
+
+    from spark_tuning import finetune
+
+    cfg = config(tmp_path, data, tiny_bert_dir)
+    conf = tmp_path / "job.yaml"
+    conf.write_text("# spark-tuning finetune --config job.yaml\n" + yaml.safe_dump(cfg.to_dict()))
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "finetune.py"), "--config", str(conf)],
+                              stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        first_checkpoint(cfg.output_dir)
+        workers = training_processes(driver.pid)
+        assert workers
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(30)
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"training processes outlived the driver: {alive}"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert_resumable(cfg.output_dir)
+    marker = json.load(open(os.path.join(cfg.output_dir, "run.json")))
+    client = MlflowClient(marker["tracking_uri"])
+    assert client.get_run(marker["run_id"]).info.status == "RUNNING"  # nobody was left to say otherwise
+
+    resumed = finetune.run(cfg, spark=spark)
+    assert client.get_run(marker["run_id"]).info.status == "FAILED"  # closed by the rerun
+    assert "spark_tuning.resumed_from" in client.get_run(resumed.run_id).data.tags
+    assert_same_model(resumed, reference)
+
+
+def test_resume_with_another_config_is_refused(tmp_path, data, tiny_bert_dir):
+    from spark_tuning import finetune
+    from spark_tuning.errors import InputError
+
+    cfg = config(tmp_path, data, tiny_bert_dir)
+    out = cfg.output_dir
+    os.makedirs(os.path.join(out, "checkpoints", "step-00000010"))
+    open(os.path.join(out, "checkpoints", "step-00000010", "COMPLETE"), "w").write("10")
+    other = dict(cfg.to_dict())
+    other["train"] = {**other["train"], "learning_rate": 1.0, "epochs": 99}
+    json.dump({"config": other, "run_id": "x", "tracking_uri": "sqlite:///nowhere.db"},
+              open(os.path.join(out, "run.json"), "w"))
+    with pytest.raises(InputError) as err:
+        finetune.plan_output(cfg, overwrite=False, resume=False)
+    assert "train.epochs: 99 -> 6" in str(err.value) and "train.learning_rate: 1.0 ->" in str(err.value)
+    assert os.path.isdir(os.path.join(out, "checkpoints", "step-00000010"))  # nothing touched
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    from spark_tuning import checkpoint
+
+    root = tmp_path / "checkpoints"
+    (root / "step-00000010").mkdir(parents=True)
+    (root / "step-00000010" / "COMPLETE").write_text("10")
+    (root / "step-00000020").mkdir()  # cut short: no marker
+    (root / ".tmp-step-00000030-abc").mkdir()
+    assert checkpoint.latest(str(root)).endswith("step-00000010")

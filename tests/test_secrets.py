@@ -1,0 +1,68 @@
+"""Secrets come from the environment and never reach logs, MLflow or output files."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+HUB_TOKEN = "hf_" + "Zq7" * 12  # the shape of a real Hugging Face token
+OTHER_KEY = "s3cr3t-value-planted-by-the-test"
+
+
+def test_config_values_that_look_like_keys_are_refused():
+    from spark_tuning.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"model.hub_token={HUB_TOKEN}", "tracking.experiment=dapi" + "ab12" * 8])
+    msg = str(err.value)
+    assert "looks like a Hugging Face token" in msg and "looks like a Databricks token" in msg
+    assert "must be a reference" in msg
+    assert HUB_TOKEN not in msg  # the error names the setting, not the secret
+    cfg = load_config(None, ["model.hub_token=env:HF_TOKEN"])  # a reference is fine
+    assert cfg.model.hub_token == "env:HF_TOKEN"
+
+
+def test_log_records_are_scrubbed(monkeypatch):
+    from spark_tuning.secrets import ScrubFilter, resolve
+
+    monkeypatch.setenv("MY_SERVICE_API_KEY", OTHER_KEY)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(ScrubFilter())
+    logger = logging.getLogger("secret-test")
+    logger.addHandler(handler)
+    try:
+        logger.warning("calling with %s and %s", OTHER_KEY, HUB_TOKEN)
+    finally:
+        logger.removeHandler(handler)
+    assert OTHER_KEY not in stream.getvalue() and HUB_TOKEN not in stream.getvalue()
+    assert "***" in stream.getvalue()
+    assert resolve("env:MY_SERVICE_API_KEY", "x") == OTHER_KEY
+
+
+@pytest.mark.slow
+def test_planted_secrets_appear_nowhere(tmp_path, reviews_jsonl, tiny_bert_dir):
+    out_root = tmp_path / "outputs"
+    env = {**os.environ, "HF_TOKEN": HUB_TOKEN, "DATABRICKS_TOKEN": OTHER_KEY, "AZURE_OPENAI_API_KEY": OTHER_KEY}
+    sets = {"output_dir": out_root / "model", "data.source": reviews_jsonl, "model.source": tiny_bert_dir,
+            "model.hub_token": "env:HF_TOKEN", "data.max_length": 32, "train.epochs": 1,
+            "spark.conf": "{spark.ui.enabled: 'false'}"}
+    args = [sys.executable, os.path.join(ROOT, "jobs", "finetune.py")]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for secret in (HUB_TOKEN, OTHER_KEY):
+        assert secret not in proc.stdout and secret not in proc.stderr
+        for folder, _, files in os.walk(out_root):  # MLflow's database, artifacts, the model, metrics, config
+            for name in files:
+                data = open(os.path.join(folder, name), "rb").read()
+                assert secret.encode() not in data, os.path.join(folder, name)
+    assert (out_root / "mlflow.db").exists() and (out_root / "model" / "config.yaml").exists()
