@@ -28,6 +28,9 @@ def _petastorm_missing() -> str:
     return ""
 
 
+# petastorm 0.12 on pyarrow 14 warns about pyarrow's legacy APIs on every read: expected, not ours to fix.
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning:petastorm"),
+              pytest.mark.filterwarnings("ignore:The given NumPy array is not writable:UserWarning")]
 needs_petastorm = pytest.mark.skipif(bool(_petastorm_missing()), reason=_petastorm_missing() or "-")
 MAX_LENGTH = 24
 
@@ -154,7 +157,7 @@ def test_job_runs_end_to_end_with_petastorm(spark, tmp_path, reviews_jsonl, tiny
     from spark_tuning import finetune
 
     cfg = tiny_job_config(tmp_path, reviews_jsonl, tiny_bert_dir, **{"loader.kind": "petastorm",
-                                                                      "train.epochs": 6})
+                                                                      "train.epochs": 4})
     summary = finetune.run(cfg, spark=spark)
     result = summary.result
     assert result["world_size"] == 2
@@ -162,6 +165,10 @@ def test_job_runs_end_to_end_with_petastorm(spark, tmp_path, reviews_jsonl, tiny
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
     assert summary.metrics["num_examples"] == 32
     assert 0 <= result["data_wait_share"] < 1 and result["shard_read_seconds"] > 0
-    assert os.path.isfile(os.path.join(summary.output_dir, "eval_predictions.parquet"))
+    # The validation texts came back out of the petastorm cache (strings stay in it, unread by torch).
+    import pandas as pd
+
+    preds = pd.read_parquet(os.path.join(summary.output_dir, "eval_predictions.parquet"))
+    assert len(preds) == 32 and preds["text"].str.len().min() > 0
     staging = tmp_path / "out" / ".staging"
     assert not staging.exists() or os.listdir(staging) == []  # the petastorm cache went with it
