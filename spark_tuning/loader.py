@@ -30,10 +30,17 @@ class DataRef:
 
 
 def stage(df, path: str, num_files: int) -> DataRef:
-    """Write a tokenized DataFrame once as Parquet (with a stable `row_id`) and describe it."""
+    """Write a tokenized DataFrame once as Parquet (with a stable `row_id`) and describe it.
+
+    Which file a row lands in, and where in it, depends only on the row's content: rows are hashed into
+    files and sorted by the hash inside each file. A round-robin `repartition(n)` would depend on how the
+    input was partitioned (which differs between local[*] and a cluster with other core counts), and so
+    would the ranks' shards and the data order: the same config gives the same training anywhere."""
     from pyspark.sql import functions as F
 
-    staged = df.repartition(num_files).withColumn("row_id", F.monotonically_increasing_id())
+    key = F.xxhash64(*[F.col(c) for c in df.columns])
+    staged = (df.withColumn("_key", key).repartition(num_files, "_key").sortWithinPartitions("_key")
+              .drop("_key").withColumn("row_id", F.monotonically_increasing_id()))
     staged.write.mode("error").parquet(path)
     import pyarrow.parquet as pq
 

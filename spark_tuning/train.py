@@ -135,6 +135,7 @@ def train_fn(payload: dict[str, Any]) -> dict[str, Any]:
             log.info("training %s: %d parameters (%d trainable, %.1f%%), %d processes, precision %s, "
                      "%d steps (%d per epoch), warm-up %d", src.location, total_params, trainable,
                      100 * trainable / total_params, ctx.world_size, precision, total_steps, steps_per_epoch, warmup)
+            log.info("spark_tuning code from %s, device %s", __file__, ctx.device)
 
         history: list[dict] = []
         epochs: list[dict] = []
@@ -226,6 +227,7 @@ def train_fn(payload: dict[str, Any]) -> dict[str, Any]:
             "tokens_per_second": totals["tokens"] / max(1e-9, totals["seconds"]),
             "padding_share": 1 - totals["tokens"] / max(1, totals["padded"]),
             "train_seconds": totals["seconds"],
+            "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(ctx.device) if ctx.device.startswith("cuda") else None,
         }
         return distributed.broadcast(result if ctx.is_rank_zero else None, ctx)
     finally:
