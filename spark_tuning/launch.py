@@ -42,11 +42,19 @@ def check_resources(cfg: DistributedConfig, spark=None) -> None:
                 f"set distributed.num_processes to at most {cores}"
             )
     if spark is not None and not cfg.local_mode:
-        slots = task_slots(spark, wanted=n)
-        if n > slots:
+        # One barrier task per process; on GPUs, one per `spark.task.resource.gpu.amount` processes.
+        per_task = 1
+        if cfg.use_gpu:
+            try:
+                per_task = max(1, int(float(spark.sparkContext.getConf().get("spark.task.resource.gpu.amount", "1"))))
+            except ValueError:
+                per_task = 1
+        tasks = max(1, n // per_task)
+        slots = task_slots(spark, wanted=tasks)
+        if tasks > slots:
             raise InputError(
-                f"distributed.num_processes = {n}, but the cluster ({spark.sparkContext.master}) has only "
-                f"{slots} task slots for the barrier stage: lower distributed.num_processes, add executors "
+                f"distributed.num_processes = {n} needs {tasks} barrier tasks at once, but the cluster "
+                f"({spark.sparkContext.master}) has only {slots} task slots: lower distributed.num_processes, add executors "
                 "or cores (for a local master: local[N] with N >= num_processes), or use "
                 "distributed.local_mode: true"
             )
@@ -61,12 +69,6 @@ SHARED_PREFIXES = ("/dbfs/", "/Volumes/")
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "cephfs", "glusterfs",
                        "beegfs", "wekafs", "afs", "9p", "fuse", "efs"}
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
-
-
-def is_local_master(master: str) -> bool:
-    """local, local[N], local[N,F], local[*]: one JVM. local-cluster[...] starts separate executor
-    processes, but all on this machine."""
-    return master.startswith("local")
 
 
 def master_hosts(master: str) -> list[str]:

@@ -36,7 +36,7 @@ def test_single_machine_masters():
 
 def test_too_many_processes_for_a_local_master_is_refused(spark):
     """local_mode: false on local[2] runs barrier tasks in the driver's executor: 2 slots."""
-    with pytest.raises(InputError, match=r"distributed.num_processes = 3.*only 2 task slots"):
+    with pytest.raises(InputError, match=r"distributed.num_processes = 3 needs 3 barrier tasks.*only 2 task slots"):
         launch.check_resources(DistributedConfig(num_processes=3, local_mode=False), spark)
     launch.check_resources(DistributedConfig(num_processes=2, local_mode=False), spark)
 
@@ -133,7 +133,7 @@ def test_staging_does_not_depend_on_input_partitioning(spark, tmp_path):
         ref = stage(df.repartition(parts), str(tmp_path / f"staged-{n}"), 4)
         assert ref.num_rows == 300
         files = _files(ref.path)
-        contents.append([pq.read_table(f).to_pandas().to_dict("list") for f in files])
+        contents.append([pq.read_table(f).to_pylist() for f in files])
     assert contents[0] == contents[1] == contents[2]
-    sizes = [len(c["row_id"]) for c in contents[0]]
+    sizes = [len(rows) for rows in contents[0]]
     assert len(sizes) == 4 and min(sizes) > 40, sizes  # hashing spreads rows over the files
