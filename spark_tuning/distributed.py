@@ -59,7 +59,12 @@ def shutdown(ctx: Context) -> None:
 
 
 def threads_per_process(ctx: Context) -> int:
-    """Split the machine's cores between the processes on it (torchrun only does this in local mode)."""
+    """Split the machine's cores between the processes on it. OMP_NUM_THREADS, where set, already says
+    how many cores this process may use: torchrun sets 1 when it starts several processes, and Spark sets
+    the executor's cores for its Python workers (whose environment the training processes inherit)."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
     return max(1, (os.cpu_count() or 1) // ctx.local_world_size)
 
 

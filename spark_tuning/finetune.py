@@ -143,7 +143,7 @@ def preflight(cfg: Config, overwrite: bool, resume: bool = False):
 
 def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) -> Summary:
     from spark_tuning import checkpoint, dataset, evaluate, tracking
-    from spark_tuning.launch import check_resources, run_distributed
+    from spark_tuning.launch import check_cluster, check_resources, run_distributed
     from spark_tuning.loader import stage_as
     from spark_tuning.spark import get_spark
     from spark_tuning.tokenize import tokenize
@@ -159,6 +159,7 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
 
     spark = spark or get_spark(cfg.spark)
     check_resources(cfg.distributed, spark)
+    check_cluster(cfg, spark)
     timings["spark_start"] = time.perf_counter() - t0
 
     out_dir = local_path(cfg.output_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional
 
-from spark_tuning.config import DistributedConfig
+from spark_tuning.config import Config, DistributedConfig
 from spark_tuning.errors import InputError, JobFailed
 
 
@@ -42,21 +42,203 @@ def check_resources(cfg: DistributedConfig, spark=None) -> None:
                 f"set distributed.num_processes to at most {cores}"
             )
     if spark is not None and not cfg.local_mode:
-        slots = spark.sparkContext.defaultParallelism
-        if n > slots:
+        # One barrier task per process; on GPUs, one per `spark.task.resource.gpu.amount` processes.
+        per_task = 1
+        if cfg.use_gpu:
+            try:
+                per_task = max(1, int(float(spark.sparkContext.getConf().get("spark.task.resource.gpu.amount", "1"))))
+            except ValueError:
+                per_task = 1
+        tasks = max(1, n // per_task)
+        slots = task_slots(spark, wanted=tasks)
+        if tasks > slots:
             raise InputError(
-                f"distributed.num_processes = {n}, but the cluster ({spark.sparkContext.master}) has only "
-                f"{slots} task slots for the barrier stage: lower distributed.num_processes, add executors "
-                "or cores, or use distributed.local_mode: true"
+                f"distributed.num_processes = {n} needs {tasks} barrier tasks at once, but the cluster "
+                f"({spark.sparkContext.master}) has only {slots} task slots: lower distributed.num_processes, add executors "
+                "or cores (for a local master: local[N] with N >= num_processes), or use "
+                "distributed.local_mode: true"
             )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cluster checks: what can be told from the SparkSession before anything is launched
+
+# Paths that every node of a Databricks cluster sees (FUSE mounts of DBFS and Unity Catalog volumes).
+SHARED_PREFIXES = ("/dbfs/", "/Volumes/")
+# Filesystem types that are shared between machines (from /proc/mounts).
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "cephfs", "glusterfs",
+                       "beegfs", "wekafs", "afs", "9p", "fuse", "efs"}
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def master_hosts(master: str) -> list[str]:
+    """Hosts named by a master URL: spark://h1:7077,h2:7077 -> [h1, h2]; k8s://https://h:443 -> [h]."""
+    rest = master.split("://", 1)[-1]
+    if rest.startswith(("https://", "http://")):
+        rest = rest.split("://", 1)[1]
+    hosts = []
+    for part in rest.split("/")[0].split(","):
+        host = part.rsplit(":", 1)[0] if part.count(":") == 1 or part.startswith("[") else part
+        hosts.append(host)
+    return hosts
+
+
+def single_machine(master: str) -> bool:
+    """True when every executor must run on this machine: a local master, or a standalone master that
+    listens on the loopback interface only (workers elsewhere cannot reach it)."""
+    if master.startswith("local"):
+        return True
+    return master.startswith("spark://") and all(h in LOOPBACK_HOSTS for h in master_hosts(master))
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem that holds `path` (the longest mount point above it in /proc/mounts)."""
+    path = os.path.realpath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    best, kind = "", ""
+    try:
+        with open("/proc/mounts", encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and len(point) > len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        return ""
+    return kind
+
+
+def is_shared_path(path: str) -> bool:
+    """Whether a path can be seen from every node: DBFS / Unity Catalog volumes, or a network filesystem."""
+    if path.startswith(("dbfs:/",)) or any(path.startswith(p) for p in SHARED_PREFIXES):
+        return True
+    kind = filesystem_type(path)
+    return kind in NETWORK_FILESYSTEMS or kind.startswith("fuse.")
+
+
+def task_slots(spark, wanted: int = 0, wait_s: float = 30.0) -> int:
+    """How many tasks the cluster can run at once (what a barrier stage needs). Executors of a
+    standalone or YARN cluster register a few seconds after the session starts: wait up to `wait_s`
+    for `wanted` slots before answering."""
+    import time
+
+    sc = spark.sparkContext
+    task_cpus = max(1, int(sc.getConf().get("spark.task.cpus", "1")))
+    master = sc.master
+    if master.startswith("local"):
+        return _local_cores(master) // task_cpus
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            jsc = sc._jsc.sc()
+            slots = int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
+        except Exception:  # noqa: BLE001 - an internal API: fall back to what Spark reports publicly
+            slots = sc.defaultParallelism // task_cpus
+        if slots >= wanted or time.monotonic() > deadline:
+            return slots
+        time.sleep(1.0)
+
+
+def _local_cores(master: str) -> int:
+    import re
+
+    cores = os.cpu_count() or 1
+    if master == "local":
+        return 1
+    m = re.match(r"local-cluster\[(\d+),\s*(\d+),", master)
+    if m:
+        return int(m.group(1)) * int(m.group(2))
+    m = re.match(r"local\[(\d+|\*)(?:,\s*\d+)?\]", master)
+    if m:
+        return cores if m.group(1) == "*" else int(m.group(1))
+    return cores
+
+
+def check_cluster(cfg: Config, spark) -> None:
+    """Refuse, before any data is read, what cannot work on the session's master (see below)."""
+    sc = spark.sparkContext
+    check_shared_paths(cfg, sc.master)
+    conf = sc.getConf()
+    check_gpu_conf(cfg.distributed, lambda key: conf.get(key, None), sc.resources or {})
+
+
+def check_shared_paths(cfg: Config, master: str) -> None:
+    """Training on executors (local_mode: false) of a cluster needs the staged data and the output folder
+    on storage that every node sees: rank 0 writes the model there, and every rank reads the data."""
+    if cfg.distributed.local_mode or single_machine(master):
+        return
+    from spark_tuning.paths import output_root
+
+    staging = cfg.loader.staging_dir or os.path.join(output_root(cfg.output_dir), ".staging")
+    for key, path in (("loader.staging_dir", staging), ("output_dir", cfg.output_dir)):
+        if not is_shared_path(path):
+            raise InputError(
+                f"{key} = {path!r} is on a disk of this machine only ({filesystem_type(path) or 'local'} "
+                f"filesystem), but the training processes run on the executors of {master}, which cannot "
+                f"see it: set {key} to storage every node sees (/dbfs/..., /Volumes/..., or an NFS mount), "
+                "or use distributed.local_mode: true"
+            )
+
+
+def check_gpu_conf(d: DistributedConfig, conf_get: Callable[[str], Optional[str]], resources: dict) -> None:
+    """- GPUs on executors need `spark.task.resource.gpu.amount`, or Spark gives the tasks none;
+    - GPUs in local mode, where Spark assigns GPUs to the driver, need at least one per process
+      (TorchDistributor would otherwise quietly start fewer processes)."""
+    if not d.use_gpu:
+        return
+    if not d.local_mode:
+        key = "spark.task.resource.gpu.amount"
+        amount = conf_get(key)
+        try:
+            value = float(amount) if amount is not None else 0.0
+        except ValueError:
+            value = 0.0
+        if value <= 0:
+            raise InputError(
+                f"distributed.use_gpu = true with distributed.local_mode = false, but {key} is "
+                f"{'not set' if amount is None else repr(amount)}, so Spark gives the training tasks no GPU: set "
+                f"{key}: \"1\" under spark.conf in the config (or --conf {key}=1, or in the cluster's Spark "
+                "config), with spark.executor.resource.gpu.amount set to the GPUs per worker"
+            )
+        if value > 1 and d.num_processes % int(value):
+            raise InputError(
+                f"distributed.num_processes = {d.num_processes} must be a multiple of {key} = {amount}"
+            )
+    elif "gpu" in resources:
+        owned = len(resources["gpu"].addresses)
+        if d.num_processes > owned:
+            raise InputError(
+                f"distributed.num_processes = {d.num_processes}, but Spark gives the driver only {owned} GPU(s) "
+                "(spark.driver.resource.gpu.amount): raise spark.driver.resource.gpu.amount or lower "
+                "distributed.num_processes"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch
 
 
 def run_distributed(train_fn: Callable[[dict], Any], payload: dict, cfg: DistributedConfig) -> Optional[Any]:
     """payload["log_dir"], when set, is where each rank writes its own log (see faults.py)."""
     """TorchDistributor(...).run(train_fn, payload): DDP over gloo (CPU) or NCCL (GPU)."""
     from pyspark.ml.torch.distributor import TorchDistributor
+    from pyspark.sql import SparkSession
 
-    distributor = TorchDistributor(num_processes=cfg.num_processes, local_mode=cfg.local_mode, use_gpu=cfg.use_gpu)
+    spark = SparkSession.getActiveSession()
+    tell_gpus = cfg.use_gpu
+    if spark is not None:
+        if not cfg.local_mode:
+            _ship_py_files(spark)
+        elif cfg.use_gpu and "gpu" not in (spark.sparkContext.resources or {}):
+            # TorchDistributor's local GPU mode insists on GPUs assigned to the driver by Spark
+            # (spark.driver.resource.gpu.*). Without them, torchrun's processes see the GPUs that are
+            # visible here (CUDA_VISIBLE_DEVICES) and each takes cuda:<local rank>: the same placement.
+            tell_gpus = False
+    distributor = TorchDistributor(num_processes=cfg.num_processes, local_mode=cfg.local_mode, use_gpu=tell_gpus)
     try:
         return distributor.run(train_fn, payload)
     except Exception as e:  # noqa: BLE001
@@ -86,3 +268,19 @@ def _summarise(e: Exception) -> str:
         parts += ["errors:", *errors]
     parts += [f"last log lines of rank {r}:", *(own or ["(none)"])]
     return "\n".join(parts)
+
+
+def _ship_py_files(spark) -> None:
+    """Make the --py-files archives importable by the training processes too.
+
+    Spark puts --py-files on `sys.path` of its Python workers only; TorchDistributor's torchrun starts new
+    processes that unpickle `train_fn` by reference and so must import spark_tuning themselves. The
+    archives lie in the executor's working folder, which those processes inherit: put their names on
+    PYTHONPATH for the executors' Python workers, whose environment torchrun passes on."""
+    sc = spark.sparkContext
+    names = [n for n in getattr(sc, "_python_includes", None) or [] if n]
+    if not names:
+        return
+    current = sc.environment.get("PYTHONPATH", "")
+    parts = [p for p in current.split(os.pathsep) if p]
+    sc.environment["PYTHONPATH"] = os.pathsep.join([*[n for n in names if n not in parts], *parts])

@@ -30,12 +30,18 @@ class DataRef:
 
 
 def with_row_ids(df, num_files: int):
-    """`num_files` similar-sized partitions, each row numbered (`row_id`, ascending within and across
-    partitions). Every loader backend stages through this, so that the same input gives the same rows,
-    ids and file layout whichever backend reads them."""
+    """`num_files` partitions with each row numbered (`row_id`). Every loader backend stages through this,
+    so that the same input gives the same rows, ids and file layout whichever backend reads them.
+
+    Which file a row lands in, and where in it, depends only on the row's content: rows are hashed into
+    files and sorted by the hash inside each file. A round-robin `repartition(n)` would depend on how the
+    input was partitioned (which differs between local[*] and a cluster with other core counts), and so
+    would the ranks' shards and the data order: the same config gives the same training anywhere."""
     from pyspark.sql import functions as F
 
-    return df.repartition(num_files).withColumn("row_id", F.monotonically_increasing_id())
+    key = F.xxhash64(*[F.col(c) for c in df.columns])
+    return (df.withColumn("_key", key).repartition(num_files, "_key").sortWithinPartitions("_key")
+            .drop("_key").withColumn("row_id", F.monotonically_increasing_id()))
 
 
 def stage(df, path: str, num_files: int) -> DataRef:

@@ -18,9 +18,24 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
     # spark-submit --master wins; otherwise the config's master, else all local cores.
     from pyspark import SparkConf
 
-    if cfg.master:
+    # Under spark-submit, --master reaches Python only through the JVM's system properties, which a
+    # SparkConf sees once the gateway to that (already running) JVM is up; before, it is an empty dict.
+    # Elsewhere the JVM must not start yet: getOrCreate starts it with the builder's settings.
+    if os.environ.get("PYSPARK_GATEWAY_PORT"):
+        from pyspark import SparkContext
+
+        SparkContext._ensure_initialized()
+    submitted = SparkConf().get("spark.master", None)  # set by spark-submit --master
+    if cfg.master and submitted and submitted != cfg.master:
+        # The command line wins over the file: `spark-submit.sh x.yaml --master spark://...` must not
+        # quietly run on the config's local[*].
+        import logging
+
+        logging.getLogger("spark_tuning").warning(
+            "spark.master = %r in the config is overridden by spark-submit's --master %s", cfg.master, submitted)
+    elif cfg.master:
         builder = builder.master(cfg.master)
-    elif not SparkConf().contains("spark.master"):
+    elif not submitted:
         builder = builder.master("local[*]")
     defaults = {
         "spark.sql.execution.arrow.pyspark.enabled": "true",

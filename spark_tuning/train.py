@@ -197,6 +197,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
             log.info("training %s: %d parameters (%d trainable, %.1f%%), %d processes, precision %s, "
                      "%d steps (%d per epoch), warm-up %d", src.location, total_params, trainable,
                      100 * trainable / total_params, ctx.world_size, precision, total_steps, steps_per_epoch, warmup)
+            log.info("spark_tuning code from %s, device %s", __file__, ctx.device)
 
         history: list[dict] = resume.get("history", [])
         epochs: list[dict] = resume.get("epochs", [])
@@ -321,6 +322,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
             "shard_read_seconds": read_seconds,
             "data_wait_seconds": clock["data"],
             "data_wait_share": clock["data"] / max(1e-9, clock["train"]),
+            "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(ctx.device) if ctx.device.startswith("cuda") else None,
         }
         return distributed.broadcast(result if ctx.is_rank_zero else None, ctx)
     finally:

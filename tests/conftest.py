@@ -20,6 +20,11 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts a Spark cluster or runs whole jobs (minutes); "
+                                       ".ci/run runs them, deselect with -m 'not slow'")
+
+
 @pytest.fixture(scope="session")
 def spark():
     from spark_tuning.config import SparkConfig
