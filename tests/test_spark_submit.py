@@ -77,7 +77,7 @@ def test_config_master_is_used_when_none_is_given(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--set", "train.epochz=1"], "did you mean train.'epochs'"),
+    (["--set", "train.epochz=1"], "did you mean 'train.epochs'"),
     (["--bogus"], "unknown argument '--bogus'"),
     (["missing.yaml"], "config file 'missing.yaml' does not exist"),
     (["--master"], "--master needs a URL"),
