@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
+import uuid
 from typing import Iterator, Optional
 
 import pandas as pd
@@ -54,10 +56,13 @@ def localize(spark: SparkSession, model_uri: str, tracking_uri: Optional[str] = 
     if model_uri.startswith("models:/") and not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         raise InputError(f"--model-uri {model_uri} names a registered model, but no tracking URI is set: pass "
                          "--tracking-uri (e.g. sqlite:///outputs/mlflow.db) or set MLFLOW_TRACKING_URI")
+    # A fresh name each time: Spark refuses a second file of the same name with another path.
+    target = os.path.join(download_dir or tempfile.mkdtemp(prefix="spark-tuning-model-"),
+                          f"model-{uuid.uuid4().hex[:8]}")
     if os.path.isdir(model_uri):
-        local = os.path.abspath(model_uri)
+        local = shutil.copytree(model_uri, target)
     else:
-        local = download_artifacts(artifact_uri=model_uri, dst_path=download_dir or tempfile.mkdtemp(prefix="spark-tuning-model-"))
+        local = download_artifacts(artifact_uri=model_uri, dst_path=target)
     if not os.path.isfile(os.path.join(local, "MLmodel")):
         raise InputError(f"{model_uri} is not an MLflow model (no MLmodel file in {local})")
     spark.sparkContext.addFile(local, recursive=True)

@@ -43,7 +43,8 @@ def test_logged_model_has_signature_example_and_tokenizer(packaged_run):
     assert meta.signature.inputs.input_names() == ["text"]
     assert [c.name for c in meta.signature.outputs.inputs] == ["label", "label_id", "probability", "probabilities"]
     assert meta.saved_input_example_info is not None
-    assert meta.model_config["max_length"] == cfg.data.max_length and meta.model_config["task"] == "classification"
+    model_config = meta.flavors["python_function"]["config"]
+    assert model_config["max_length"] == cfg.data.max_length and model_config["task"] == "classification"
     inner = [os.path.join(d, f) for d, _, fs in os.walk(local) for f in fs]
     names = {os.path.basename(p) for p in inner}
     assert {"model.safetensors", "tokenizer.json", "label_map.json", "config.json", "requirements.txt"} <= names
@@ -65,7 +66,7 @@ def test_fresh_process_predicts_what_the_run_predicted(packaged_run):
         "out = m.predict(pd.DataFrame({'text': texts}))\n"
         "print(out.to_json(orient='records'))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the model must not need spark_tuning
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the logged code, not this checkout's
     proc = subprocess.run([sys.executable, "-c", script], input=json.dumps(rows["text"].tolist()), text=True,
                           capture_output=True, env=env, cwd="/", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
