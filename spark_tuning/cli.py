@@ -23,6 +23,159 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------
+# Deploy and verify: promote, serve, verify, score, cleanup, export-serving-config
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from spark_tuning.packaging import set_alias
+
+    set_alias(args.name, args.version, args.alias, args.tracking_uri, args.registry_uri)
+    print(f"models:/{args.name}@{args.alias} -> version {args.version}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from spark_tuning import serving
+
+    if args.stop:
+        stopped = serving.stop_recorded(args.state_dir, args.port or None)
+        for server, was_running in stopped:
+            print(f"{'stopped' if was_running else 'cleared record of'} {server.url} ({server.model_uri})")
+        if not stopped:
+            print("no recorded model server to stop")
+        return 0
+    if not args.model_uri:
+        raise InputError("serve needs --model-uri (e.g. models:/quickstart@candidate), or --stop")
+    server = serving.start(args.model_uri, args.host, args.port, args.tracking_uri, args.state_dir,
+                           workers=args.workers)
+    print(f"serving {args.model_uri} at {server.url}  (POST {server.invocations_url}; log {server.log_path})",
+          flush=True)
+    if args.detach:
+        print("stop it with: spark-tuning serve --stop" + (f" --port {server.port}" if args.port else ""))
+        return 0
+    print("press Ctrl-C to stop", flush=True)
+    serving.serve_forever(server)
+    print("stopped")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import json
+
+    from spark_tuning import verify
+
+    report = verify.verify(args.endpoint, args.data, args.batch_size, args.atol, args.text_column, args.label_column)
+    print(verify.render(report))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    return 0 if report.ok else 1
+
+
+def _score(args: argparse.Namespace) -> int:
+    import tempfile
+    import time
+
+    from spark_tuning import score
+    from spark_tuning.config import SparkConfig
+    from spark_tuning.spark import get_spark
+
+    spark = get_spark(SparkConfig(master=args.master, app_name="spark-tuning-score"))
+    with tempfile.TemporaryDirectory(prefix="spark-tuning-model-") as download:
+        location = score.localize(spark, args.model_uri, args.tracking_uri, download)
+        t = time.perf_counter()
+        df = score.score(score.read_input(spark, args.input), location, args.text_column)
+        score.write_output(df, args.output, args.overwrite)
+        seconds = time.perf_counter() - t
+    rows = spark.read.parquet(args.output).count() if "/" in args.output else spark.table(args.output).count()
+    print(f"scored {rows} rows in {seconds:.1f}s ({rows / seconds:.1f} rows/s, model load included) -> {args.output}")
+    return 0
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    from spark_tuning import cleanup
+
+    items = cleanup.find(args.output_dir, args.keep_last_checkpoint, args.state_dir)
+    freed = None if args.dry_run else cleanup.remove(items)
+    print(cleanup.render(items, freed))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from spark_tuning import export
+
+    target = export.resolve(args.model_uri, args.tracking_uri, args.endpoint_name)
+    for path in export.write(target, args.out, args.tracking_uri, copy_model=not args.no_model_copy):
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_deploy_commands(sub) -> None:
+    import os
+
+    def tracking(p):
+        p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                       help="MLflow tracking store, e.g. sqlite:///outputs/mlflow.db (default: $MLFLOW_TRACKING_URI)")
+
+    p = sub.add_parser("promote", help="point a registry alias (e.g. champion) at a model version")
+    p.add_argument("--name", required=True, help="registered model name")
+    p.add_argument("--version", required=True, help="model version to point the alias at")
+    p.add_argument("--alias", required=True, help="e.g. champion")
+    p.add_argument("--registry-uri", default=None, help="e.g. databricks-uc (default: the tracking store)")
+    tracking(p)
+    p.set_defaults(func=_promote)
+
+    p = sub.add_parser("serve", help="serve a logged model over HTTP on 127.0.0.1 (MLflow's scoring server)")
+    p.add_argument("--model-uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="default: a free port")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--detach", action="store_true", help="return once the server answers; stop it with --stop")
+    p.add_argument("--stop", action="store_true", help="stop the recorded server(s) (all, or the one on --port)")
+    p.add_argument("--state-dir", default=None, help="where server state files live (default: "
+                   "$SPARK_TUNING_STATE_DIR or ~/.cache/spark-tuning/servers)")
+    tracking(p)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("verify", help="check a served model against the run's offline predictions and metrics")
+    p.add_argument("--endpoint", required=True, help="the server's URL, e.g. http://127.0.0.1:5000")
+    p.add_argument("--data", required=True, help="a run's output folder, its eval_predictions.parquet, "
+                   "or a Parquet/JSONL/CSV file with text (and label)")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per request")
+    p.add_argument("--atol", type=float, default=1e-5, help="allowed probability difference per row")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--json-out", help="also write the report as JSON here")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("score", help="batch-score a table or files in Spark with a logged model")
+    p.add_argument("--model-uri", required=True)
+    p.add_argument("--input", required=True, help="a table name or a Parquet/JSONL/CSV/Delta path")
+    p.add_argument("--output", required=True, help="a path (written as Parquet) or a table name")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--master", default=None, help="Spark master (default: spark-submit's, else local[*])")
+    p.add_argument("--overwrite", action="store_true")
+    tracking(p)
+    p.set_defaults(func=_score)
+
+    p = sub.add_parser("cleanup", help="remove staging data, caches, checkpoints and stopped servers' files")
+    p.add_argument("--output-dir", required=True, help="the run's output folder")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    p.add_argument("--keep-last-checkpoint", action="store_true")
+    p.add_argument("--state-dir", default=None, help="model servers' state folder (see serve --state-dir)")
+    p.set_defaults(func=_cleanup)
+
+    p = sub.add_parser("export-serving-config",
+                       help="write Databricks Model Serving and Azure ML online endpoint files for a model")
+    p.add_argument("--model-uri", required=True, help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    p.add_argument("--out", required=True, help="an empty or new folder")
+    p.add_argument("--endpoint-name", default=None)
+    p.add_argument("--no-model-copy", action="store_true", help="do not copy the MLflow model for Azure ML")
+    tracking(p)
+    p.set_defaults(func=_export)
+
+
 def render_summary(s) -> str:
     from spark_tuning.tracking import ui_command
 
@@ -43,6 +196,14 @@ def render_summary(s) -> str:
         ("MLflow run id", s.run_id),
         ("MLflow UI", ui_command(s.tracking_uri)),
     ]
+    d = getattr(s, "deploy", None) or {}
+    if d.get("serving_uri"):
+        rows.append(("MLflow model", d["serving_uri"]))
+    if d.get("verify"):
+        v = d["verify"]
+        rows.append(("served model check", f"{100 * (v['agreement'] or 0):.1f}% agreement, p50 "
+                     f"{v['latency_ms'].get('p50', 0):.0f} ms, {v['rows_per_second']:.0f} rows/s"
+                     + ("" if v["ok"] else " MISMATCH")))
     width = max(len(k) for k, _ in rows)
     line = "+" + "-" * (width + 2) + "+" + "-" * (max(len(v) for _, v in rows) + 2) + "+"
     body = [f"| {k.ljust(width)} | {v.ljust(len(line) - width - 7)} |" for k, v in rows]
@@ -61,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue the interrupted run in output_dir from its newest complete checkpoint "
                          "(done automatically when the config is the same)")
     ft.set_defaults(func=_finetune)
+    _add_deploy_commands(sub)
     return parser
 
 

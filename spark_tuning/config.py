@@ -123,6 +123,22 @@ class TrackingConfig:
 
 
 @dataclass
+class DeployConfig:
+    """After training: the MLflow model, the registry, and an optional check of the served model."""
+
+    # Logged as an MLflow pyfunc model (text in; label + probabilities out) when tracking.log_model is true.
+    # None: the run name. Unity Catalog (registry_uri databricks-uc) needs catalog.schema.model.
+    registered_model_name: Optional[str] = None
+    register: bool = True  # register the logged model under registered_model_name
+    alias: Optional[str] = "candidate"  # set on the new version; `spark-tuning promote` moves aliases
+    registry_uri: Optional[str] = None  # None: the tracking store (workspace registry on Databricks)
+    verify: bool = False  # serve the new model on 127.0.0.1, check it against the offline metrics, stop it
+    port: int = 0  # for deploy.verify; 0: a free port
+    batch_size: int = 32  # rows per request when verifying
+    max_text_chars: int = 100_000  # the served model refuses longer texts with HTTP 400
+
+
+@dataclass
 class Config:
     task: str = "classification"
     seed: int = 42
@@ -136,6 +152,7 @@ class Config:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -341,6 +358,12 @@ def _check_values(cfg: Config) -> list[str]:
         p.append(f"model.attention_dropout = {cfg.model.attention_dropout} must be in [0, 1)")
     if cfg.model.hub_token is not None and not cfg.model.hub_token.startswith(("env:", "secret:")):
         p.append("model.hub_token must be a reference, env:NAME or secret:scope/key, never the token itself")
+    if not 0 <= cfg.deploy.port <= 65535:
+        p.append(f"deploy.port = {cfg.deploy.port} must be 0 (a free port) or a port number up to 65535")
+    positive("deploy.batch_size", cfg.deploy.batch_size)
+    positive("deploy.max_text_chars", cfg.deploy.max_text_chars)
+    if cfg.deploy.verify and not cfg.tracking.log_model:
+        p.append("deploy.verify = true needs the logged MLflow model: set tracking.log_model: true")
     if cfg.data.text_column == cfg.data.label_column:
         p.append(f"data.text_column and data.label_column are both {cfg.data.text_column!r}: they must differ")
     return p

@@ -32,6 +32,7 @@ class Summary:
     metrics: dict[str, Any]
     result: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    deploy: dict[str, Any] = field(default_factory=dict)  # logged model URI, registry version, verify report
 
 
 def derived_figures(cfg: Config, train_rows: Optional[int] = None, mean_length: Optional[float] = None) -> dict:
@@ -169,6 +170,7 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
     partial = new_sibling(out_dir, "partial")
     run_ref = None
     prepared = None
+    deployed: dict[str, Any] = {}
     try:
         # 1. Data in Spark: read, check, clean, split, sample, tokenize, stage as Parquet.
         t = time.perf_counter()
@@ -233,8 +235,12 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
         for name in ("metrics.json", "config.yaml", "label_map.json", "confusion_matrix.png", "training_curves.png"):
             if os.path.exists(os.path.join(partial, name)):
                 tracking.log_artifact(run_ref, os.path.join(partial, name))
+        # --- deploy (issue 6): MLflow pyfunc model + registry; optionally serve and verify it --------
+        record = None
         if cfg.tracking.log_model:
-            tracking.log_artifacts(run_ref, partial, "model")
+            from spark_tuning import deploy
+
+            record = deploy.package(cfg, run_ref, partial, result["precision"])
         if cfg.checkpoint.keep_after_success and checkpoint.latest(checkpoint.checkpoint_dir(out_dir)):
             last = checkpoint.latest(checkpoint.checkpoint_dir(out_dir))
             os.makedirs(checkpoint.checkpoint_dir(partial))
@@ -242,10 +248,17 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
         # Our own interrupted-run folder (run.json + checkpoints) is replaced by the finished one.
         publish(partial, out_dir, overwrite or output_state(out_dir) == "interrupted")
         timings["logging"] = time.perf_counter() - t
+        if record is not None and cfg.deploy.verify:
+            t = time.perf_counter()
+            deployed["verify"] = deploy.serve_and_verify(cfg, record, out_dir).to_dict()
+            timings["verify"] = time.perf_counter() - t
+        if record is not None:
+            deployed.update(model_uri=record.model_uri, serving_uri=record.serving_uri, version=record.version)
+        # --- end deploy --------------------------------------------------------------------------------
         timings["total"] = time.perf_counter() - t0
         tracking.log_metrics(run_ref, {f"time_{k}_seconds": v for k, v in timings.items()})
         tracking.end_run(run_ref, "FINISHED")
-        return Summary(out_dir, run_ref.run_id, run_ref.tracking_uri, metrics, result, timings)
+        return Summary(out_dir, run_ref.run_id, run_ref.tracking_uri, metrics, result, timings, deployed)
     except BaseException:
         if run_ref is not None:
             try:

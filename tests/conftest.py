@@ -120,5 +120,14 @@ def tiny_job_config(tmp_path, data: str, model: str, **overrides):
     return load_config(None, [f"{k}={v}" for k, v in sets.items()])
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end runs of a minute or more (still run by .ci/run)")
+@pytest.fixture(scope="session")
+def packaged_run(spark, tmp_path_factory, reviews_jsonl, tiny_bert_dir):
+    """A finished tiny run whose model is logged as an MLflow pyfunc model, registered as `tiny-reviews`
+    (alias `candidate`), and checked through a real local server by the job itself (deploy.verify)."""
+    from spark_tuning import finetune
+
+    tmp = tmp_path_factory.mktemp("packaged")
+    os.environ["SPARK_TUNING_STATE_DIR"] = str(tmp / "servers")  # model servers' state files
+    cfg = tiny_job_config(tmp, reviews_jsonl, tiny_bert_dir, **{
+        "tracking.log_model": True, "deploy.registered_model_name": "tiny-reviews", "deploy.verify": True})
+    return cfg, finetune.run(cfg, spark=spark)

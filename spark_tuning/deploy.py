@@ -1,0 +1,46 @@
+"""The job's deploy steps, called from finetune.run: package + register, and the optional served check.
+
+`package` logs the model folder as an MLflow pyfunc model into the run, registers it and sets the alias,
+and writes mlflow_model.json (where the model went) into the folder. `serve_and_verify` (deploy.verify)
+serves the registered model on 127.0.0.1, checks it against the run's offline predictions and metrics,
+logs the result into the run, and always stops the server.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from spark_tuning.config import Config
+from spark_tuning.packaging import ModelRecord
+
+log = logging.getLogger("spark_tuning.deploy")
+
+
+def package(cfg: Config, run_ref, folder: str, precision: str) -> ModelRecord:
+    from spark_tuning import packaging
+
+    record = packaging.log_model(cfg, run_ref.run_id, run_ref.tracking_uri, folder, precision)
+    packaging.write_record(folder, record)
+    return record
+
+
+def serve_and_verify(cfg: Config, record: ModelRecord, out_dir: str):
+    from mlflow import MlflowClient
+
+    from spark_tuning import serving, tracking, verify
+
+    server = serving.start(record.serving_uri, port=cfg.deploy.port, tracking_uri=record.tracking_uri)
+    try:
+        report = verify.verify(server.url, out_dir, cfg.deploy.batch_size)
+    finally:
+        serving.stop(server)
+    log.info("served model check (%s):\n%s", record.serving_uri, verify.render(report))
+    ref = tracking.RunRef(record.tracking_uri, record.run_id, "")
+    values = {"verify_agreement": report.agreement, "verify_rows_per_second": report.rows_per_second,
+              **{f"verify_latency_{k}_ms": v for k, v in report.latency_ms.items()}}
+    tracking.log_metrics(ref, {k: v for k, v in values.items() if v is not None})
+    MlflowClient(record.tracking_uri).set_tag(record.run_id, "spark_tuning.verified", str(report.ok).lower())
+    if not report.ok:
+        log.warning("the served model does NOT reproduce the run's predictions: %d row(s) differ",
+                    len(report.differences))
+    return report

@@ -1,0 +1,177 @@
+"""Package a finished run's model as an MLflow pyfunc model and register it.
+
+The logged model is `serving_model.py` (logged as code) plus the run's Hugging Face folder as its one
+artifact, with a signature, an input example and explicit pip requirements. It loads with
+`mlflow.pyfunc.load_model` anywhere torch and transformers are installed; spark_tuning is not needed.
+Registration puts it in the MLflow Model Registry (the local SQLite store here; the workspace or Unity
+Catalog registry on Databricks) and points an alias (e.g. `candidate`) at the new version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from spark_tuning.config import Config
+from spark_tuning.errors import InputError
+
+log = logging.getLogger("spark_tuning.packaging")
+
+# What the served model needs from a run's output folder; metrics, plots and predictions stay out.
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.txt", "label_map.json", "generation_config.json")
+RECORD = "mlflow_model.json"  # written into the output folder: where the logged model went
+INPUT_COLUMN = "text"
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    tracking_uri: str
+    run_id: str
+    model_uri: str  # models:/m-<id>: this exact logged model
+    registry_uri: Optional[str] = None
+    registered_model_name: Optional[str] = None
+    version: Optional[str] = None
+    alias: Optional[str] = None
+
+    @property
+    def serving_uri(self) -> str:
+        """What to serve: the alias if there is one, else the version, else the logged model itself."""
+        if self.registered_model_name and self.alias:
+            return f"models:/{self.registered_model_name}@{self.alias}"
+        if self.registered_model_name and self.version:
+            return f"models:/{self.registered_model_name}/{self.version}"
+        return self.model_uri
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", INPUT_COLUMN)])
+    outputs = Schema([ColSpec("string", "label"), ColSpec("long", "label_id"), ColSpec("double", "probability"),
+                      ColSpec(Array("double"), "probabilities")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def pip_requirements() -> list[str]:
+    """Exact versions of what the served model imports. Explicit, because MLflow's inference of them pulls
+    in unrelated packages (torchvision) and local version tags (+cpu) that PyPI cannot install."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for name in ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas"):
+        try:
+            reqs.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+def model_config(cfg: Config, precision: str) -> dict:
+    return {
+        "task": cfg.task,
+        "max_length": cfg.data.max_length,
+        "batch_size": cfg.train.eval_batch_size,
+        "precision": precision,
+        "max_chars": cfg.deploy.max_text_chars,
+        "text_column": INPUT_COLUMN,
+    }
+
+
+def _model_folder(output_dir: str, into: str) -> str:
+    """A folder with only the files the served model needs (hard links where possible: no 90 MB copy)."""
+    os.makedirs(into)
+    for name in MODEL_FILES:
+        src = os.path.join(output_dir, name)
+        if os.path.isfile(src):
+            try:
+                os.link(src, os.path.join(into, name))
+            except OSError:
+                shutil.copy2(src, os.path.join(into, name))
+    for needed in ("config.json", "model.safetensors"):
+        if not os.path.isfile(os.path.join(into, needed)):
+            raise InputError(f"{output_dir} has no {needed}: it is not a finished spark-tuning model folder")
+    return into
+
+
+def _input_example(output_dir: str):
+    import pandas as pd
+
+    preds = os.path.join(output_dir, "eval_predictions.parquet")
+    texts = pd.read_parquet(preds, columns=["text"])["text"].head(2).tolist() if os.path.isfile(preds) else []
+    return pd.DataFrame({INPUT_COLUMN: texts or ["a film worth seeing", "a dull, tedious film"]})
+
+
+def log_model(cfg: Config, run_id: str, tracking_uri: str, output_dir: str, precision: str) -> ModelRecord:
+    """Log `output_dir` (a run's model folder) into run `run_id` as a pyfunc model; register and alias it."""
+    import mlflow
+    import mlflow.pyfunc
+
+    from spark_tuning import serving_model
+
+    d = cfg.deploy
+    name = (d.registered_model_name or cfg.resolved_run_name) if d.register else None
+    mlflow.set_tracking_uri(tracking_uri)
+    if d.registry_uri:
+        mlflow.set_registry_uri(d.registry_uri)
+    with tempfile.TemporaryDirectory(prefix="spark-tuning-package-") as tmp:
+        folder = _model_folder(output_dir, os.path.join(tmp, "hf"))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=serving_model.__file__,  # logged as code: no pickled classes
+                artifacts={"model": folder},
+                model_config=model_config(cfg, precision),
+                signature=signature(),
+                input_example=_input_example(output_dir),
+                pip_requirements=pip_requirements(),
+                registered_model_name=name,
+            )
+    # Leaving start_run() marks the run FINISHED; the job still owns it and ends it itself.
+    mlflow.MlflowClient(tracking_uri).update_run(run_id, status="RUNNING")
+    version = str(info.registered_model_version) if name and info.registered_model_version else None
+    record = ModelRecord(tracking_uri, run_id, info.model_uri, d.registry_uri, name, version, None)
+    if name and version and d.alias:
+        set_alias(name, version, d.alias, tracking_uri, d.registry_uri)
+        record = ModelRecord(**{**asdict(record), "alias": d.alias})
+    log.info("logged MLflow model %s%s", info.model_uri,
+             f"; registered as {name} version {version}" + (f" (@{d.alias})" if record.alias else "") if name else "")
+    return record
+
+
+def set_alias(name: str, version: str, alias: str, tracking_uri: Optional[str] = None,
+              registry_uri: Optional[str] = None) -> None:
+    """Point `alias` at `version` of registered model `name` (moving it if another version had it)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException as e:
+        raise InputError(f"registered model {name!r} has no version {version!r} in {registry_uri or tracking_uri} "
+                         f"({e.message.splitlines()[0]}): check --name and --version") from None
+    client.set_registered_model_alias(name, alias, str(version))
+
+
+def write_record(output_dir: str, record: ModelRecord) -> str:
+    path = os.path.join(output_dir, RECORD)
+    with open(path, "w") as f:
+        json.dump({**asdict(record), "serving_uri": record.serving_uri}, f, indent=2)
+    return path
+
+
+def read_record(output_dir: str) -> Optional[ModelRecord]:
+    path = os.path.join(output_dir, RECORD)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        raw = json.load(f)
+    raw.pop("serving_uri", None)
+    return ModelRecord(**raw)

@@ -1,0 +1,108 @@
+"""Batch scoring in Spark with the logged MLflow model.
+
+`score(df, model_path)` is a pure DataFrame -> DataFrame transform: it adds `prediction` (the label),
+`probability` (of that label) and `probabilities` (every class, by label id) with an iterator pandas UDF.
+The UDF loads the model once per executor Python process (cached at module level; Spark reuses its Python
+workers between tasks) and scores each Arrow batch. `model_path` must be readable on every executor:
+`localize` downloads a models:/ or runs:/ URI once on the driver and ships it with SparkContext.addFile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Iterator, Optional
+
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.functions import pandas_udf
+
+from spark_tuning.errors import InputError
+
+log = logging.getLogger("spark_tuning.score")
+
+RESULT_SCHEMA = "prediction string, probability double, probabilities array<double>"
+OUTPUT_COLUMNS = ("prediction", "probability", "probabilities")
+_MODELS: dict = {}  # per executor Python process: model location -> loaded pyfunc model
+
+
+def _load_once(location: str):
+    """The model for `location`, loaded on first use in this Python process."""
+    if location not in _MODELS:
+        import mlflow.pyfunc
+
+        path = location
+        if location.startswith("sparkfiles:"):
+            from pyspark import SparkFiles
+
+            path = SparkFiles.get(location[len("sparkfiles:"):])
+        _MODELS[location] = mlflow.pyfunc.load_model(path)
+    return _MODELS[location]
+
+
+def localize(spark: SparkSession, model_uri: str, tracking_uri: Optional[str] = None,
+             download_dir: Optional[str] = None) -> str:
+    """Download the model once on the driver (into `download_dir`, which the caller removes when the job is
+    done) and ship it to the executors; returns the location for `score`."""
+    import mlflow
+    from mlflow.artifacts import download_artifacts
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    if model_uri.startswith("models:/") and not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise InputError(f"--model-uri {model_uri} names a registered model, but no tracking URI is set: pass "
+                         "--tracking-uri (e.g. sqlite:///outputs/mlflow.db) or set MLFLOW_TRACKING_URI")
+    # A fresh name each time: Spark refuses a second file of the same name with another path.
+    target = os.path.join(download_dir or tempfile.mkdtemp(prefix="spark-tuning-model-"),
+                          f"model-{uuid.uuid4().hex[:8]}")
+    if os.path.isdir(model_uri):
+        local = shutil.copytree(model_uri, target)
+    else:
+        local = download_artifacts(artifact_uri=model_uri, dst_path=target)
+    if not os.path.isfile(os.path.join(local, "MLmodel")):
+        raise InputError(f"{model_uri} is not an MLflow model (no MLmodel file in {local})")
+    spark.sparkContext.addFile(local, recursive=True)
+    return "sparkfiles:" + os.path.basename(local.rstrip("/"))
+
+
+def score(df: DataFrame, model_location: str, text_column: str = "text") -> DataFrame:
+    """`df` plus prediction, probability and probabilities, scored by the model at `model_location`."""
+    if text_column not in df.columns:
+        raise InputError(f"the input has no {text_column!r} column (columns: {df.columns}): pass --text-column")
+    clash = [c for c in OUTPUT_COLUMNS if c in df.columns]
+    if clash:
+        raise InputError(f"the input already has column(s) {clash}: rename or drop them before scoring")
+
+    @pandas_udf(RESULT_SCHEMA)
+    def predict(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        model = _load_once(model_location)
+        for texts in batches:
+            out = model.predict(pd.DataFrame({"text": texts.fillna("").astype(str)}))
+            yield pd.DataFrame({"prediction": out["label"], "probability": out["probability"],
+                                "probabilities": out["probabilities"]})
+
+    scored = df.withColumn("_scored", predict(F.col(text_column)))
+    return scored.select(*df.columns, *[F.col(f"_scored.{c}").alias(c) for c in OUTPUT_COLUMNS])
+
+
+def read_input(spark: SparkSession, source: str) -> DataFrame:
+    """A table name or a path (Parquet, JSON Lines, CSV, Delta), by the same rules as the job's data."""
+    from spark_tuning.dataset import infer_format, read_source
+
+    return read_source(spark, source, infer_format(source))[0]
+
+
+def write_output(df: DataFrame, target: str, overwrite: bool) -> None:
+    """A path gets Parquet; a name without slashes is a table."""
+    mode = "overwrite" if overwrite else "errorifexists"
+    if "/" in target or target.startswith("."):
+        if os.path.exists(target) and not overwrite:
+            raise InputError(f"--output {target} already exists: pass --overwrite or choose another path")
+        df.write.mode(mode).parquet(target)
+    else:
+        df.write.mode(mode).saveAsTable(target)

@@ -1,0 +1,246 @@
+"""A local HTTP server for a logged model: MLflow's scoring server, started and stopped cleanly.
+
+`start` runs `mlflow models serve --env-manager local` (no new environment is built: the server uses this
+interpreter) in its own process group, waits until /ping answers, and writes a state file (pid, port,
+URL, log) so that `spark-tuning serve --stop` from another shell finds it. `stop` ends the whole group:
+the scoring server forks uvicorn, which would otherwise be orphaned.
+
+Endpoints (MLflow's): GET /ping, GET /version, POST /invocations with
+  {"dataframe_records": [{"text": "..."}]}, {"dataframe_split": ...} or {"inputs": ["...", ...]}.
+Malformed requests get HTTP 400 with a JSON error (the model checks its input; see serving_model.py).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from spark_tuning.errors import InputError, JobFailed
+
+log = logging.getLogger("spark_tuning.serving")
+
+
+def default_state_dir() -> str:
+    return os.environ.get("SPARK_TUNING_STATE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "spark-tuning", "servers")
+
+
+@dataclass
+class Server:
+    pid: int  # also the process group id: the server leads its own group
+    host: str
+    port: int
+    model_uri: str
+    log_path: str
+    state_path: str
+    started: float
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def invocations_url(self) -> str:
+        return self.url + "/invocations"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def ping(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/ping", timeout=timeout) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start(model_uri: str, host: str = "127.0.0.1", port: int = 0, tracking_uri: Optional[str] = None,
+          state_dir: Optional[str] = None, timeout: float = 180.0, workers: int = 1) -> Server:
+    """Start the scoring server and return once it answers /ping. Raises JobFailed (with the end of its log)
+    when it exits or does not answer within `timeout` seconds."""
+    if model_uri.startswith("models:/") and not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise InputError(f"--model-uri {model_uri} names a registered model, but no tracking URI is set: pass "
+                         "--tracking-uri (e.g. sqlite:///outputs/mlflow.db) or set MLFLOW_TRACKING_URI")
+    if not model_uri.startswith(("models:/", "runs:/")) and "://" not in model_uri and not os.path.isdir(model_uri):
+        raise InputError(f"--model-uri {model_uri!r} is neither models:/..., runs:/... nor an existing folder")
+    port = port or free_port(host)
+    state_dir = state_dir or default_state_dir()
+    os.makedirs(state_dir, exist_ok=True)
+    log_path = os.path.join(state_dir, f"server-{port}.log")
+    env = dict(os.environ)
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # MLflow runs `uvicorn` by name: it must be this interpreter's, also when the venv is not activated.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "-h", host, "-p", str(port), "-w", str(workers)]
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+    server = Server(proc.pid, host, port, model_uri, log_path, os.path.join(state_dir, f"server-{port}.json"),
+                    time.time())
+    _write_state(server)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            _forget(server)
+            raise JobFailed(f"the model server for {model_uri} exited with code {proc.returncode}:\n"
+                            f"{_tail(log_path)}")
+        if ping(server.url):
+            log.info("serving %s at %s (pid %d, log %s)", model_uri, server.url, server.pid, log_path)
+            return server
+        time.sleep(0.5)
+    stop(server)
+    raise JobFailed(f"the model server for {model_uri} did not answer {server.url}/ping within {timeout:.0f}s:\n"
+                    f"{_tail(log_path)}")
+
+
+def stop(server: Server, grace: float = 10.0) -> bool:
+    """End the server's process group (SIGTERM, then SIGKILL after `grace` s) and remove its state file.
+    Returns False when it was not running any more."""
+    was_running = _alive(server.pid)
+    if was_running:
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(server.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and _group_alive(server.pid):
+                _reap(server.pid)
+                time.sleep(0.1)
+            if not _group_alive(server.pid):
+                break
+    _reap(server.pid)
+    _forget(server)
+    return was_running
+
+
+def running(state_dir: Optional[str] = None) -> list[Server]:
+    """Servers recorded in `state_dir` (stale records of dead servers are included: stop() clears them)."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(state_dir or default_state_dir(), "server-*.json"))):
+        try:
+            with open(path) as f:
+                out.append(Server(**json.load(f)))
+        except (OSError, ValueError, TypeError):
+            continue
+    return out
+
+
+def stop_recorded(state_dir: Optional[str] = None, port: Optional[int] = None) -> list[tuple[Server, bool]]:
+    """`serve --stop`: stop every recorded server (or the one on `port`)."""
+    servers = [s for s in running(state_dir) if port in (None, s.port)]
+    return [(s, stop(s)) for s in servers]
+
+
+def serve_forever(server: Server) -> None:
+    """Block until Ctrl-C (or SIGTERM), or until the server dies; then stop it."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while _alive(server.pid):
+            _reap(server.pid)
+            time.sleep(0.5)
+        raise JobFailed(f"the model server exited on its own:\n{_tail(server.log_path)}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(server)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def post_json(url: str, payload, timeout: float = 120.0) -> tuple[int, object]:
+    """POST JSON; returns (status, parsed body or raw text). HTTP errors are returned, not raised."""
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, text = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text.decode(errors="replace")
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def _write_state(server: Server) -> None:
+    tmp = server.state_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(asdict(server), f, indent=2)
+    os.replace(tmp, server.state_path)
+
+
+def _forget(server: Server) -> None:
+    try:
+        os.remove(server.state_path)
+    except FileNotFoundError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # Only zombies left (children of ours not yet reaped) count as gone.
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _tail(path: str, lines: int = 30) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,185 @@
+"""Check a served model against the run's offline numbers, and measure it.
+
+`verify(url, data)` sends held-out rows through the endpoint in batches (in order, one request at a time,
+so latencies are per request without queueing), recomputes accuracy, precision, recall and F1 from the
+answers, and compares them with the run's offline predictions row by row: the same inputs must give the
+same label; probabilities must agree to `atol` (batches of different make-up can move the last float bits).
+It also reports latency percentiles per request and rows per second.
+
+Held-out data: a run's output folder (its eval_predictions.parquet and metrics.json), that Parquet file
+itself, or any Parquet / JSON Lines / CSV file with a text column and (optionally) a label column.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from spark_tuning.errors import InputError, JobFailed
+
+PREDICTIONS = "eval_predictions.parquet"
+
+
+@dataclass
+class HeldOut:
+    rows: pd.DataFrame  # text, and where known: label (id), prediction (id), probabilities
+    names: Optional[list[str]]  # class names by id, when known
+    offline_metrics: Optional[dict]  # the run's metrics.json
+
+
+@dataclass
+class Report:
+    rows: int
+    agreement: Optional[float]  # share of rows whose served label equals the offline one
+    max_probability_diff: Optional[float]
+    metrics: dict  # accuracy, precision, recall, f1 of the served answers (when labels are known)
+    offline: dict  # the same, from the run
+    differences: list[dict] = field(default_factory=list)  # row by row
+    latency_ms: dict = field(default_factory=dict)  # p50, p95, p99, mean, max (per request)
+    rows_per_second: float = 0.0
+    requests: int = 0
+    batch_size: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences and all(
+            abs(self.metrics[k] - self.offline[k]) < 1e-12 for k in self.offline if k in self.metrics)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("rows", "agreement", "max_probability_diff", "metrics", "offline",
+                                              "differences", "latency_ms", "rows_per_second", "requests",
+                                              "batch_size", "seconds")} | {"ok": self.ok}
+
+
+def load_held_out(data: str, text_column: str = "text", label_column: str = "label") -> HeldOut:
+    """Read held-out rows from a run folder, its eval_predictions.parquet, or a data file."""
+    folder = data if os.path.isdir(data) and os.path.isfile(os.path.join(data, PREDICTIONS)) else None
+    path = os.path.join(folder, PREDICTIONS) if folder else data
+    if not os.path.exists(path):
+        raise InputError(f"--data {data!r} does not exist: give a run's output folder or a Parquet/JSONL/CSV file")
+    folder = folder or os.path.dirname(os.path.abspath(path))
+    lower = path.lower()
+    if lower.endswith((".jsonl", ".json")):
+        rows = pd.read_json(path, lines=lower.endswith(".jsonl"))
+    elif lower.endswith(".csv"):
+        rows = pd.read_csv(path)
+    else:
+        rows = pd.read_parquet(path)
+    if text_column not in rows.columns:
+        raise InputError(f"{path} has no {text_column!r} column (columns: {list(rows.columns)}): "
+                         "pass --text-column")
+    rows = rows.rename(columns={text_column: "text"})
+    if label_column != "label" and label_column in rows.columns:
+        rows = rows.rename(columns={label_column: "label"})
+    names, metrics = None, None
+    label_map = os.path.join(folder, "label_map.json")
+    if os.path.isfile(label_map):
+        with open(label_map) as f:
+            names = [v for _, v in sorted((int(k), v) for k, v in json.load(f)["id2label"].items())]
+    metrics_path = os.path.join(folder, "metrics.json")
+    if os.path.isfile(metrics_path) and "prediction" in rows.columns:
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+    if "label" in rows.columns and rows["label"].dtype == object and names:
+        index = {n: i for i, n in enumerate(names)}
+        rows["label"] = rows["label"].map(index)
+    return HeldOut(rows.reset_index(drop=True), names, metrics)
+
+
+def percentiles(seconds: list[float]) -> dict:
+    ms = np.asarray(seconds) * 1000
+    if len(ms) == 0:
+        return {}
+    return {"p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
+            "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean()), "max": float(ms.max())}
+
+
+def score_endpoint(url: str, texts: list[str], batch_size: int, timeout: float = 300.0) -> tuple[pd.DataFrame, list[float]]:
+    """Send `texts` in batches; returns the served predictions (in order) and each request's latency."""
+    from spark_tuning.serving import post_json
+
+    url = url.rstrip("/")
+    url = url if url.endswith("/invocations") else url + "/invocations"
+    parts, latencies = [], []
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start:start + batch_size]
+        t = time.perf_counter()
+        status, body = post_json(url, {"dataframe_records": [{"text": x} for x in batch]}, timeout)
+        latencies.append(time.perf_counter() - t)
+        if status != 200:
+            raise JobFailed(f"the endpoint {url} answered HTTP {status} for rows {start}-{start + len(batch) - 1}: "
+                            f"{str(body)[:500]}")
+        parts.append(pd.DataFrame(body["predictions"]))
+    return pd.concat(parts, ignore_index=True), latencies
+
+
+def verify(url: str, data: str, batch_size: int = 32, atol: float = 1e-5, text_column: str = "text",
+           label_column: str = "label", warmup: bool = True) -> Report:
+    from spark_tuning.evaluate import classification_metrics
+    from spark_tuning.serving import ping
+
+    if not ping(url.rstrip("/").removesuffix("/invocations")):
+        raise InputError(f"--endpoint {url} does not answer /ping: start it with `spark-tuning serve`")
+    held = load_held_out(data, text_column, label_column)
+    texts = held.rows["text"].tolist()
+    if warmup:  # the first request pays for lazy initialisation; keep it out of the percentiles
+        score_endpoint(url, texts[:1], 1)
+    t = time.perf_counter()
+    served, latencies = score_endpoint(url, texts, batch_size)
+    seconds = time.perf_counter() - t
+    if len(served) != len(texts):
+        raise JobFailed(f"the endpoint returned {len(served)} predictions for {len(texts)} rows")
+
+    metrics, offline, diffs = {}, {}, []
+    agreement = max_diff = None
+    if "label" in held.rows.columns and held.rows["label"].notna().all():
+        names = held.names or [str(i) for i in range(len(served["probabilities"].iloc[0]))]
+        m = classification_metrics(served["label_id"].to_numpy(), held.rows["label"].astype(int).to_numpy(), names)
+        metrics = {k: m[k] for k in ("accuracy", "precision", "recall", "f1")}
+    if held.offline_metrics:
+        offline = {k: held.offline_metrics[k] for k in ("accuracy", "precision", "recall", "f1")}
+    if "prediction" in held.rows.columns:
+        same = served["label_id"].to_numpy() == held.rows["prediction"].to_numpy()
+        agreement = float(same.mean())
+        served_p = np.stack(served["probabilities"].to_numpy())
+        offline_p = np.stack(held.rows["probabilities"].to_numpy()) if "probabilities" in held.rows.columns else None
+        diff = np.abs(served_p - offline_p).max(axis=1) if offline_p is not None else np.zeros(len(served))
+        max_diff = float(diff.max()) if len(diff) else 0.0
+        for i in np.flatnonzero(~same | (diff > atol)):
+            diffs.append({"row": int(i), "row_id": int(held.rows["row_id"].iloc[i]) if "row_id" in held.rows else int(i),
+                          "text": texts[i][:80], "offline_label": int(held.rows["prediction"].iloc[i]),
+                          "served_label": int(served["label_id"].iloc[i]), "probability_diff": float(diff[i])})
+    return Report(rows=len(texts), agreement=agreement, max_probability_diff=max_diff, metrics=metrics,
+                  offline=offline, differences=diffs, latency_ms=percentiles(latencies),
+                  rows_per_second=len(texts) / seconds if seconds else 0.0, requests=len(latencies),
+                  batch_size=batch_size, seconds=seconds)
+
+
+def render(report: Report) -> str:
+    lines = [f"rows {report.rows} in {report.requests} requests of up to {report.batch_size}: "
+             f"{report.rows_per_second:.1f} rows/s"]
+    if report.latency_ms:
+        lat = report.latency_ms
+        lines.append(f"latency per request: p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms")
+    if report.agreement is not None:
+        lines.append(f"agreement with the run's offline predictions: {100 * report.agreement:.2f}% "
+                     f"(largest probability difference {report.max_probability_diff:.2e})")
+    for k in ("accuracy", "precision", "recall", "f1"):
+        if k in report.metrics:
+            off = f"   offline {report.offline[k]:.4f}" if k in report.offline else ""
+            lines.append(f"  {k:<9} served {report.metrics[k]:.4f}{off}")
+    for d in report.differences[:50]:
+        lines.append(f"  DIFFERS row_id {d['row_id']}: offline {d['offline_label']} served {d['served_label']} "
+                     f"(|dp| {d['probability_diff']:.2e}) {d['text']!r}")
+    if len(report.differences) > 50:
+        lines.append(f"  ... and {len(report.differences) - 50} more")
+    lines.append("VERIFIED: served predictions match the run" if report.ok else
+                 "MISMATCH: the served model does not reproduce the run's predictions")
+    return "\n".join(lines)

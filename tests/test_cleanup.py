@@ -1,0 +1,84 @@
+"""cleanup: staging data, caches, interrupted outputs, checkpoints and dead servers' files go; the model stays."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def _file(path, size):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"x" * size)
+
+
+def _layout(root):
+    out = root / "model"
+    keep = ["model/config.json", "model/model.safetensors", "model/tokenizer.json", "model/metrics.json",
+            "mlflow.db", "mlartifacts/1/a/artifacts/model/MLmodel"]
+    gone = {
+        ".staging/.run.data-1234abcd": 3000,  # staged Parquet of a run
+        ".staging/petastorm-cache": 2000,
+        ".petastorm_cache": 500,
+        ".model.partial-deadbeef": 700,  # an interrupted run's half-written output
+        "model/checkpoints/checkpoint-10": 1000,
+        "model/checkpoints/checkpoint-200": 1000,
+    }
+    for rel in keep:
+        _file(str(root / rel), 100)
+    for rel, size in gone.items():
+        _file(str(root / rel / "part-0"), size)
+    return out, keep, gone
+
+
+def _servers(state):
+    os.makedirs(state)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for port, pid in ((1111, dead.pid), (2222, os.getpid())):  # a finished process, and a live one (this one)
+        (state / f"server-{port}.json").write_text(json.dumps({"pid": pid, "port": port}))
+        (state / f"server-{port}.log").write_text("log\n" * 10)
+
+
+def test_dry_run_lists_and_removes_nothing(tmp_path):
+    from spark_tuning.cli import main
+
+    out, keep, gone = _layout(tmp_path / "out")
+    _servers(tmp_path / "servers")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert main(["cleanup", "--output-dir", str(out), "--dry-run", "--state-dir", str(tmp_path / "servers")]) == 0
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_cleanup_removes_leftovers_and_keeps_the_model(tmp_path, capsys):
+    from spark_tuning import cleanup
+
+    root = tmp_path / "out"
+    out, keep, gone = _layout(root)
+    _servers(tmp_path / "servers")
+    items = cleanup.find(str(out), keep_last_checkpoint=True, state_dir=str(tmp_path / "servers"))
+    kinds = {os.path.relpath(i.path, tmp_path): i.kind for i in items}
+    assert kinds == {
+        "out/.staging/.run.data-1234abcd": "staging", "out/.staging/petastorm-cache": "petastorm",
+        "out/.petastorm_cache": "petastorm", "out/.model.partial-deadbeef": "partial",
+        "out/model/checkpoints/checkpoint-10": "checkpoint",
+        "servers/server-1111.json": "server", "servers/server-1111.log": "server",
+    }
+    freed = cleanup.remove(items)
+    assert freed == sum(i.bytes for i in items) >= 3000 + 2000 + 500 + 700 + 1000
+    for rel in keep:
+        assert (root / rel).exists(), rel
+    assert (out / "checkpoints" / "checkpoint-200").exists()  # the last checkpoint, kept on request
+    assert (tmp_path / "servers" / "server-2222.json").exists() and (tmp_path / "servers" / "server-2222.log").exists()
+    assert cleanup.find(str(out), keep_last_checkpoint=True, state_dir=str(tmp_path / "servers")) == []
+    # Without keep_last_checkpoint the last one goes too.
+    [last] = cleanup.find(str(out), state_dir=str(tmp_path / "servers"))
+    assert last.path.endswith("checkpoint-200")
+
+
+def test_cleanup_of_a_missing_folder_is_bad_input(tmp_path):
+    from spark_tuning.cli import main
+
+    assert main(["cleanup", "--output-dir", str(tmp_path / "nope" / "model")]) == 2

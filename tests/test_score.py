@@ -1,0 +1,51 @@
+"""Batch scoring in Spark (local[2]) with the logged model: a pandas UDF, the model loaded once per process."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+
+def test_score_adds_columns_matching_the_run(packaged_run, spark, tmp_path):
+    from spark_tuning import score
+
+    cfg, summary = packaged_run
+    rows = pd.read_parquet(os.path.join(summary.output_dir, "eval_predictions.parquet"))
+    df = spark.createDataFrame(rows[["row_id", "text", "label"]]).repartition(2)
+    location = score.localize(spark, summary.deploy["model_uri"], summary.tracking_uri, str(tmp_path / "m"))
+    out = score.score(df, location)
+    assert out.columns == ["row_id", "text", "label", "prediction", "probability", "probabilities"]
+    got = out.toPandas().set_index("row_id").loc[rows["row_id"]]
+    assert list(got["prediction"]) == [["negative", "positive"][i] for i in rows["prediction"]]
+    np.testing.assert_allclose(got["probability"], rows["probability"], atol=1e-5)
+    np.testing.assert_allclose(np.stack(got["probabilities"]), np.stack(rows["probabilities"]), atol=1e-5)
+
+
+def test_score_refuses_bad_columns(packaged_run, spark, tmp_path):
+    from spark_tuning import score
+    from spark_tuning.errors import InputError
+
+    df = spark.createDataFrame(pd.DataFrame({"review": ["fine"], "prediction": ["x"]}))
+    with pytest.raises(InputError, match="no 'text' column"):
+        score.score(df, "sparkfiles:unused")
+    with pytest.raises(InputError, match="already has column"):
+        score.score(df.withColumnRenamed("review", "text"), "sparkfiles:unused")
+
+
+def test_score_cli_reads_and_writes_parquet(packaged_run, spark, tmp_path):
+    """The command end to end (same SparkSession: getOrCreate reuses the test one)."""
+    from spark_tuning.cli import main
+
+    cfg, summary = packaged_run
+    src = tmp_path / "in.parquet"
+    pd.DataFrame({"text": ["a wonderful, gripping film", "dull and tedious", "the plot was fine"]}).to_parquet(src)
+    out = tmp_path / "scored"
+    args = ["score", "--model-uri", "models:/tiny-reviews@candidate", "--tracking-uri", summary.tracking_uri,
+            "--input", str(src), "--output", str(out)]
+    assert main(args) == 0
+    scored = pd.read_parquet(out)
+    assert len(scored) == 3 and set(scored["prediction"]) <= {"negative", "positive"}
+    assert main(args) == 2  # the output exists: not overwritten without --overwrite
