@@ -61,6 +61,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A busy port is bad input: the new server could not bind, and /ping might be answered by whatever
+    already listens there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise InputError(f"--port {port}: {host}:{port} is already in use: stop what listens there, choose "
+                             "another --port, or pass --port 0 for a free one") from None
+
+
 def ping(url: str, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/ping", timeout=timeout) as r:
@@ -78,6 +89,8 @@ def start(model_uri: str, host: str = "127.0.0.1", port: int = 0, tracking_uri: 
                          "--tracking-uri (e.g. sqlite:///outputs/mlflow.db) or set MLFLOW_TRACKING_URI")
     if not model_uri.startswith(("models:/", "runs:/")) and "://" not in model_uri and not os.path.isdir(model_uri):
         raise InputError(f"--model-uri {model_uri!r} is neither models:/..., runs:/... nor an existing folder")
+    if port:
+        check_port_free(host, port)
     port = port or free_port(host)
     state_dir = state_dir or default_state_dir()
     os.makedirs(state_dir, exist_ok=True)

@@ -207,3 +207,19 @@ def test_huge_texts_are_clipped_not_refused(spark, tmp_path, minilm_dir, caplog)
     both = prepared.train.unionByName(prepared.eval)
     out = tokenize(both, ModelSource(minilm_dir, True), ModelConfig(source=minilm_dir), max_length=128)
     assert max(r.length for r in out.select("length").collect()) == 128
+
+
+def test_serving_port_already_in_use(tmp_path, capsys, tiny_bert_dir):
+    """The catalogue's serving row: a busy port is refused before any server starts, with exit code 2."""
+    import socket
+
+    from spark_tuning import cli
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        code = cli.main(["serve", "--model-uri", tiny_bert_dir, "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"--port {port}: 127.0.0.1:{port} is already in use" in err
