@@ -18,7 +18,9 @@ import yaml
 
 from spark_tuning.errors import InputError
 
-TASKS = ("classification",)
+TASKS = ("classification", "causal_lm", "sft")
+CHAT_TEMPLATE_MODES = ("auto", "require", "none")
+SFT_FORMATS = ("auto", "messages", "prompt_response", "classification")
 FORMATS = ("auto", "parquet", "csv", "json", "table", "delta", "hf_disk", "hf_hub")
 PRECISIONS = ("auto", "fp32", "bf16")
 LOADERS = ("parquet", "petastorm")
@@ -47,6 +49,17 @@ class DataConfig:
     train_limit: Optional[int] = None  # seeded random sample of this many training rows
     eval_limit: Optional[int] = None
     max_length: int = 256  # truncation only: batches are padded to their own longest row
+    # --- causal_lm and sft (see lm_data.py) ---
+    block_size: int = 256  # causal_lm: texts joined with EOS and cut into blocks of this many tokens
+    # sft: "messages" (a chat column), "prompt_response" (two text columns), "classification" (text +
+    # label cast as prompt = review, response = label name); "auto" picks by the columns present.
+    sft_format: str = "auto"
+    messages_column: str = "messages"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    # sft from classification data: the user's turn; {text} is replaced by the row's text.
+    sft_prompt: str = "Is the sentiment of this movie review positive or negative? Answer with one word.\n\n{text}"
+    chat_template: str = "auto"  # auto: the tokenizer's chat template where it has one; require; none
 
 
 @dataclass
@@ -76,6 +89,22 @@ class TrainConfig:
     eval_batch_size: int = 64
     log_every_steps: int = 10
     max_steps: Optional[int] = None  # stop early after this many optimizer steps (smoke tests)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # causal_lm / sft: evaluate once before training too, so the run reports before/after loss.
+    eval_before_training: bool = True
+    sample_prompts: list[str] = field(default_factory=list)  # generated at each evaluation (MLflow table)
+    sample_max_new_tokens: int = 32
+
+
+@dataclass
+class LoraSettings:
+    """LoRA through peft. Off: full fine-tuning."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: Optional[list[str]] = None  # None: a default per architecture (lora.DEFAULT_TARGETS)
 
 
 @dataclass
@@ -121,6 +150,7 @@ class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -321,8 +351,34 @@ def _check_values(cfg: Config) -> list[str]:
         p.append(f"data.label_names = {cfg.data.label_names!r} must name at least two distinct classes")
     if cfg.model.attention_dropout is not None and not 0 <= cfg.model.attention_dropout < 1:
         p.append(f"model.attention_dropout = {cfg.model.attention_dropout} must be in [0, 1)")
-    if cfg.data.text_column == cfg.data.label_column:
+    p.extend(_check_lm_values(cfg))
+    if cfg.task == "classification" and cfg.data.text_column == cfg.data.label_column:
         p.append(f"data.text_column and data.label_column are both {cfg.data.text_column!r}: they must differ")
+    return p
+
+
+def _check_lm_values(cfg: Config) -> list[str]:
+    """Settings of the causal_lm / sft tasks and of LoRA."""
+    p: list[str] = []
+    d, lo = cfg.data, cfg.lora
+    if d.sft_format not in SFT_FORMATS:
+        p.append(f"data.sft_format = {d.sft_format!r} is not one of {', '.join(SFT_FORMATS)}")
+    if d.chat_template not in CHAT_TEMPLATE_MODES:
+        p.append(f"data.chat_template = {d.chat_template!r} is not one of {', '.join(CHAT_TEMPLATE_MODES)}")
+    if d.block_size < 2:
+        p.append(f"data.block_size = {d.block_size} must be at least 2")
+    if "{text}" not in d.sft_prompt:
+        p.append(f"data.sft_prompt = {d.sft_prompt!r} must contain {{text}}, where the row's text goes")
+    if cfg.train.sample_max_new_tokens < 1:
+        p.append(f"train.sample_max_new_tokens = {cfg.train.sample_max_new_tokens} must be at least 1")
+    if lo.r < 1:
+        p.append(f"lora.r = {lo.r} must be at least 1")
+    if lo.alpha < 1:
+        p.append(f"lora.alpha = {lo.alpha} must be at least 1")
+    if not 0 <= lo.dropout < 1:
+        p.append(f"lora.dropout = {lo.dropout} must be in [0, 1)")
+    if lo.target_modules is not None and not lo.target_modules:
+        p.append("lora.target_modules is an empty list: name modules, or remove it for the default")
     return p
 
 

@@ -95,7 +95,8 @@ def train_fn(payload: dict[str, Any]) -> dict[str, Any]:
     from spark_tuning.config import config_from_dict
     from spark_tuning.evaluate import classification_metrics
     from spark_tuning.loader import DataRef, batches_per_epoch, iterate, plan_eval_batches, plan_train_batches, read_shard
-    from spark_tuning.model import ModelSource, build_classifier, count_parameters, load_tokenizer
+    from spark_tuning import lm_train, lora
+    from spark_tuning.model import ModelSource, count_parameters, load_tokenizer
     from spark_tuning.tracking import RankZeroLogger, RunRef
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -114,7 +115,9 @@ def train_fn(payload: dict[str, Any]) -> dict[str, Any]:
         src = ModelSource(**payload["model_source"])
         tokenizer = load_tokenizer(src, cfg.model)
         id2label = {int(k): v for k, v in payload["id2label"].items()}
-        model = build_classifier(src, cfg.model, id2label, tokenizer.pad_token_id).to(ctx.device)
+        # The model for the task (classification head or causal LM), with LoRA / checkpointing if set.
+        model = lm_train.build_model(cfg, src, tokenizer, id2label).to(ctx.device)
+        lm = payload.get("lm") or {}
         total_params, trainable = count_parameters(model)
         ddp_model = distributed.wrap(model, ctx)
 
@@ -142,6 +145,10 @@ def train_fn(payload: dict[str, Any]) -> dict[str, Any]:
         window = {"loss": 0.0, "micro": 0, "tokens": 0, "padded": 0, "t0": time.perf_counter()}
         totals = {"tokens": 0, "padded": 0, "seconds": 0.0}
         eval_out: dict = {}
+        if cfg.task != "classification" and tc.eval_before_training:
+            # causal_lm / sft: the untrained model's loss, so that the run reports before and after.
+            rec, eval_out = lm_train.evaluate(model, eval_shard, cfg, lm, tokenizer, ctx, precision, 0, 0, tracker)
+            epochs.append(rec)
         for epoch in range(tc.epochs):
             if step >= total_steps:
                 break
@@ -188,6 +195,11 @@ def train_fn(payload: dict[str, Any]) -> dict[str, Any]:
                     break
             train_seconds = time.perf_counter() - t_epoch
 
+            if cfg.task != "classification":
+                rec, eval_out = lm_train.evaluate(model, eval_shard, cfg, lm, tokenizer, ctx, precision,
+                                                  epoch + 1, step, tracker)
+                epochs.append({**rec, "epoch_train_seconds": train_seconds})
+                continue
             # Evaluate: every rank predicts its share; rank 0 puts them together.
             local = predict(model, eval_shard, plan_eval_batches(eval_shard, tc.eval_batch_size),
                             tokenizer.pad_token_id, ctx.device, precision)
@@ -210,9 +222,9 @@ def train_fn(payload: dict[str, Any]) -> dict[str, Any]:
                         "labels": labels[order].tolist(), "probs": probs[order].round(6).tolist()}
 
         if ctx.is_rank_zero:
-            # Weights in fp32 safetensors, with the tokenizer and the label names in config.json.
-            model.save_pretrained(payload["model_dir"], safe_serialization=True)
-            tokenizer.save_pretrained(payload["model_dir"])
+            # Weights in fp32 safetensors, with the tokenizer and the label names in config.json. LoRA:
+            # the adapter alone in adapter/, and the merged model beside it.
+            lora.save(model, tokenizer, payload["model_dir"])
         result = {
             "history": history,
             "epochs": epochs,
@@ -226,6 +238,7 @@ def train_fn(payload: dict[str, Any]) -> dict[str, Any]:
             "tokens_per_second": totals["tokens"] / max(1e-9, totals["seconds"]),
             "padding_share": 1 - totals["tokens"] / max(1, totals["padded"]),
             "train_seconds": totals["seconds"],
+            "peak_rss_mb": max(distributed.gather(lm_train.peak_rss_mb(), ctx)),
         }
         return distributed.broadcast(result if ctx.is_rank_zero else None, ctx)
     finally:
