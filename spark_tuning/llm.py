@@ -27,7 +27,7 @@ def dequantize_gguf(src: ModelSource, cfg: ModelConfig, cache_root: str) -> Mode
         return src
     name = os.path.splitext(src.gguf_file)[0]
     stamp = os.path.getsize(os.path.join(src.location, src.gguf_file)) if src.is_local else 0
-    folder = os.path.join(cache_root, f"{name}-{stamp}")
+    folder = os.path.abspath(os.path.join(cache_root, f"{name}-{stamp}"))
     if os.path.isfile(os.path.join(folder, "model.safetensors")):
         log.info("using the dequantised copy of %s in %s", src.gguf_file, folder)
         return ModelSource(location=folder, is_local=True)
