@@ -160,14 +160,15 @@ def metrics(result: dict) -> dict:
 
 
 def write_outputs(folder: str, cfg: Config, m: dict, result: dict) -> None:
-    from spark_tuning import evaluate, lora
+    from spark_tuning import evaluate
 
     epochs = [{k: v for k, v in e.items() if k != "samples"} for e in result["epochs"]]
     samples = [{"epoch": e["epoch"], **s} for e in result["epochs"] for s in e.get("samples", [])]
     adapter = os.path.join(folder, "adapter")
     if os.path.isdir(adapter):
-        m["adapter_bytes"] = lora.folder_size(os.path.join(adapter, "adapter_model.safetensors"))
-        m["model_bytes"] = lora.folder_size(os.path.join(folder, "model.safetensors"))
+        m["adapter_bytes"] = os.path.getsize(os.path.join(adapter, "adapter_model.safetensors"))
+        m["model_bytes"] = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+                               if f.endswith(".safetensors"))
         m["adapter_share_of_model"] = m["adapter_bytes"] / max(1, m["model_bytes"])
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         json.dump({**m, "epochs": epochs, "samples": samples}, f, indent=2)

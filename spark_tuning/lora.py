@@ -110,6 +110,3 @@ def save(model, tokenizer, folder: str, adapter_subdir: str = "adapter") -> Opti
     tokenizer.save_pretrained(folder)
     return adapter_dir
 
-
-def folder_size(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
