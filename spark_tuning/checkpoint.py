@@ -35,7 +35,11 @@ def save(root: str, step: int, model, optimizer, scheduler, rng_states: list, st
     final = os.path.join(root, f"{PREFIX}{step:08d}")
     tmp = os.path.join(root, f".tmp-{PREFIX}{step:08d}-{uuid.uuid4().hex[:6]}")
     os.makedirs(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    # The whole module's weights (base and any LoRA adapter) as safetensors: save_pretrained of a peft
+    # model would keep only the adapter, and resuming needs everything the optimizer state refers to.
+    from safetensors.torch import save_model
+
+    save_model(model, os.path.join(tmp, "model.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states},
                os.path.join(tmp, TRAINING_STATE))
     with open(os.path.join(tmp, STATE), "w") as f:
@@ -98,4 +102,4 @@ def load_training_state(path: str) -> dict[str, Any]:
 def load_weights(path: str, model) -> None:
     from safetensors.torch import load_model
 
-    load_model(model, os.path.join(path, "model.safetensors"), strict=False)
+    load_model(model, os.path.join(path, "model.safetensors"))

@@ -23,6 +23,33 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_openai(args: argparse.Namespace) -> int:
+    from spark_tuning import openai_export
+    from spark_tuning.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    report = openai_export.export(cfg, args.out, overwrite=args.overwrite)
+    print(openai_export.render_report(report))
+    return 0
+
+
+def _lm_rows(m: dict) -> list[tuple[str, str]]:
+    """causal_lm / sft: before -> after figures of the response (or all) tokens."""
+    rows = [("eval loss (before -> after)", f"{m['eval_loss_before']:.4f} -> {m['eval_loss']:.4f}"),
+            ("perplexity (before -> after)", f"{m['eval_perplexity_before']:.2f} -> {m['eval_perplexity']:.2f}")]
+    for key in ("accuracy", "precision", "recall", "f1"):
+        if key in m:
+            rows.append((f"label {key} (before -> after)", f"{m[key + '_before']:.4f} -> {m[key]:.4f}"))
+    rows.append(("trainable parameters", f"{m['trainable_parameters']:,} of {m['parameters']:,} "
+                                         f"({m['trainable_percent']:.2f}%)"))
+    if m.get("adapter_bytes"):
+        rows.append(("adapter size", f"{m['adapter_bytes'] / 2**20:.1f} MiB "
+                                     f"({100 * m['adapter_share_of_model']:.2f}% of the merged model)"))
+    if m.get("peak_rss_mb"):
+        rows.append(("peak memory (RSS, one process)", f"{m['peak_rss_mb']:.0f} MiB"))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------
 # Deploy and verify: promote, serve, verify, score, cleanup, export-serving-config
 
@@ -177,9 +204,9 @@ def _add_deploy_commands(sub) -> None:
 
 
 def render_summary(s) -> str:
-    from spark_tuning.tracking import ui_command
-
     m = s.metrics
+    if m.get("task_metrics") == "lm":
+        return _table(_lm_rows(m) + _common_rows(s) + _deploy_rows(s))
     rows = [
         ("accuracy", f"{m['accuracy']:.4f}"),
         (f"precision ({m['average']})", f"{m['precision']:.4f}"),
@@ -187,6 +214,28 @@ def render_summary(s) -> str:
         (f"f1 ({m['average']})", f"{m['f1']:.4f}"),
         ("eval loss", f"{m['eval_loss']:.4f}"),
         ("validation rows", str(m["num_examples"])),
+    ]
+    return _table(rows + _common_rows(s) + _deploy_rows(s))
+
+
+def _deploy_rows(s) -> list[tuple[str, str]]:
+    rows = []
+    d = getattr(s, "deploy", None) or {}
+    if d.get("serving_uri"):
+        rows.append(("MLflow model", d["serving_uri"]))
+    if d.get("verify"):
+        v = d["verify"]
+        rows.append(("served model check", f"{100 * (v['agreement'] or 0):.1f}% agreement, p50 "
+                     f"{v['latency_ms'].get('p50', 0):.0f} ms, {v['rows_per_second']:.0f} rows/s"
+                     + ("" if v["ok"] else " MISMATCH")))
+    return rows
+
+
+def _common_rows(s) -> list[tuple[str, str]]:
+    from spark_tuning.tracking import ui_command
+
+    m = s.metrics
+    return [
         ("training steps", str(m["train_steps"])),
         ("train tokens/s", f"{m['train_tokens_per_second']:.0f} ({m['train_precision']}, {s.result['world_size']} processes)"),
         ("padding share", f"{100 * m['train_padding_share']:.1f}%"),
@@ -196,14 +245,9 @@ def render_summary(s) -> str:
         ("MLflow run id", s.run_id),
         ("MLflow UI", ui_command(s.tracking_uri)),
     ]
-    d = getattr(s, "deploy", None) or {}
-    if d.get("serving_uri"):
-        rows.append(("MLflow model", d["serving_uri"]))
-    if d.get("verify"):
-        v = d["verify"]
-        rows.append(("served model check", f"{100 * (v['agreement'] or 0):.1f}% agreement, p50 "
-                     f"{v['latency_ms'].get('p50', 0):.0f} ms, {v['rows_per_second']:.0f} rows/s"
-                     + ("" if v["ok"] else " MISMATCH")))
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     line = "+" + "-" * (width + 2) + "+" + "-" * (max(len(v) for _, v in rows) + 2) + "+"
     body = [f"| {k.ljust(width)} | {v.ljust(len(line) - width - 7)} |" for k, v in rows]
@@ -222,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue the interrupted run in output_dir from its newest complete checkpoint "
                          "(done automatically when the config is the same)")
     ft.set_defaults(func=_finetune)
+    ex = sub.add_parser("export-openai", help="write the prepared SFT data as chat JSONL for Azure OpenAI fine-tuning")
+    ex.add_argument("--config", help="YAML config of an sft (or classification) job")
+    ex.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    ex.add_argument("--out", required=True, help="folder for train.jsonl, validation.jsonl, token_counts.json")
+    ex.add_argument("--overwrite", action="store_true", help="replace a folder that already holds files")
+    ex.set_defaults(func=_export_openai)
     _add_deploy_commands(sub)
     return parser
 

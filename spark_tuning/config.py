@@ -19,7 +19,9 @@ import yaml
 from spark_tuning.errors import InputError
 from spark_tuning.secrets import config_problems as secret_problems
 
-TASKS = ("classification",)
+TASKS = ("classification", "causal_lm", "sft")
+CHAT_TEMPLATE_MODES = ("auto", "require", "none")
+SFT_FORMATS = ("auto", "messages", "prompt_response", "classification")
 FORMATS = ("auto", "parquet", "csv", "json", "table", "delta", "hf_disk", "hf_hub")
 PRECISIONS = ("auto", "fp32", "bf16")
 LOADERS = ("parquet", "petastorm")
@@ -49,6 +51,17 @@ class DataConfig:
     eval_limit: Optional[int] = None
     max_length: int = 256  # truncation only: batches are padded to their own longest row
     encoding: str = "utf-8"  # of CSV and JSON files
+    # --- causal_lm and sft (see lm_data.py) ---
+    block_size: int = 256  # causal_lm: texts joined with EOS and cut into blocks of this many tokens
+    # sft: "messages" (a chat column), "prompt_response" (two text columns), "classification" (text +
+    # label cast as prompt = review, response = label name); "auto" picks by the columns present.
+    sft_format: str = "auto"
+    messages_column: str = "messages"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    # sft from classification data: the user's turn; {text} is replaced by the row's text.
+    sft_prompt: str = "Is the sentiment of this movie review positive or negative? Answer with one word.\n\n{text}"
+    chat_template: str = "auto"  # auto: the tokenizer's chat template where it has one; require; none
 
 
 @dataclass
@@ -82,6 +95,22 @@ class TrainConfig:
     eval_batch_size: int = 64
     log_every_steps: int = 10
     max_steps: Optional[int] = None  # stop early after this many optimizer steps (smoke tests)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # causal_lm / sft: evaluate once before training too, so the run reports before/after loss.
+    eval_before_training: bool = True
+    sample_prompts: list[str] = field(default_factory=list)  # generated at each evaluation (MLflow table)
+    sample_max_new_tokens: int = 32
+
+
+@dataclass
+class LoraSettings:
+    """LoRA through peft. Off: full fine-tuning."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: Optional[list[str]] = None  # None: a default per architecture (lora.DEFAULT_TARGETS)
 
 
 @dataclass
@@ -153,6 +182,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -364,7 +394,8 @@ def _check_values(cfg: Config) -> list[str]:
     positive("deploy.max_text_chars", cfg.deploy.max_text_chars)
     if cfg.deploy.verify and not cfg.tracking.log_model:
         p.append("deploy.verify = true needs the logged MLflow model: set tracking.log_model: true")
-    if cfg.data.text_column == cfg.data.label_column:
+    p.extend(_check_lm_values(cfg))
+    if cfg.task == "classification" and cfg.data.text_column == cfg.data.label_column:
         p.append(f"data.text_column and data.label_column are both {cfg.data.text_column!r}: they must differ")
     return p
 
@@ -385,6 +416,37 @@ def training_differences(old: dict[str, Any], new: dict[str, Any], prefix: str =
         elif a != b and not any(name == n or name.startswith(n) for n in RESUME_NEUTRAL if n.endswith(".") or n == name):
             out.append(f"{name}: {a!r} -> {b!r}")
     return out
+
+
+def _check_lm_values(cfg: Config) -> list[str]:
+    """Settings of the causal_lm / sft tasks and of LoRA."""
+    p: list[str] = []
+    d, lo = cfg.data, cfg.lora
+    if d.sft_format not in SFT_FORMATS:
+        p.append(f"data.sft_format = {d.sft_format!r} is not one of {', '.join(SFT_FORMATS)}")
+    if d.chat_template not in CHAT_TEMPLATE_MODES:
+        p.append(f"data.chat_template = {d.chat_template!r} is not one of {', '.join(CHAT_TEMPLATE_MODES)}")
+    if d.block_size < 2:
+        p.append(f"data.block_size = {d.block_size} must be at least 2")
+    if "{text}" not in d.sft_prompt:
+        p.append(f"data.sft_prompt = {d.sft_prompt!r} must contain {{text}}, where the row's text goes")
+    if cfg.train.sample_max_new_tokens < 1:
+        p.append(f"train.sample_max_new_tokens = {cfg.train.sample_max_new_tokens} must be at least 1")
+    if cfg.task != "classification" and cfg.loader.kind == "petastorm":
+        p.append(f"loader.kind = 'petastorm' supports task: classification only (task = {cfg.task!r}): "
+                 "use loader.kind: parquet")
+    if cfg.task != "classification" and cfg.deploy.verify:
+        p.append(f"deploy.verify = true: serving and verifying a {cfg.task} model is not built yet "
+                 "(classification only): set deploy.verify: false")
+    if lo.r < 1:
+        p.append(f"lora.r = {lo.r} must be at least 1")
+    if lo.alpha < 1:
+        p.append(f"lora.alpha = {lo.alpha} must be at least 1")
+    if not 0 <= lo.dropout < 1:
+        p.append(f"lora.dropout = {lo.dropout} must be in [0, 1)")
+    if lo.target_modules is not None and not lo.target_modules:
+        p.append("lora.target_modules is an empty list: name modules, or remove it for the default")
+    return p
 
 
 def to_yaml(cfg: Config) -> str:

@@ -143,7 +143,7 @@ def preflight(cfg: Config, overwrite: bool, resume: bool = False):
 
 
 def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) -> Summary:
-    from spark_tuning import checkpoint, dataset, evaluate, tracking
+    from spark_tuning import checkpoint, dataset, evaluate, lm_job, tracking
     from spark_tuning.launch import check_cluster, check_resources, run_distributed
     from spark_tuning.loader import stage_as
     from spark_tuning.spark import get_spark
@@ -157,6 +157,9 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
     if cfg.model.trust_remote_code:
         log.warning("model.trust_remote_code is ON: the model's own Python code will run")
     src, plan = preflight(cfg, overwrite, resume)
+    lm_info: dict = {}
+    if lm_job.needed(cfg, src):  # LM tasks, LoRA, GGUF models: more checks before Spark starts
+        src, lm_info = lm_job.preflight(cfg, src, os.path.join(output_root(cfg.output_dir), ".models"))
 
     spark = spark or get_spark(cfg.spark)
     check_resources(cfg.distributed, spark)
@@ -174,19 +177,27 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
     try:
         # 1. Data in Spark: read, check, clean, split, sample, tokenize, stage as Parquet.
         t = time.perf_counter()
-        prepared = dataset.prepare(spark, cfg.data, cfg.seed)
-        n_files = 2 * cfg.distributed.num_processes
-        kind, max_len = cfg.loader.kind, cfg.data.max_length
-        train_ref = stage_as(kind, tokenize(prepared.train, src, cfg.model, max_len).drop("text"),
-                             os.path.join(staging, "train"), n_files, max_len)
-        eval_ref = stage_as(kind, tokenize(prepared.eval, src, cfg.model, max_len),
-                            os.path.join(staging, "eval"), n_files, max_len)
-        stats = _length_stats(spark, train_ref.path, cfg.data.max_length)
+        lm_payload, id2label = None, {}
+        if cfg.task == "classification":
+            prepared = dataset.prepare(spark, cfg.data, cfg.seed)
+            n_files = 2 * cfg.distributed.num_processes
+            kind, max_len = cfg.loader.kind, cfg.data.max_length
+            train_ref = stage_as(kind, tokenize(prepared.train, src, cfg.model, max_len).drop("text"),
+                                 os.path.join(staging, "train"), n_files, max_len)
+            eval_ref = stage_as(kind, tokenize(prepared.eval, src, cfg.model, max_len),
+                                os.path.join(staging, "eval"), n_files, max_len)
+            stats = _length_stats(spark, train_ref.path, cfg.data.max_length)
+            figures = derived_figures(cfg, train_ref.num_rows, stats["mean_length"])
+            figures.update(eval_rows=eval_ref.num_rows, truncated_share=stats["truncated_share"],
+                           classes=list(prepared.labels.names), **lm_info)
+            id2label = prepared.labels.id2label
+        else:  # causal_lm / sft: chats rendered and masked, or texts packed (lm_data.py)
+            staged = lm_job.stage(spark, cfg, src, lm_info, staging)
+            prepared, train_ref, eval_ref = staged.prepared, staged.train_ref, staged.eval_ref
+            figures = {**derived_figures(cfg, train_ref.num_rows), **staged.figures}
+            lm_payload, id2label = staged.payload, staged.id2label
         timings["data"] = time.perf_counter() - t
-        figures = derived_figures(cfg, train_ref.num_rows, stats["mean_length"])
-        figures.update(eval_rows=eval_ref.num_rows, truncated_share=stats["truncated_share"],
-                       classes=list(prepared.labels.names),
-                       precision=resolve_precision(cfg.train.precision, "cuda" if cfg.distributed.use_gpu else "cpu"))
+        figures["precision"] = resolve_precision(cfg.train.precision, "cuda" if cfg.distributed.use_gpu else "cpu")
         log.info("data ready in %.1fs: %s", timings["data"], json.dumps(figures))
 
         # 2. Tracking: the driver owns the run; rank 0 logs into it by id.
@@ -204,7 +215,8 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
         payload = {
             "config": cfg.to_dict(),
             "model_source": {"location": src.location, "is_local": src.is_local, "gguf_file": src.gguf_file},
-            "id2label": {str(k): v for k, v in prepared.labels.id2label.items()},
+            "id2label": {str(k): v for k, v in id2label.items()},
+            "lm": lm_payload,
             "train_ref": vars(train_ref),
             "eval_ref": vars(eval_ref),
             "run": vars(run_ref),
@@ -219,14 +231,18 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
 
         # 4. Evaluate and write everything beside the model, then move the folder into place.
         t = time.perf_counter()
-        names = list(prepared.labels.names)
-        ev = result["eval"]
-        metrics = evaluate.classification_metrics(ev["preds"], ev["labels"], names)
-        metrics.update(eval_loss=result["epochs"][-1]["eval_loss"], train_steps=result["steps"],
-                       train_tokens_per_second=result["tokens_per_second"],
-                       train_padding_share=result["padding_share"], train_precision=result["precision"],
-                       train_data_wait_share=result["data_wait_share"])
-        _write_outputs(partial, cfg, metrics, result, names, eval_ref.path)
+        if cfg.task == "classification":
+            names = list(prepared.labels.names)
+            ev = result["eval"]
+            metrics = evaluate.classification_metrics(ev["preds"], ev["labels"], names)
+            metrics.update(eval_loss=result["epochs"][-1]["eval_loss"], train_steps=result["steps"],
+                           train_tokens_per_second=result["tokens_per_second"],
+                           train_padding_share=result["padding_share"], train_precision=result["precision"],
+                           train_data_wait_share=result["data_wait_share"])
+            _write_outputs(partial, cfg, metrics, result, names, eval_ref.path)
+        else:
+            metrics = lm_job.metrics(result)
+            lm_job.write_outputs(partial, cfg, metrics, result)
         timings["evaluation"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -237,10 +253,12 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
                 tracking.log_artifact(run_ref, os.path.join(partial, name))
         # --- deploy (issue 6): MLflow pyfunc model + registry; optionally serve and verify it --------
         record = None
-        if cfg.tracking.log_model:
+        if cfg.tracking.log_model and cfg.task == "classification":
             from spark_tuning import deploy
 
             record = deploy.package(cfg, run_ref, partial, result["precision"])
+        elif cfg.tracking.log_model:  # causal_lm / sft: no generation flavour for serving yet
+            tracking.log_artifacts(run_ref, partial, "model")
         if cfg.checkpoint.keep_after_success and checkpoint.latest(checkpoint.checkpoint_dir(out_dir)):
             last = checkpoint.latest(checkpoint.checkpoint_dir(out_dir))
             os.makedirs(checkpoint.checkpoint_dir(partial))

@@ -18,6 +18,9 @@ from typing import Iterator, Optional
 import numpy as np
 
 TRAIN_COLUMNS = ["row_id", "input_ids", "length", "label"]
+# causal_lm / sft rows also carry per-token labels (-100 where no loss is taken), with the same offsets.
+TOKEN_LABELS = "labels"
+IGNORE_INDEX = -100
 SORTISH_CHUNK = 50  # batches per sorting window
 
 
@@ -79,6 +82,7 @@ class Shard:
     offsets: np.ndarray  # row i is values[offsets[i]:offsets[i+1]]
     values: np.ndarray
     rows_per_rank: list[int]
+    token_labels: Optional[np.ndarray] = None  # causal_lm / sft: flat, row i is [offsets[i]:offsets[i+1]]
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -93,6 +97,8 @@ def read_shard(ref: DataRef, rank: int, world_size: int, columns: Optional[list[
     import pyarrow.parquet as pq
 
     groups = _row_groups(ref.path)
+    if columns is None and groups:
+        columns = _columns_present(groups[0][0])
     rows_per_rank = [sum(n for _, _, n in groups[r::world_size]) for r in range(world_size)]
     tables = []
     for f, g, _ in groups[rank::world_size]:
@@ -109,12 +115,33 @@ def read_shard(ref: DataRef, rank: int, world_size: int, columns: Optional[list[
     offsets = offsets - offsets[0]
     return Shard(
         row_ids=table.column("row_id").to_numpy(),
-        labels=table.column("label").to_numpy().astype(np.int64),
+        labels=(table.column("label").to_numpy().astype(np.int64) if "label" in table.column_names
+                else np.full(table.num_rows, -1, dtype=np.int64)),
         lengths=table.column("length").to_numpy().astype(np.int64),
         offsets=offsets,
         values=values,
         rows_per_rank=rows_per_rank,
+        token_labels=_flat_token_labels(table, offsets),
     )
+
+
+def _columns_present(path: str) -> list[str]:
+    """TRAIN_COLUMNS plus per-token labels where the staged rows have them (causal_lm, sft)."""
+    import pyarrow.parquet as pq
+
+    names = pq.ParquetFile(path).schema_arrow.names
+    return [c for c in TRAIN_COLUMNS + [TOKEN_LABELS] if c in names]
+
+
+def _flat_token_labels(table, offsets: np.ndarray) -> Optional[np.ndarray]:
+    if TOKEN_LABELS not in table.column_names:
+        return None
+    col = table.column(TOKEN_LABELS).chunk(0)
+    own = col.offsets.to_numpy().astype(np.int64)
+    flat = col.values.to_numpy(zero_copy_only=False)[own[0]:own[-1]]
+    if len(flat) != offsets[-1]:
+        raise ValueError("staged labels and input_ids differ in length")
+    return flat.astype(np.int64)
 
 
 def batches_per_epoch(shard: Shard, batch_size: int) -> int:
@@ -149,7 +176,10 @@ def plan_eval_batches(shard: Shard, batch_size: int) -> list[np.ndarray]:
 
 
 def collate(shard: Shard, index: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
-    """Pad one batch to its own longest row (right padding), with an attention mask."""
+    """Pad one batch to its own longest row (right padding), with an attention mask. LM rows get their
+    per-token labels, padded with -100 (never derived from pad ids: SmolLM2 pads with its EOS)."""
+    if shard.token_labels is not None:
+        return _collate_lm(shard, index, pad_id)
     lengths = shard.lengths[index]
     width = int(lengths.max())
     input_ids = np.full((len(index), width), pad_id, dtype=np.int64)
@@ -159,6 +189,20 @@ def collate(shard: Shard, index: np.ndarray, pad_id: int) -> dict[str, np.ndarra
         input_ids[row, :n] = shard.ids(i)
         mask[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": shard.labels[index]}
+
+
+def _collate_lm(shard: Shard, index: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+    lengths = shard.lengths[index]
+    width = int(lengths.max())
+    input_ids = np.full((len(index), width), pad_id, dtype=np.int64)
+    labels = np.full((len(index), width), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(index), width), dtype=np.int64)
+    for row, i in enumerate(index):
+        n, start = lengths[row], shard.offsets[i]
+        input_ids[row, :n] = shard.values[start:start + n]
+        labels[row, :n] = shard.token_labels[start:start + n]
+        mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 def iterate(shard: Shard, plan: list[np.ndarray], pad_id: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:

@@ -136,3 +136,10 @@ class RankZeroLogger:
     def metrics(self, values: dict[str, float], step: int) -> None:
         if self.ref is not None:
             log_metrics(self.ref, values, step)
+
+    def table(self, columns: dict[str, list], artifact_file: str) -> None:
+        """A small table (e.g. generated samples) as an MLflow table artifact, shown in the run's UI."""
+        if self.ref is not None:
+            from mlflow import MlflowClient
+
+            MlflowClient(self.ref.tracking_uri).log_table(self.ref.run_id, columns, artifact_file)

