@@ -151,7 +151,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
     from spark_tuning import checkpoint, distributed
     from spark_tuning.config import config_from_dict
     from spark_tuning.evaluate import classification_metrics
-    from spark_tuning import lm_train
+    from spark_tuning import lm_train, lora
     from spark_tuning.loader import batches_per_epoch, iterate, plan_eval_batches, plan_train_batches, read_shard_as
     from spark_tuning.model import ModelSource, count_parameters, load_tokenizer
     from spark_tuning.tracking import RankZeroLogger, RunRef
