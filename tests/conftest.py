@@ -26,7 +26,7 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def spark():
+def spark(tmp_path_factory):
     from spark_tuning.config import SparkConfig
     from spark_tuning.spark import get_spark
 
@@ -35,6 +35,8 @@ def spark():
         "spark.sql.shuffle.partitions": "2",
         "spark.default.parallelism": "2",
         "spark.driver.memory": "2g",
+        # Tables of earlier runs must not collide with this run's (the default is ./spark-warehouse).
+        "spark.sql.warehouse.dir": str(tmp_path_factory.mktemp("warehouse")),
     }))
     session.sparkContext.setLogLevel("ERROR")
     yield session
