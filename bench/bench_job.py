@@ -38,7 +38,7 @@ def main() -> None:
     try:
         runs = [("quickstart", 2, quick), ("scale", 1, scaling), ("scale", 2, scaling)]
         if not args.quick:
-            runs += [("scale", 2, scaling), ("scale", 1, scaling)]
+            runs += [("scale", 1, scaling)]  # 1, 2, 1: each alternative on both sides of the other
         for i, (what, procs, sets) in enumerate(runs):
             cfg = config(tmp, f"run{i}", **{"distributed.num_processes": procs, **sets})
             with C.measured({"what": what, "processes": procs}) as rec:

@@ -108,8 +108,8 @@ def main() -> None:
     import torch
 
     max_length = 512
-    plan = {"all-MiniLM-L6-v2": (3, 8)} if args.quick else {"all-MiniLM-L6-v2": (8, 16),
-                                                             "GPT-2 size (124M body, random)": (2, 8)}
+    plan = {"all-MiniLM-L6-v2": (3, 8)} if args.quick else {"all-MiniLM-L6-v2": (6, 16),
+                                                             "GPT-2 size (124M body, random)": (2, 4)}
     n_rows, n_eval = (400, 16) if args.quick else (1200, 64)
     tmp = tempfile.mkdtemp(prefix="bench-train-")
     df, ids, tok = _shard.tokenized(n_rows + n_eval, max_length)
