@@ -143,7 +143,7 @@ def preflight(cfg: Config, overwrite: bool, resume: bool = False):
 
 
 def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) -> Summary:
-    from spark_tuning import checkpoint, dataset, evaluate, lm_job, tracking
+    from spark_tuning import checkpoint, dataset, evaluate, lm_job, tracking, watchdog
     from spark_tuning.launch import check_cluster, check_resources, run_distributed
     from spark_tuning.loader import stage_as
     from spark_tuning.spark import get_spark
@@ -202,6 +202,7 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
 
         # 2. Tracking: the driver owns the run; rank 0 logs into it by id.
         run_ref = tracking.start_run(cfg)
+        watchdog.start(run_ref.tracking_uri, run_ref.run_id)  # marks the run FAILED if this process is killed
         tracking.log_params(run_ref, {**cfg.to_dict(), "derived": figures})
         if plan.earlier_run:
             tracking.close_stale_run(plan.earlier_run)  # a killed driver could not mark it FAILED

@@ -118,7 +118,9 @@ def test_killed_worker_fails_fast_and_resume_matches(spark, tmp_path, data, tiny
     print(f"\nkilled worker -> job failed after {failed_after:.1f}s")
     message = str(err.value)
     assert "training process rank 1 died without a word" in message, message
-    assert "rank 0: stopped by torchrun" in message and "last log lines of rank 1:" in message, message
+    # Rank 0 is either stopped by torchrun or notices the lost peer itself first (a race): rank 1 is blamed.
+    assert ("rank 0: stopped by torchrun" in message or "rank 0: failed" in message), message
+    assert "last log lines of rank 1:" in message, message
     assert failed_after < 60, failed_after
 
     assert_resumable(cfg.output_dir)
@@ -164,10 +166,14 @@ def test_killed_driver_leaves_a_resumable_run(spark, tmp_path, data, tiny_bert_d
     assert_resumable(cfg.output_dir)
     marker = json.load(open(os.path.join(cfg.output_dir, "run.json")))
     client = MlflowClient(marker["tracking_uri"])
-    assert client.get_run(marker["run_id"]).info.status == "RUNNING"  # nobody was left to say otherwise
+    deadline = time.time() + 60  # the watchdog notices the dead driver within seconds
+    while client.get_run(marker["run_id"]).info.status == "RUNNING" and time.time() < deadline:
+        time.sleep(0.5)
+    run = client.get_run(marker["run_id"])
+    assert run.info.status == "FAILED", run.info.status
+    assert "driver process died" in run.data.tags["spark_tuning.failure"]
 
     resumed = finetune.run(cfg, spark=spark)
-    assert client.get_run(marker["run_id"]).info.status == "FAILED"  # closed by the rerun
     assert "spark_tuning.resumed_from" in client.get_run(resumed.run_id).data.tags
     assert_same_model(resumed, reference)
 

@@ -1,0 +1,58 @@
+"""Marks an MLflow run FAILED when the driver that owns it dies without saying so (SIGKILL, OOM).
+
+The driver starts this as a detached process (its own session, so it outlives the driver): it polls every
+second; when the driver's process is gone and the run is still RUNNING, it marks the run FAILED. It exits
+as soon as the run has ended in any way, so a finished job leaves nothing behind.
+
+    python -m spark_tuning.watchdog DRIVER_PID TRACKING_URI RUN_ID
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+
+def start(tracking_uri: str, run_id: str) -> None:
+    subprocess.Popen([sys.executable, "-m", "spark_tuning.watchdog", str(os.getpid()), tracking_uri, run_id],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A dead child that was not reaped yet is a zombie: gone for our purpose.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def main(pid: int, tracking_uri: str, run_id: str, interval: float = 1.0) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    while True:
+        try:
+            status = client.get_run(run_id).info.status
+        except Exception:  # noqa: BLE001 - the store may be briefly locked; try again
+            status = "RUNNING"
+        if status != "RUNNING":
+            return
+        if not _alive(pid):
+            client.set_terminated(run_id, status="FAILED")
+            client.set_tag(run_id, "spark_tuning.failure", "the driver process died (killed) mid-run")
+            return
+        time.sleep(interval)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
