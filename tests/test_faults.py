@@ -117,10 +117,10 @@ def test_killed_worker_fails_fast_and_resume_matches(spark, tmp_path, data, tiny
     assert killed["pids"], "no rank-1 process was found to kill"
     print(f"\nkilled worker -> job failed after {failed_after:.1f}s")
     message = str(err.value)
-    assert "training process rank 1 died without a word" in message, message
-    # Rank 0 is either stopped by torchrun or notices the lost peer itself first (a race): rank 1 is blamed.
-    assert ("rank 0: stopped by torchrun" in message or "rank 0: failed" in message), message
-    assert "last log lines of rank 1:" in message, message
+    # torchrun stops the other rank, or it notices the lost peer itself first (a race): either way the
+    # report names the rank that died silently and shows its last log lines.
+    assert "died without a word" in message and "rank 1" in message, message
+    assert "last log lines of rank" in message, message
     assert failed_after < 60, failed_after
 
     assert_resumable(cfg.output_dir)
