@@ -51,7 +51,7 @@ def _step(path: str) -> int:
 def find(output_dir: str, keep_last_checkpoint: bool = False, state_dir: Optional[str] = None) -> list[Item]:
     """Everything `cleanup` would remove, without removing anything."""
     from spark_tuning.paths import local_path, output_root
-    from spark_tuning.serving import _alive, default_state_dir
+    from spark_tuning.serving import default_state_dir, process_alive
 
     out = local_path(output_dir)
     root = output_root(output_dir)
@@ -78,7 +78,7 @@ def find(output_dir: str, keep_last_checkpoint: bool = False, state_dir: Optiona
                 pid = int(json.load(f)["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             pid = -1
-        if pid <= 0 or not _alive(pid):
+        if pid <= 0 or not process_alive(pid):
             found.append((state, "server"))
     live_logs = {p[:-len(".json")] + ".log" for p in glob.glob(os.path.join(servers, "server-*.json"))
                  if (p, "server") not in found}

@@ -127,7 +127,7 @@ def start(model_uri: str, host: str = "127.0.0.1", port: int = 0, tracking_uri: 
 def stop(server: Server, grace: float = 10.0) -> bool:
     """End the server's process group (SIGTERM, then SIGKILL after `grace` s) and remove its state file.
     Returns False when it was not running any more."""
-    was_running = _alive(server.pid)
+    was_running = process_alive(server.pid)
     if was_running:
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
             try:
@@ -167,7 +167,7 @@ def serve_forever(server: Server) -> None:
     """Block until Ctrl-C (or SIGTERM), or until the server dies; then stop it."""
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        while _alive(server.pid):
+        while process_alive(server.pid):
             _reap(server.pid)
             time.sleep(0.5)
         raise JobFailed(f"the model server exited on its own:\n{_tail(server.log_path)}")
@@ -210,7 +210,8 @@ def _forget(server: Server) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -21,23 +21,10 @@ def start(tracking_uri: str, run_id: str) -> None:
                      start_new_session=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A dead child that was not reaped yet is a zombie: gone for our purpose.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def main(pid: int, tracking_uri: str, run_id: str, interval: float = 1.0) -> None:
     from mlflow import MlflowClient
+
+    from spark_tuning.serving import process_alive
 
     client = MlflowClient(tracking_uri)
     while True:
@@ -47,7 +34,7 @@ def main(pid: int, tracking_uri: str, run_id: str, interval: float = 1.0) -> Non
             status = "RUNNING"
         if status != "RUNNING":
             return
-        if not _alive(pid):
+        if not process_alive(pid):
             client.set_terminated(run_id, status="FAILED")
             client.set_tag(run_id, "spark_tuning.failure", "the driver process died (killed) mid-run")
             return
