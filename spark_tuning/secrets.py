@@ -58,8 +58,19 @@ def config_problems(values: dict[str, Any], prefix: str = "") -> list[str]:
     return problems
 
 
+def _environ_snapshot() -> dict[str, str]:
+    """A copy of the environment. Iterating os.environ while another thread (MLflow's telemetry does this)
+    sets or deletes a variable raises KeyError or RuntimeError; copying again is the way out."""
+    for _ in range(10):
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+    return dict(os.environ)
+
+
 def secret_values(environ: Optional[dict[str, str]] = None) -> list[str]:
-    env = os.environ if environ is None else environ
+    env = _environ_snapshot() if environ is None else environ
     found = {v for k, v in env.items() if SECRET_NAME.search(k) and len(v) >= 8}
     found |= {v for v in env.values() if len(v) >= 20 and looks_like_secret(v)}
     return sorted(found, key=len, reverse=True)

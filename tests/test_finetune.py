@@ -13,12 +13,10 @@ from conftest import tiny_job_config
 
 
 @pytest.fixture(scope="module")
-def finished(spark, tmp_path_factory, reviews_jsonl, tiny_bert_dir):
-    from spark_tuning import finetune
-
-    tmp = tmp_path_factory.mktemp("e2e")
-    cfg = tiny_job_config(tmp, reviews_jsonl, tiny_bert_dir)
-    return cfg, finetune.run(cfg, spark=spark)
+def finished(packaged_run):
+    # The session's packaged run is this job plus model logging and deploy.verify: sharing it saves a
+    # whole training job in the suite. What is checked here is the job itself.
+    return packaged_run
 
 
 def test_loss_falls_and_model_learns(finished):

@@ -66,3 +66,34 @@ def test_planted_secrets_appear_nowhere(tmp_path, reviews_jsonl, tiny_bert_dir):
                 data = open(os.path.join(folder, name), "rb").read()
                 assert secret.encode() not in data, os.path.join(folder, name)
     assert (out_root / "mlflow.db").exists() and (out_root / "model" / "config.yaml").exists()
+
+
+def test_secret_values_survive_another_thread_changing_the_environment(monkeypatch):
+    """MLflow's telemetry thread sets and deletes variables while the job scrubs its params: reading the
+    environment must not fail with KeyError (a real run died of it)."""
+    import threading
+    import time
+
+    from spark_tuning.secrets import secret_values
+
+    monkeypatch.setenv("MY_API_TOKEN", "tok-1234567890")
+    stop = threading.Event()
+
+    def churn():
+        i = 0
+        while not stop.is_set():
+            os.environ[f"_CHURN_{i % 50}"] = "x" * 30
+            os.environ.pop(f"_CHURN_{(i + 25) % 50}", None)
+            i += 1
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            assert "tok-1234567890" in secret_values()
+    finally:
+        stop.set()
+        thread.join()
+        for i in range(50):
+            os.environ.pop(f"_CHURN_{i}", None)
