@@ -95,7 +95,10 @@ def load_held_out(data: str, text_column: str = "text", label_column: str = "lab
     if os.path.isfile(metrics_path) and "prediction" in rows.columns:
         with open(metrics_path) as f:
             metrics = json.load(f)
-    if "label" in rows.columns and rows["label"].dtype == object and names:
+    if "label" in rows.columns and rows["label"].dtype == object:
+        if not names:
+            raise InputError(f"{path}: the labels are names, and there is no label_map.json beside it to turn them "
+                             "into the model's label ids: put the run's label_map.json there, or use label ids")
         index = {n: i for i, n in enumerate(names)}
         rows["label"] = rows["label"].map(index)
     return HeldOut(rows.reset_index(drop=True), names, metrics)

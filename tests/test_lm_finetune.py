@@ -1,6 +1,6 @@
 """LLM fine-tuning end to end through the real TorchDistributor (2 CPU processes, gloo): LoRA SFT of a
-tiny Llama on synthetic reviews cast as instruction data (its model logged and registered as an MLflow
-generation model), and causal-LM training of a tiny GPT-2."""
+tiny Llama on synthetic reviews cast as instruction data, and causal-LM training of a tiny GPT-2; both
+models logged as MLflow generation models and checked in a fresh process or behind a real server."""
 
 from __future__ import annotations
 
@@ -143,17 +143,53 @@ def test_logged_generation_model_answers_like_the_saved_model(sft_run):
         np.testing.assert_allclose(row["probabilities"], probs, atol=1e-5)
 
 
-def test_causal_lm_with_packing_trains_a_gpt2(spark, tmp_path, reviews_jsonl, tiny_gpt2_dir):
+@pytest.fixture(scope="module")
+def causal_run(spark, tmp_path_factory, reviews_jsonl, tiny_gpt2_dir):
     from spark_tuning import finetune
 
-    cfg = tiny_job_config(tmp_path, reviews_jsonl, tiny_gpt2_dir, **{
+    tmp = tmp_path_factory.mktemp("causal")
+    cfg = tiny_job_config(tmp, reviews_jsonl, tiny_gpt2_dir, **{
         "task": "causal_lm", "data.block_size": 32, "train.epochs": 2, "train.learning_rate": 3e-3,
-        "train.log_every_steps": 2, "train.batch_size": 4,
+        "train.log_every_steps": 2, "train.batch_size": 4, "train.sample_max_new_tokens": 6,
+        "tracking.log_model": "true", "deploy.register": "false",
     })
-    s = finetune.run(cfg, spark=spark)
+    return cfg, finetune.run(cfg, spark=spark)
+
+
+def test_causal_lm_with_packing_trains_a_gpt2(causal_run):
+    _, s = causal_run
     m = s.metrics
     assert m["eval_loss"] < m["eval_loss_before"] - 0.3, m
     assert m["train_padding_share"] == 0  # packed blocks: no padding at all
     assert m["trainable_parameters"] == m["parameters"]  # full fine-tuning
     assert os.path.isfile(os.path.join(s.output_dir, "model.safetensors"))
     assert not os.path.exists(os.path.join(s.output_dir, "adapter"))
+
+
+def test_served_causal_lm_generates_and_verify_and_score_refuse_it(causal_run, spark, tmp_path):
+    """The logged causal LM behind a real scoring server: generated text only, equal to the saved model's
+    greedy continuation; `verify` and `score` (which compare and write labels) refuse it with a clear error."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spark_tuning import lm_train, score, serving, verify
+    from spark_tuning.errors import InputError
+
+    cfg, s = causal_run
+    assert s.deploy["serving_uri"] == s.deploy["model_uri"] and s.deploy["version"] is None  # not registered
+    data = tmp_path / "held_out.jsonl"
+    data.write_text(json.dumps({"text": "the film was", "label": 0}) + "\n")
+    server = serving.start(s.deploy["model_uri"], tracking_uri=s.tracking_uri, state_dir=str(tmp_path / "state"))
+    try:
+        status, body = serving.post_json(server.invocations_url, {"inputs": ["the film was", "awful boring"]})
+        with pytest.raises(InputError, match="text-generation model"):
+            verify.verify(server.url, str(data))
+    finally:
+        serving.stop(server)
+    assert status == 200 and [sorted(p) for p in body["predictions"]] == [["generated_text"]] * 2
+    model = AutoModelForCausalLM.from_pretrained(s.output_dir).eval()
+    tok = AutoTokenizer.from_pretrained(s.output_dir)
+    ask = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sample_prompts=["the film was", "awful boring"]))
+    expected = lm_train.generate_samples(model, tok, ask, {}, "cpu")
+    assert [p["generated_text"] for p in body["predictions"]] == [e["generated"] for e in expected]
+    with pytest.raises(InputError, match="not label and probabilities"):
+        score.localize(spark, s.deploy["model_uri"], s.tracking_uri, str(tmp_path / "m"))
