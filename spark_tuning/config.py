@@ -155,7 +155,8 @@ class TrackingConfig:
 class DeployConfig:
     """After training: the MLflow model, the registry, and an optional check of the served model."""
 
-    # Logged as an MLflow pyfunc model (text in; label + probabilities out) when tracking.log_model is true.
+    # Logged as an MLflow pyfunc model when tracking.log_model is true (text in; label + probabilities out,
+    # or generated text out for causal_lm / sft, up to train.sample_max_new_tokens tokens).
     # None: the run name. Unity Catalog (registry_uri databricks-uc) needs catalog.schema.model.
     registered_model_name: Optional[str] = None
     register: bool = True  # register the logged model under registered_model_name
@@ -436,8 +437,9 @@ def _check_lm_values(cfg: Config) -> list[str]:
         p.append(f"loader.kind = 'petastorm' supports task: classification only (task = {cfg.task!r}): "
                  "use loader.kind: parquet")
     if cfg.task != "classification" and cfg.deploy.verify:
-        p.append(f"deploy.verify = true: serving and verifying a {cfg.task} model is not built yet "
-                 "(classification only): set deploy.verify: false")
+        p.append(f"deploy.verify = true checks a served model's labels and probabilities against the run's "
+                 f"offline predictions, which a {cfg.task} run does not make (its model is still logged and "
+                 "servable): set deploy.verify: false")
     if lo.r < 1:
         p.append(f"lora.r = {lo.r} must be at least 1")
     if lo.alpha < 1:

@@ -1,14 +1,15 @@
 """The job's deploy steps, called from finetune.run: package + register, and the optional served check.
 
-`package` logs the model folder as an MLflow pyfunc model into the run, registers it and sets the alias,
-and writes mlflow_model.json (where the model went) into the folder. `serve_and_verify` (deploy.verify)
-serves the registered model on 127.0.0.1, checks it against the run's offline predictions and metrics,
-logs the result into the run, and always stops the server.
+`package` logs the model folder as an MLflow pyfunc model into the run (any task), registers it, sets the
+alias, and writes mlflow_model.json (where the model went) into the folder. `serve_and_verify`
+(deploy.verify; classification only) serves the registered model on 127.0.0.1, checks it against the run's
+offline predictions and metrics, logs the result into the run, and always stops the server.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 from spark_tuning.config import Config
 from spark_tuning.packaging import ModelRecord
@@ -16,10 +17,10 @@ from spark_tuning.packaging import ModelRecord
 log = logging.getLogger("spark_tuning.deploy")
 
 
-def package(cfg: Config, run_ref, folder: str, precision: str) -> ModelRecord:
+def package(cfg: Config, run_ref, folder: str, precision: str, lm: Optional[dict] = None) -> ModelRecord:
     from spark_tuning import packaging
 
-    record = packaging.log_model(cfg, run_ref.run_id, run_ref.tracking_uri, folder, precision)
+    record = packaging.log_model(cfg, run_ref.run_id, run_ref.tracking_uri, folder, precision, lm)
     packaging.write_record(folder, record)
     return record
 

@@ -254,12 +254,12 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
                 tracking.log_artifact(run_ref, os.path.join(partial, name))
         # --- deploy (issue 6): MLflow pyfunc model + registry; optionally serve and verify it --------
         record = None
-        if cfg.tracking.log_model and cfg.task == "classification":
+        if cfg.tracking.log_model:
             from spark_tuning import deploy
 
-            record = deploy.package(cfg, run_ref, partial, result["precision"])
-        elif cfg.tracking.log_model:  # causal_lm / sft: no generation flavour for serving yet
-            tracking.log_artifacts(run_ref, partial, "model")
+            record = deploy.package(cfg, run_ref, partial, result["precision"], lm_payload)
+            if os.path.isdir(os.path.join(partial, "adapter")):  # LoRA: the small adapter, for reuse
+                tracking.log_artifacts(run_ref, os.path.join(partial, "adapter"), "adapter")
         if cfg.checkpoint.keep_after_success and checkpoint.latest(checkpoint.checkpoint_dir(out_dir)):
             last = checkpoint.latest(checkpoint.checkpoint_dir(out_dir))
             os.makedirs(checkpoint.checkpoint_dir(partial))

@@ -125,15 +125,20 @@ def evaluate(model, eval_shard, cfg, lm: dict, tokenizer, ctx, precision: str, e
 
 
 def sample_prompt_ids(tokenizer, prompt: str, cfg, lm: dict) -> list[int]:
-    from spark_tuning.lm_data import render
+    """A prompt's token ids as training shaped them, cut to leave room for sample_max_new_tokens (sft: as
+    lm_data.truncate_pair cuts a prompt; causal_lm: its end is kept). The served model
+    (serving_model.TextGenerator) does the same, so its answers match these samples."""
+    from spark_tuning.lm_data import render, truncate_pair
 
+    new = cfg.train.sample_max_new_tokens
     if cfg.task == "causal_lm":
-        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        length = cfg.data.block_size
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"][-(length - min(new, length - length // 2)):]
     if lm.get("sft_classification"):
         prompt = cfg.data.sft_prompt.replace("{text}", prompt)
     text, _ = render(tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": "-"}],
                      lm.get("chat_template", False))
-    return tokenizer(text, add_special_tokens=False)["input_ids"][-cfg.data.max_length:]
+    return truncate_pair(tokenizer(text, add_special_tokens=False)["input_ids"], [0] * new, cfg.data.max_length)[0]
 
 
 def generate_samples(model, tokenizer, cfg, lm: dict, device: str) -> list[dict]:

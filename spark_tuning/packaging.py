@@ -1,7 +1,10 @@
 """Package a finished run's model as an MLflow pyfunc model and register it.
 
-The logged model is `serving_model.py` (logged as code) plus the run's Hugging Face folder as its one
-artifact, with a signature, an input example and explicit pip requirements. It loads with
+The logged model is `serving_model.py` (logged as code) plus the run's Hugging Face folder (for LoRA runs
+the merged model; the adapter is logged beside it as a plain artifact) as its one artifact, with a
+signature, an input example and explicit pip requirements. Classification models answer label and
+probabilities; causal_lm / sft models answer generated text (and, for sft on classification data, the label
+as the run's evaluation scored it). It loads with
 `mlflow.pyfunc.load_model` anywhere torch and transformers are installed; spark_tuning is not needed.
 Registration puts it in the MLflow Model Registry (the local SQLite store here; the workspace or Unity
 Catalog registry on Databricks) and points an alias (e.g. `candidate`) at the new version.
@@ -22,9 +25,11 @@ from spark_tuning.errors import InputError
 
 log = logging.getLogger("spark_tuning.packaging")
 
-# What the served model needs from a run's output folder; metrics, plots and predictions stay out.
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "vocab.txt", "label_map.json", "generation_config.json")
+# What the served model needs from a run's output folder (weights: every *.safetensors file, so sharded
+# models come whole); metrics, plots, predictions and the LoRA adapter stay out.
+MODEL_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.txt", "vocab.json",
+               "merges.txt", "tokenizer.model", "label_map.json", "generation_config.json")
 RECORD = "mlflow_model.json"  # written into the output folder: where the logged model went
 INPUT_COLUMN = "text"
 
@@ -49,14 +54,20 @@ class ModelRecord:
         return self.model_uri
 
 
-def signature():
+def signature(generated_text: bool = False, labels: bool = True):
+    """Input: the text column, typed Any and optional on purpose: MLflow's scoring server converts values to
+    a `string` column's type before the model sees them ({"inputs": [5]} became the text "5", null became
+    "None") and answers a missing column with an error that repeats the request. The model checks every
+    row itself (serving_model.texts_from) and answers a short 400."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, Schema
 
-    inputs = Schema([ColSpec("string", INPUT_COLUMN)])
-    outputs = Schema([ColSpec("string", "label"), ColSpec("long", "label_id"), ColSpec("double", "probability"),
-                      ColSpec(Array("double"), "probabilities")])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    inputs = Schema([ColSpec(AnyType(), INPUT_COLUMN, required=False)])
+    outputs = [ColSpec("string", "generated_text")] if generated_text else []
+    if labels:
+        outputs += [ColSpec("string", "label"), ColSpec("long", "label_id"), ColSpec("double", "probability"),
+                    ColSpec(Array("double"), "probabilities")]
+    return ModelSignature(inputs=inputs, outputs=Schema(outputs))
 
 
 def pip_requirements() -> list[str]:
@@ -73,43 +84,60 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def model_config(cfg: Config, precision: str) -> dict:
-    return {
+def model_config(cfg: Config, precision: str, lm: Optional[dict] = None) -> dict:
+    """`lm`: the LM run's data-stage facts (finetune's payload["lm"]): chat template use, label names and
+    the label names' first tokens (sft on classification data)."""
+    out = {
         "task": cfg.task,
-        "max_length": cfg.data.max_length,
+        "max_length": cfg.data.block_size if cfg.task == "causal_lm" else cfg.data.max_length,
         "batch_size": cfg.train.eval_batch_size,
         "precision": precision,
         "max_chars": cfg.deploy.max_text_chars,
         "text_column": INPUT_COLUMN,
     }
+    if cfg.task != "classification":
+        lm = lm or {}
+        out["max_new_tokens"] = cfg.train.sample_max_new_tokens
+        if cfg.task == "sft":
+            out["chat_template"] = bool(lm.get("chat_template"))
+            if lm.get("sft_classification"):
+                out["prompt_template"] = cfg.data.sft_prompt
+            if lm.get("label_first_tokens"):
+                out.update(label_names=list(lm["label_names"]), label_first_tokens=list(lm["label_first_tokens"]))
+    return out
 
 
 def _model_folder(output_dir: str, into: str) -> str:
     """A folder with only the files the served model needs (hard links where possible: no 90 MB copy)."""
     os.makedirs(into)
-    for name in MODEL_FILES:
+    weights = sorted(n for n in os.listdir(output_dir) if n.endswith(".safetensors"))
+    for name in (*MODEL_FILES, *weights):
         src = os.path.join(output_dir, name)
         if os.path.isfile(src):
             try:
                 os.link(src, os.path.join(into, name))
             except OSError:
                 shutil.copy2(src, os.path.join(into, name))
-    for needed in ("config.json", "model.safetensors"):
-        if not os.path.isfile(os.path.join(into, needed)):
-            raise InputError(f"{output_dir} has no {needed}: it is not a finished spark-tuning model folder")
+    if not os.path.isfile(os.path.join(into, "config.json")) or not weights:
+        raise InputError(f"{output_dir} has no config.json or no *.safetensors weights: it is not a finished "
+                         "spark-tuning model folder")
     return into
 
 
-def _input_example(output_dir: str):
+def _input_example(output_dir: str, cfg: Config):
     import pandas as pd
 
     preds = os.path.join(output_dir, "eval_predictions.parquet")
     texts = pd.read_parquet(preds, columns=["text"])["text"].head(2).tolist() if os.path.isfile(preds) else []
+    if cfg.task != "classification":  # the prompts the run generated samples for
+        texts = list(cfg.train.sample_prompts[:2])
     return pd.DataFrame({INPUT_COLUMN: texts or ["a film worth seeing", "a dull, tedious film"]})
 
 
-def log_model(cfg: Config, run_id: str, tracking_uri: str, output_dir: str, precision: str) -> ModelRecord:
-    """Log `output_dir` (a run's model folder) into run `run_id` as a pyfunc model; register and alias it."""
+def log_model(cfg: Config, run_id: str, tracking_uri: str, output_dir: str, precision: str,
+              lm: Optional[dict] = None) -> ModelRecord:
+    """Log `output_dir` (a run's model folder) into run `run_id` as a pyfunc model; register and alias it.
+    `lm`: see model_config (LM tasks)."""
     import mlflow
     import mlflow.pyfunc
 
@@ -120,6 +148,7 @@ def log_model(cfg: Config, run_id: str, tracking_uri: str, output_dir: str, prec
     mlflow.set_tracking_uri(tracking_uri)
     if d.registry_uri:
         mlflow.set_registry_uri(d.registry_uri)
+    config = model_config(cfg, precision, lm)
     with tempfile.TemporaryDirectory(prefix="spark-tuning-package-") as tmp:
         folder = _model_folder(output_dir, os.path.join(tmp, "hf"))
         with mlflow.start_run(run_id=run_id):
@@ -127,9 +156,10 @@ def log_model(cfg: Config, run_id: str, tracking_uri: str, output_dir: str, prec
                 name="model",
                 python_model=serving_model.__file__,  # logged as code: no pickled classes
                 artifacts={"model": folder},
-                model_config=model_config(cfg, precision),
-                signature=signature(),
-                input_example=_input_example(output_dir),
+                model_config=config,
+                signature=signature(generated_text=cfg.task != "classification",
+                                    labels=cfg.task == "classification" or "label_names" in config),
+                input_example=_input_example(output_dir, cfg),
                 pip_requirements=pip_requirements(),
                 registered_model_name=name,
             )

@@ -65,8 +65,20 @@ def localize(spark: SparkSession, model_uri: str, tracking_uri: Optional[str] = 
         local = download_artifacts(artifact_uri=model_uri, dst_path=target)
     if not os.path.isfile(os.path.join(local, "MLmodel")):
         raise InputError(f"{model_uri} is not an MLflow model (no MLmodel file in {local})")
+    check_answers_labels(local, model_uri)
     spark.sparkContext.addFile(local, recursive=True)
     return "sparkfiles:" + os.path.basename(local.rstrip("/"))
+
+
+def check_answers_labels(local: str, model_uri: str) -> None:
+    """`score` writes label columns: refuse a text-generation model (its signature has no `label` output)."""
+    from mlflow.models import Model
+
+    outputs = Model.load(local).signature
+    names = outputs.outputs.input_names() if outputs is not None and outputs.outputs is not None else []
+    if names and "label" not in names:
+        raise InputError(f"{model_uri} answers {names}, not label and probabilities: score adds label columns, so it "
+                         "takes classification models (and sft models trained on classification data) only")
 
 
 def score(df: DataFrame, model_location: str, text_column: str = "text") -> DataFrame:

@@ -1,21 +1,31 @@
-"""The MLflow pyfunc model that spark-tuning logs: text in, label and probabilities out.
+"""The MLflow pyfunc model that spark-tuning logs: text in; label and probabilities out (classification),
+generated text out (causal LM / SFT).
 
 This file is logged *as code* with the model (MLflow "models from code"): MLflow copies it into the model
 and runs it on load, so it must stay self-contained. It imports only torch, transformers, numpy, pandas
 and mlflow, never spark_tuning, so the logged model loads wherever those are installed (a scoring
 server, a Spark executor, Databricks Model Serving, Azure ML) without this package.
 
-What the model does is set by its `model_config` (written by spark_tuning.packaging):
-  task          "classification" (built). A generation flavour (causal LM / SFT: text in, generated text
-                out) adds its own class below and one entry in TASKS; the loader picks by `task`.
-  max_length    tokens kept per text: the training run's data.max_length, so inputs are cut as in training
-  batch_size    rows per forward pass
-  precision     "fp32" or "bf16": the precision the run's own evaluation used
+What the model does is set by its `model_config` (written by spark_tuning.packaging; a key can be overridden
+at load time: mlflow.pyfunc.load_model(uri, model_config={"max_new_tokens": 64})):
+  task          "classification" -> TextClassifier; "causal_lm" or "sft" -> TextGenerator
+  max_length    tokens kept per text (classification, sft: data.max_length; causal_lm: data.block_size), so
+                inputs are cut as in training
+  batch_size    rows per forward pass (classification)
+  precision     "fp32" or "bf16": the precision the run's own evaluation used (classification)
   max_chars     longer texts are refused with a 400 instead of tying up the server
   text_column   the input column that holds the text
+  generation only: max_new_tokens, chat_template (sft: prompts rendered with the tokenizer's template),
+  prompt_template (sft on classification data: data.sft_prompt), label_names and label_first_tokens
 
-Predictions match the run's offline ones: the same tokenizer, truncation, right padding with an attention
-mask, only input_ids and attention_mask passed (as the training loader does), batches sorted by length.
+Classification predictions match the run's offline ones: the same tokenizer, truncation, right padding with
+an attention mask, only input_ids and attention_mask passed (as the training loader does), batches sorted
+by length. Generation is greedy, one prompt at a time (no padding, so an answer does not depend on what
+else is in the request), in fp32 like the run's own samples, with prompts rendered as training rendered them.
+
+Input checking: the signature declares the text column as `Any`, so MLflow hands requests to `predict`
+unconverted (with a `string` column its scoring server turns {"inputs": [5]} into the text "5" and null into
+"None"); `texts_from` below checks every row and answers a 400 that names the problem.
 """
 
 from __future__ import annotations
@@ -29,9 +39,26 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 
-def _bad_input(message: str) -> MlflowException:
-    # INVALID_PARAMETER_VALUE: MLflow's scoring server answers it with HTTP 400 and a JSON body.
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+class BadInput(MlflowException):
+    """A request the model cannot answer: HTTP 400 with a short JSON error (INVALID_PARAMETER_VALUE).
+
+    MLflow's scoring server rewrites the message of an error raised in predict to start with the whole
+    request ("Failed to predict data '<request>'. Error: ..."), which sends a 10 MB text straight back to
+    the client. This exception keeps its own message when that happens, and never grows past LIMIT."""
+
+    LIMIT = 1000
+
+    def __init__(self, message: str):
+        super().__init__(str(message)[:self.LIMIT], error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value) -> None:
+        own, value = getattr(self, "_message", None), str(value)
+        self._message = own if own is not None and own in value else value[:self.LIMIT]
 
 
 def texts_from(model_input, column: str, max_chars: int) -> list[str]:
@@ -41,9 +68,15 @@ def texts_from(model_input, column: str, max_chars: int) -> list[str]:
         values = [model_input]
     elif isinstance(model_input, pd.DataFrame):
         if column not in model_input.columns:
-            raise _bad_input(f"input has no {column!r} field (got {list(map(str, model_input.columns))}): "
-                             f"send e.g. {{\"dataframe_records\": [{{\"{column}\": \"a review\"}}]}}")
+            # MLflow keeps only the signature's columns: a request without the field, and one without rows,
+            # both arrive as an empty frame.
+            raise BadInput(f"the request holds no rows with a {column!r} field: send e.g. "
+                           f"{{\"inputs\": [\"a review\"]}} or {{\"dataframe_records\": [{{\"{column}\": \"a review\"}}]}}")
         values = model_input[column].tolist()
+        if len(values) == 1 and isinstance(values[0], (list, tuple, np.ndarray)):
+            # With an untyped column, MLflow reads {"inputs": ["a", "b"]} (a list of strings only) as one row
+            # holding the list; a list with anything else in it arrives as rows.
+            values = list(values[0])
     elif isinstance(model_input, pd.Series):
         values = model_input.tolist()
     elif isinstance(model_input, (list, tuple, np.ndarray)):
@@ -52,16 +85,16 @@ def texts_from(model_input, column: str, max_chars: int) -> list[str]:
         raw = model_input[column]
         values = list(raw) if isinstance(raw, (list, tuple, np.ndarray)) else [raw]
     else:
-        raise _bad_input(f"cannot read texts from a {type(model_input).__name__}: send a list of strings "
-                         f"or records with a {column!r} field")
+        raise BadInput(f"cannot read texts from a {type(model_input).__name__}: send a list of strings "
+                       f"or records with a {column!r} field")
     if not values:
-        raise _bad_input("the request holds no rows: send at least one text")
+        raise BadInput("the request holds no rows: send at least one text")
     for i, v in enumerate(values):
         if not isinstance(v, str):
-            raise _bad_input(f"row {i}: {column!r} must be a string, got {type(v).__name__} {str(v)[:40]!r}")
+            raise BadInput(f"row {i}: {column!r} must be a string, got {type(v).__name__} {str(v)[:40]!r}")
         if len(v) > max_chars:
-            raise _bad_input(f"row {i}: text of {len(v)} characters is longer than the limit of {max_chars}: "
-                             "shorten it (only the first max_length tokens are used anyway)")
+            raise BadInput(f"row {i}: text of {len(v)} characters is longer than the limit of {max_chars}: "
+                           "shorten it (only the first max_length tokens are used anyway)")
     return values
 
 
@@ -122,8 +155,92 @@ class TextClassifier:
         return out
 
 
-# A generation flavour (causal LM / SFT) adds its class here: same constructor, predict -> DataFrame.
-TASKS = {"classification": TextClassifier}
+class TextGenerator:
+    """Causal LM / SFT: a prompt in, its greedy continuation out (`generated_text`).
+
+    sft: the text is the user's message, rendered as training rendered prompts (the tokenizer's chat
+    template with its assistant header, or plain "user: ...\nassistant: " lines); on classification data it
+    is first put into the run's prompt (data.sft_prompt). Such a model also returns label, label_id,
+    probability and probabilities by the rule of the run's own evaluation: the label whose first response
+    token the model scores highest right after the prompt (probabilities: softmax over those tokens).
+    causal_lm: the text is continued as it is. Prompts are cut to leave room for max_new_tokens within
+    max_length, as lm_train.sample_prompt_ids cuts the run's own samples: causal_lm keeps the text's end; sft
+    keeps the prompt's first third and its end, as training cut its prompts (lm_data.truncate_pair)."""
+
+    def __init__(self, folder: str, cfg: dict):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.task = cfg["task"]
+        self.max_length = int(cfg.get("max_length", 512))
+        self.max_new_tokens = int(cfg.get("max_new_tokens", 32))
+        self.max_chars = int(cfg.get("max_chars", 100_000))
+        self.column = cfg.get("text_column", "text")
+        self.chat_template = bool(cfg.get("chat_template", False))
+        self.prompt_template = cfg.get("prompt_template")
+        self.label_names = list(cfg.get("label_names") or [])
+        self.label_tokens = [int(t) for t in cfg.get("label_first_tokens") or []]
+        if self.max_new_tokens < 1:
+            raise MlflowException(f"model_config max_new_tokens = {self.max_new_tokens} must be at least 1")
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.lock = threading.Lock()  # one generation at a time, as for the classifier
+
+    def prompt_ids(self, text: str) -> list[int]:
+        tok = self.tokenizer
+        # Room for max_new_tokens, as lm_data.truncate_pair leaves room for a response of that length.
+        budget = self.max_length - min(self.max_new_tokens, self.max_length - self.max_length // 2)
+        if self.task == "causal_lm":  # a continuation depends on the text's end
+            return tok(text, add_special_tokens=True)["input_ids"][-budget:]
+        if self.prompt_template:
+            text = self.prompt_template.replace("{text}", text)
+        if self.chat_template:
+            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+        else:
+            text = f"user: {text}\nassistant: "
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > budget:  # cut in the middle: the instruction and the assistant header survive
+            head = budget // 3
+            ids = ids[:head] + ids[len(ids) - (budget - head):]
+        return ids
+
+    def generate(self, ids: list[int]) -> tuple[str, np.ndarray | None]:
+        import torch
+
+        x = torch.tensor([ids], dtype=torch.long)
+        with self.lock, torch.inference_mode():
+            out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
+                                      max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
+                                      eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
+                                      return_dict_in_generate=True, output_logits=bool(self.label_tokens))
+        text = self.tokenizer.decode(out.sequences[0, len(ids):], skip_special_tokens=True)
+        if not self.label_tokens:
+            return text, None
+        first = out.logits[0][0, self.label_tokens].float()  # the step right after the prompt
+        return text, torch.softmax(first, dim=-1).numpy()
+
+    def predict(self, model_input) -> pd.DataFrame:
+        texts = texts_from(model_input, self.column, self.max_chars)
+        prompts = [self.prompt_ids(t) for t in texts]
+        for i, ids in enumerate(prompts):
+            if not ids:
+                raise BadInput(f"row {i}: the prompt has no tokens: send some text to continue")
+        answers = [self.generate(ids) for ids in prompts]
+        out = pd.DataFrame({"generated_text": [text for text, _ in answers]})
+        if self.label_tokens:
+            probs = np.stack([p for _, p in answers])
+            ids = probs.argmax(axis=1)
+            out["label"] = [self.label_names[int(i)] for i in ids]
+            out["label_id"] = ids.astype(np.int64)
+            out["probability"] = probs[np.arange(len(ids)), ids].astype(np.float64)
+            out["probabilities"] = [row.astype(np.float64).tolist() for row in probs]
+        return out
+
+
+TASKS = {"classification": TextClassifier, "causal_lm": TextGenerator, "sft": TextGenerator}
 
 
 class SparkTuningModel(mlflow.pyfunc.PythonModel):

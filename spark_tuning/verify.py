@@ -8,6 +8,11 @@ It also reports latency percentiles per request and rows per second.
 
 Held-out data: a run's output folder (its eval_predictions.parquet and metrics.json), that Parquet file
 itself, or any Parquet / JSON Lines / CSV file with a text column and (optionally) a label column.
+
+Only models that answer labels can be checked: an endpoint whose first answer has no label_id and
+probabilities (a causal_lm / sft model that generates text) is refused with a clear error. An sft model
+trained on classification data answers labels too, and can be checked against a labelled data file (LM
+runs write no offline predictions to compare with).
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ def load_held_out(data: str, text_column: str = "text", label_column: str = "lab
     path = os.path.join(folder, PREDICTIONS) if folder else data
     if not os.path.exists(path):
         raise InputError(f"--data {data!r} does not exist: give a run's output folder or a Parquet/JSONL/CSV file")
+    if os.path.isdir(path):
+        raise InputError(f"--data {data!r} is a folder without {PREDICTIONS} (only classification runs write it): "
+                         "give a classification run's output folder, or a Parquet/JSONL/CSV file with a text column")
     folder = folder or os.path.dirname(os.path.abspath(path))
     lower = path.lower()
     if lower.endswith((".jsonl", ".json")):
@@ -87,7 +95,10 @@ def load_held_out(data: str, text_column: str = "text", label_column: str = "lab
     if os.path.isfile(metrics_path) and "prediction" in rows.columns:
         with open(metrics_path) as f:
             metrics = json.load(f)
-    if "label" in rows.columns and rows["label"].dtype == object and names:
+    if "label" in rows.columns and rows["label"].dtype == object:
+        if not names:
+            raise InputError(f"{path}: the labels are names, and there is no label_map.json beside it to turn them "
+                             "into the model's label ids: put the run's label_map.json there, or use label ids")
         index = {n: i for i, n in enumerate(names)}
         rows["label"] = rows["label"].map(index)
     return HeldOut(rows.reset_index(drop=True), names, metrics)
@@ -121,7 +132,7 @@ def score_endpoint(url: str, texts: list[str], batch_size: int, timeout: float =
 
 
 def verify(url: str, data: str, batch_size: int = 32, atol: float = 1e-5, text_column: str = "text",
-           label_column: str = "label", warmup: bool = True) -> Report:
+           label_column: str = "label") -> Report:
     from spark_tuning.evaluate import classification_metrics
     from spark_tuning.serving import ping
 
@@ -129,8 +140,15 @@ def verify(url: str, data: str, batch_size: int = 32, atol: float = 1e-5, text_c
         raise InputError(f"--endpoint {url} does not answer /ping: start it with `spark-tuning serve`")
     held = load_held_out(data, text_column, label_column)
     texts = held.rows["text"].tolist()
-    if warmup:  # the first request pays for lazy initialisation; keep it out of the percentiles
-        score_endpoint(url, texts[:1], 1)
+    if not texts:
+        raise InputError(f"--data {data!r} holds no rows to send")
+    # One row first: it pays for lazy initialisation (kept out of the percentiles) and shows what is served.
+    probe, _ = score_endpoint(url, texts[:1], 1)
+    if not {"label_id", "probabilities"} <= set(probe.columns):
+        raise InputError(f"--endpoint {url} answers {sorted(map(str, probe.columns))}, not label_id and "
+                         "probabilities: it serves a text-generation model (causal_lm / sft), and verify compares "
+                         "classification labels and probabilities with the run's; try a generation model with "
+                         "a request of your own (README: Deploy and verify)")
     t = time.perf_counter()
     served, latencies = score_endpoint(url, texts, batch_size)
     seconds = time.perf_counter() - t

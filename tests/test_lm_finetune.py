@@ -1,10 +1,14 @@
 """LLM fine-tuning end to end through the real TorchDistributor (2 CPU processes, gloo): LoRA SFT of a
-tiny Llama on synthetic reviews cast as instruction data, and causal-LM training of a tiny GPT-2."""
+tiny Llama on synthetic reviews cast as instruction data, and causal-LM training of a tiny GPT-2; both
+models logged as MLflow generation models and checked in a fresh process or behind a real server."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -23,7 +27,7 @@ def sft_run(spark, tmp_path_factory, reviews_jsonl, tiny_llama_dir):
         "train.epochs": 3, "train.learning_rate": 2e-2, "train.log_every_steps": 2, "data.max_length": 96,
         "train.gradient_checkpointing": "true", "train.grad_accum_steps": 2, "train.eval_batch_size": 16,
         "train.sample_prompts": "[the film was great, awful boring plot]", "train.sample_max_new_tokens": 4,
-        "tracking.log_model": "false",
+        "tracking.log_model": "true", "deploy.registered_model_name": "tiny-sft",
     })
     return cfg, finetune.run(cfg, spark=spark)
 
@@ -78,17 +82,114 @@ def test_samples_logged_to_mlflow_as_a_table(sft_run):
     assert table["columns"] == ["step", "prompt", "generated"] and len(table["data"]) == 2
 
 
-def test_causal_lm_with_packing_trains_a_gpt2(spark, tmp_path, reviews_jsonl, tiny_gpt2_dir):
+def test_logged_generation_model_answers_like_the_saved_model(sft_run):
+    """The run's merged model, logged as an MLflow pyfunc model and registered, loads with
+    mlflow.pyfunc.load_model in a fresh process and answers what the saved model answers in-process: the
+    training code's own greedy generations, and the label by the run's evaluation rule."""
+    import mlflow
+    import pandas as pd
+    import torch
+    from mlflow import MlflowClient
+    from mlflow.models import Model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spark_tuning import lm_job, lm_train
+    from spark_tuning.model import resolve_model
+
+    cfg, s = sft_run
+    record = json.load(open(os.path.join(s.output_dir, "mlflow_model.json")))
+    assert record["serving_uri"] == "models:/tiny-sft@candidate" and record["version"] == "1"
+    mlflow.set_tracking_uri(s.tracking_uri)
+    local = mlflow.artifacts.download_artifacts(record["model_uri"])
+    meta = Model.load(local)
+    assert meta.saved_input_example_info is not None and meta.signature.inputs.input_names() == ["text"]
+    assert [c.name for c in meta.signature.outputs.inputs] == [
+        "generated_text", "label", "label_id", "probability", "probabilities"]
+    names = {os.path.basename(f) for _, _, fs in os.walk(local) for f in fs}
+    assert {"model.safetensors", "tokenizer.json", "chat_template.jinja"} <= names
+    assert "adapter_model.safetensors" not in names  # the merged model is served; the adapter is logged apart
+    assert [a.path for a in MlflowClient(s.tracking_uri).list_artifacts(s.run_id, "adapter")]
+    served_cfg = meta.flavors["python_function"]["config"]
+    assert served_cfg["task"] == "sft" and served_cfg["max_new_tokens"] == cfg.train.sample_max_new_tokens
+
+    # The second prompt is longer than data.max_length leaves room for: both sides cut it the same way.
+    prompts = ["the film was great", "awful boring plot and a tedious ending " * 4]
+    script = (
+        "import json,sys,mlflow,pandas as pd\n"
+        f"mlflow.set_tracking_uri({s.tracking_uri!r})\n"
+        "m = mlflow.pyfunc.load_model('models:/tiny-sft@candidate')\n"
+        "print(m.predict(pd.DataFrame({'text': json.load(sys.stdin)})).to_json(orient='records'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the logged code, not this checkout's
+    proc = subprocess.run([sys.executable, "-c", script], input=json.dumps(prompts), text=True,
+                          capture_output=True, env=env, cwd="/", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    served = pd.DataFrame(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    model = AutoModelForCausalLM.from_pretrained(s.output_dir).eval()
+    tok = AutoTokenizer.from_pretrained(s.output_dir)
+    lm = {"chat_template": True, "sft_classification": True}
+    ask = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sample_prompts=prompts))
+    expected = lm_train.generate_samples(model, tok, ask, lm, "cpu")
+    assert list(served["generated_text"]) == [e["generated"] for e in expected]
+    labels = served_cfg["label_names"]
+    firsts = lm_job.label_first_tokens(resolve_model(cfg.model), cfg, labels, True)
+    assert sorted(labels) == ["negative", "positive"] and served_cfg["label_first_tokens"] == firsts
+    for prompt, (_, row) in zip(prompts, served.iterrows()):
+        ids = torch.tensor([lm_train.sample_prompt_ids(tok, prompt, cfg, lm)])
+        with torch.inference_mode():
+            probs = torch.softmax(model(input_ids=ids).logits[0, -1, firsts], dim=-1).numpy()
+        assert row["label"] == labels[int(probs.argmax())] and row["label_id"] == int(probs.argmax())
+        np.testing.assert_allclose(row["probabilities"], probs, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def causal_run(spark, tmp_path_factory, reviews_jsonl, tiny_gpt2_dir):
     from spark_tuning import finetune
 
-    cfg = tiny_job_config(tmp_path, reviews_jsonl, tiny_gpt2_dir, **{
+    tmp = tmp_path_factory.mktemp("causal")
+    cfg = tiny_job_config(tmp, reviews_jsonl, tiny_gpt2_dir, **{
         "task": "causal_lm", "data.block_size": 32, "train.epochs": 2, "train.learning_rate": 3e-3,
-        "train.log_every_steps": 2, "train.batch_size": 4,
+        "train.log_every_steps": 2, "train.batch_size": 4, "train.sample_max_new_tokens": 6,
+        "tracking.log_model": "true", "deploy.register": "false",
     })
-    s = finetune.run(cfg, spark=spark)
+    return cfg, finetune.run(cfg, spark=spark)
+
+
+def test_causal_lm_with_packing_trains_a_gpt2(causal_run):
+    _, s = causal_run
     m = s.metrics
     assert m["eval_loss"] < m["eval_loss_before"] - 0.3, m
     assert m["train_padding_share"] == 0  # packed blocks: no padding at all
     assert m["trainable_parameters"] == m["parameters"]  # full fine-tuning
     assert os.path.isfile(os.path.join(s.output_dir, "model.safetensors"))
     assert not os.path.exists(os.path.join(s.output_dir, "adapter"))
+
+
+def test_served_causal_lm_generates_and_verify_and_score_refuse_it(causal_run, spark, tmp_path):
+    """The logged causal LM behind a real scoring server: generated text only, equal to the saved model's
+    greedy continuation; `verify` and `score` (which compare and write labels) refuse it with a clear error."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spark_tuning import lm_train, score, serving, verify
+    from spark_tuning.errors import InputError
+
+    cfg, s = causal_run
+    assert s.deploy["serving_uri"] == s.deploy["model_uri"] and s.deploy["version"] is None  # not registered
+    data = tmp_path / "held_out.jsonl"
+    data.write_text(json.dumps({"text": "the film was", "label": 0}) + "\n")
+    server = serving.start(s.deploy["model_uri"], tracking_uri=s.tracking_uri, state_dir=str(tmp_path / "state"))
+    try:
+        status, body = serving.post_json(server.invocations_url, {"inputs": ["the film was", "awful boring"]})
+        with pytest.raises(InputError, match="text-generation model"):
+            verify.verify(server.url, str(data))
+    finally:
+        serving.stop(server)
+    assert status == 200 and [sorted(p) for p in body["predictions"]] == [["generated_text"]] * 2
+    model = AutoModelForCausalLM.from_pretrained(s.output_dir).eval()
+    tok = AutoTokenizer.from_pretrained(s.output_dir)
+    ask = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sample_prompts=["the film was", "awful boring"]))
+    expected = lm_train.generate_samples(model, tok, ask, {}, "cpu")
+    assert [p["generated_text"] for p in body["predictions"]] == [e["generated"] for e in expected]
+    with pytest.raises(InputError, match="not label and probabilities"):
+        score.localize(spark, s.deploy["model_uri"], s.tracking_uri, str(tmp_path / "m"))

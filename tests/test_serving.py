@@ -89,25 +89,34 @@ MALFORMED = {
     "not JSON": b"this is {not json",
     "no input field": {"rows": [{"text": "fine"}]},
     "missing text field": {"dataframe_records": [{"review": "a fine film"}]},
-    "number instead of text": {"dataframe_records": [{"text": 42}]},
+    "number in inputs": {"inputs": [5]},
+    "number among texts": {"inputs": ["a fine film", 7]},
+    "number in records": {"dataframe_records": [{"text": 42}]},
     "null text": {"dataframe_records": [{"text": None}]},
     "empty list": {"inputs": []},
     "empty records": {"dataframe_records": []},
-    "10 MB string": {"dataframe_records": [{"text": "word " * 2_000_000}]},
+    "10 MB string in records": {"dataframe_records": [{"text": "word " * 2_000_000}]},
+    "10 MB string in inputs": {"inputs": ["word " * 2_000_000]},
 }
+EXPECTED_MESSAGE = {"number": "must be a string", "null": "must be a string", "10 MB": "longer than the limit",
+                    "missing": "no rows with a 'text' field", "empty": "no rows"}
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
-def test_malformed_request_gets_4xx_json_and_server_keeps_answering(server, case):
+def test_malformed_request_gets_a_short_4xx_json_and_server_keeps_answering(server, case):
+    """Every malformed request: a 4xx with a JSON error that says what is wrong, short (a 10 MB text is not
+    sent back), and the server answers the next good request."""
     from spark_tuning.serving import post_json
 
     status, body = post_json(server["url"] + "/invocations", MALFORMED[case])
     assert 400 <= status < 500, (status, str(body)[:300])
     assert isinstance(body, dict) and body.get("error_code") and body.get("message"), str(body)[:300]
-    if case == "number instead of text":
-        assert "must be a string" in body["message"]
-    status, body = post_json(server["url"] + "/invocations", {"inputs": ["a wonderful film"]})
-    assert status == 200 and body["predictions"][0]["label"] in ("negative", "positive")
+    assert len(json.dumps(body)) < 2048, str(body)[:300]
+    for words, expected in EXPECTED_MESSAGE.items():
+        if case.startswith(words):
+            assert expected in body["message"], body["message"]
+    status, body = post_json(server["url"] + "/invocations", {"inputs": ["a wonderful film", "a dull film"]})
+    assert status == 200 and [p["label"] in ("negative", "positive") for p in body["predictions"]] == [True, True]
 
 
 def test_spark_batch_scoring_equals_the_endpoint(server, spark, tmp_path):
