@@ -14,9 +14,17 @@ import logging
 import os
 import re
 import signal
+import time
 from typing import Optional
 
 FINISHED, FAILED, STOPPED = "STATUS FINISHED", "STATUS FAILED", "STATUS STOPPED"
+
+# Records for the rank's own file only: every rank's progress, which the console shows for rank 0 alone.
+# Without a rank file (no log_dir) they go nowhere.
+rank_only = logging.getLogger("spark_tuning.rank")
+rank_only.propagate = False
+rank_only.setLevel(logging.INFO)
+rank_only.addHandler(logging.NullHandler())
 
 
 def log_path(log_dir: str, rank: int) -> str:
@@ -31,6 +39,7 @@ def start_rank_log(log_dir: Optional[str], rank: int) -> None:
     handler = logging.FileHandler(log_path(log_dir, rank))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
+    rank_only.addHandler(handler)
     logger = logging.getLogger("spark_tuning.faults")
 
     def on_sigterm(signum, frame):
@@ -43,34 +52,59 @@ def start_rank_log(log_dir: Optional[str], rank: int) -> None:
     logger.info("rank %d started, pid %d", rank, os.getpid())
 
 
-def describe_failure(log_dir: Optional[str]) -> Optional[str]:
-    """A short account of a failed training: the rank to blame, how it ended, and its last log lines."""
+def describe_failure(log_dir: Optional[str], settle_s: float = 0.0) -> Optional[str]:
+    """A short account of a failed training: the rank to blame, how it ended, and its last log lines.
+
+    `settle_s`: on a cluster, Spark fails the job as soon as one barrier task fails, while the training
+    processes of the other tasks may still be on their way out (noticing the lost peer, or being stopped).
+    Until they have written their status line they look as silent as the dead one: wait up to `settle_s`
+    seconds for a single silent rank to stand out."""
     if not log_dir or not os.path.isdir(log_dir):
         return None
-    ranks = {}
-    for path in glob.glob(os.path.join(log_dir, "rank-*.log")):
-        rank = int(re.search(r"rank-(\d+)\.log$", path).group(1))
-        with open(path, errors="replace") as f:
-            ranks[rank] = f.read().splitlines()
+    deadline = time.monotonic() + settle_s
+    while True:
+        ranks = _read_logs(log_dir)
+        states = {r: _status(lines) for r, lines in sorted(ranks.items())}
+        died = [r for r, s in states.items() if s == "died"]
+        if len(died) <= 1 or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
     if not ranks:
         return None
-
-    def status(lines: list[str]) -> str:
-        text = "\n".join(lines[-50:])
-        for s in (FINISHED, FAILED, STOPPED):
-            if s in text:
-                return s
-        return "died"
-
-    states = {r: status(lines) for r, lines in sorted(ranks.items())}
-    blamed = [r for r, s in states.items() if s == "died"] or [r for r, s in states.items() if s == FAILED]
+    blamed = died or [r for r, s in states.items() if s == FAILED]
     if not blamed:
         return None
     r = blamed[0]
-    how = ("died without a word (killed by a signal such as SIGKILL, or by the out-of-memory killer)"
-           if states[r] == "died" else "raised an error")
+    if states[r] == "died":
+        who = f"training process rank {r}" if len(died) == 1 else \
+            "training processes " + ", ".join(f"rank {k}" for k in died)
+        how = "died without a word (killed by a signal such as SIGKILL, or by the out-of-memory killer)"
+    else:
+        who, how = f"training process rank {r}", "raised an error"
     others = ", ".join(f"rank {k}: {'stopped by torchrun' if s == STOPPED else s.split()[-1].lower()}"
-                       for k, s in states.items() if k != r)
-    tail = [line for line in ranks[r] if "rank %d started" % r not in line][-15:]
-    return "\n".join([f"training process rank {r} {how}" + (f"; {others}" if others else ""),
+                       for k, s in states.items() if k not in died and k != r)
+    # When the first line ("rank N started, pid P") is among the last ones, its pid is worth keeping: the
+    # kernel's out-of-memory report names processes by pid.
+    tail = ranks[r][-15:]
+    return "\n".join([f"{who} {how}" + (f"; {others}" if others else ""),
                       f"last log lines of rank {r}:", *("  " + line for line in tail)])
+
+
+def _read_logs(log_dir: str) -> dict[int, list[str]]:
+    ranks = {}
+    for path in glob.glob(os.path.join(log_dir, "rank-*.log")):
+        rank = int(re.search(r"rank-(\d+)\.log$", path).group(1))
+        try:
+            with open(path, errors="replace") as f:
+                ranks[rank] = f.read().splitlines()
+        except OSError:  # removed meanwhile
+            continue
+    return ranks
+
+
+def _status(lines: list[str]) -> str:
+    text = "\n".join(lines[-50:])
+    for s in (FINISHED, FAILED, STOPPED):
+        if s in text:
+            return s
+    return "died"

@@ -145,7 +145,7 @@ def preflight(cfg: Config, overwrite: bool, resume: bool = False):
 def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) -> Summary:
     from spark_tuning import checkpoint, dataset, evaluate, lm_job, tracking, watchdog
     from spark_tuning.launch import check_cluster, check_resources, run_distributed
-    from spark_tuning.loader import stage_as
+    from spark_tuning.loader import check_training_shards, stage_as
     from spark_tuning.spark import get_spark
     from spark_tuning.tokenize import tokenize
     from spark_tuning.train import resolve_precision, train_fn
@@ -196,6 +196,7 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
             prepared, train_ref, eval_ref = staged.prepared, staged.train_ref, staged.eval_ref
             figures = {**derived_figures(cfg, train_ref.num_rows), **staged.figures}
             lm_payload, id2label = staged.payload, staged.id2label
+        check_training_shards(train_ref, cfg.distributed.num_processes)
         timings["data"] = time.perf_counter() - t
         figures["precision"] = resolve_precision(cfg.train.precision, "cuda" if cfg.distributed.use_gpu else "cpu")
         log.info("data ready in %.1fs: %s", timings["data"], json.dumps(figures))

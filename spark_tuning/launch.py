@@ -222,9 +222,12 @@ def check_gpu_conf(d: DistributedConfig, conf_get: Callable[[str], Optional[str]
 # Launch
 
 
+SETTLE_S = 20.0  # how long a failed cluster training may take to tell which process died
+
+
 def run_distributed(train_fn: Callable[[dict], Any], payload: dict, cfg: DistributedConfig) -> Optional[Any]:
-    """payload["log_dir"], when set, is where each rank writes its own log (see faults.py)."""
-    """TorchDistributor(...).run(train_fn, payload): DDP over gloo (CPU) or NCCL (GPU)."""
+    """TorchDistributor(...).run(train_fn, payload): DDP over gloo (CPU) or NCCL (GPU).
+    payload["log_dir"], when set, is where each rank writes its own log (see faults.py)."""
     from pyspark.ml.torch.distributor import TorchDistributor
     from pyspark.sql import SparkSession
 
@@ -240,11 +243,30 @@ def run_distributed(train_fn: Callable[[dict], Any], payload: dict, cfg: Distrib
             tell_gpus = False
     distributor = TorchDistributor(num_processes=cfg.num_processes, local_mode=cfg.local_mode, use_gpu=tell_gpus)
     try:
+        # On executors (local_mode: false) training is one barrier stage whose result is collected: when a
+        # task fails, Spark aborts the job ("Could not recover from a failed barrier ResultStage") and
+        # kills the other tasks, whatever spark.task.maxFailures says: training is never restarted from
+        # scratch behind the user's back (tests/test_cluster.py checks it). Nothing to configure.
         return distributor.run(train_fn, payload)
     except Exception as e:  # noqa: BLE001
         from spark_tuning.faults import describe_failure
 
-        raise JobFailed(f"training failed: {describe_failure(payload.get('log_dir')) or _summarise(e)}") from e
+        # In local mode torchrun has ended every process before run() returns; on executors the other
+        # processes may still be writing their last lines (faults.describe_failure).
+        settle_s = 0.0 if cfg.local_mode else SETTLE_S
+        report = describe_failure(payload.get("log_dir"), settle_s) or _summarise(e)
+        lost = _executor_lost(e)
+        raise JobFailed(f"training failed: {report}" + (f"\nSpark: {lost}" if lost else "")) from e
+
+
+def _executor_lost(e: Exception) -> Optional[str]:
+    """Spark's own line when an executor died under a training task ("ExecutorLostFailure (executor 0
+    exited ...) Reason: Command exited with code 137"): the rank logs cannot tell that the process went
+    down with its executor."""
+    for line in str(e).splitlines():
+        if "ExecutorLostFailure" in line:
+            return line.strip()
+    return None
 
 
 def _summarise(e: Exception) -> str:

@@ -57,6 +57,23 @@ def stage(df, path: str, num_files: int) -> DataRef:
     return DataRef(path=path, num_rows=rows)
 
 
+def check_training_shards(ref: DataRef, processes: int) -> None:
+    """Refuse, before training starts, staged training data that leaves a process without rows.
+
+    Ranks own whole row groups, so fewer row groups than processes leaves some rank with none, and a
+    rank with no batches cannot take part in DDP's steps (the others would wait on it). Tiny data only:
+    staging writes 2 files per process, and files are filled by a hash of each row."""
+    from spark_tuning.errors import InputError
+
+    groups = len(_row_groups(ref.path))
+    if groups < processes:
+        raise InputError(
+            f"the {ref.num_rows} training rows were staged as {groups} row group(s), fewer than the {processes} "
+            f"training processes (distributed.num_processes = {processes}), and each process needs rows of its "
+            f"own: set distributed.num_processes to at most {max(1, groups)}, or train on more rows"
+        )
+
+
 def _files(path: str) -> list[str]:
     return sorted(glob.glob(os.path.join(path, "*.parquet")))
 

@@ -119,12 +119,16 @@ def read_shard(ref: PetastormRef, rank: int, world_size: int) -> Shard:
 
     groups = _row_groups(ref.path)
     rows_per_rank = [sum(n for _, _, n in groups[r::world_size]) for r in range(world_size)]
+    # petastorm refuses to cut fewer row groups than ranks into world_size shards (NoDataAvailableError),
+    # even for a rank that would get one. With fewer groups than ranks, rank r < len(groups) owns group r
+    # alone (the rule above), and cutting into len(groups) shards gives it the same group.
+    shards = min(world_size, len(groups))
     converter = SparkDatasetConverter(ref.cache_url, list(ref.file_urls), ref.num_rows)
     ids_parts, len_parts, label_parts, value_parts = [], [], [], []
     if rows_per_rank[rank]:
         loader = converter.make_torch_dataloader(
             batch_size=READ_BATCH_ROWS, num_epochs=1, workers_count=1, shuffling_queue_capacity=0,
-            data_loader_fn=BatchedDataLoader, cur_shard=rank, shard_count=world_size,
+            data_loader_fn=BatchedDataLoader, cur_shard=rank, shard_count=shards,
             shuffle_row_groups=False, schema_fields=list(TRAIN_COLUMNS))
         with loader as batches:
             for batch in batches:

@@ -150,6 +150,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
 
     from spark_tuning import checkpoint, distributed
     from spark_tuning.config import config_from_dict
+    from spark_tuning.faults import rank_only
     from spark_tuning.evaluate import classification_metrics
     from spark_tuning import lm_train, lora
     from spark_tuning.loader import batches_per_epoch, iterate, plan_eval_batches, plan_train_batches, read_shard_as
@@ -182,6 +183,8 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
         eval_shard = read_shard_as(cfg.loader.kind, payload["eval_ref"], ctx.rank, ctx.world_size)
         read_seconds = time.perf_counter() - t_read
         micro_per_epoch = batches_per_epoch(train_shard, tc.batch_size)
+        rank_only.info("rank %d: %d training rows, %d validation rows, %d batches per epoch (read in %.1fs)",
+                       ctx.rank, len(train_shard), len(eval_shard), micro_per_epoch, read_seconds)
         steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum_steps)
         total_steps = steps_per_epoch * tc.epochs
         if tc.max_steps:
@@ -278,6 +281,9 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
                 step += 1
                 if step % tc.log_every_steps == 0 or step == total_steps:
                     elapsed = time.perf_counter() - window["t0"]
+                    # Every rank's own progress, into its own log file: the last lines shown if it dies.
+                    rank_only.info("rank %d: step %d/%d, own loss %.4f", ctx.rank, step, total_steps,
+                                   window["loss"] / window["micro"])
                     loss_avg, tokens, padded = distributed.total(
                         [window["loss"] / window["micro"], window["tokens"], window["padded"]], ctx)
                     loss_avg /= ctx.world_size

@@ -205,3 +205,31 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
     (root / "step-00000020").mkdir()  # cut short: no marker
     (root / ".tmp-step-00000030-abc").mkdir()
     assert checkpoint.latest(str(root)).endswith("step-00000010")
+
+
+def test_failure_report_waits_for_the_other_ranks_to_settle(tmp_path):
+    """On a cluster the job fails while the other processes are still writing their last lines: until
+    rank 0 writes its status, ranks 0 and 1 both look silent; the report waits for rank 1 to stand out."""
+    from spark_tuning.faults import FAILED, describe_failure, log_path
+
+    for rank in (0, 1):
+        with open(log_path(str(tmp_path), rank), "w") as f:
+            f.write(f"12:00:00 INFO spark_tuning.faults: rank {rank} started, pid {100 + rank}\n"
+                    f"12:00:01 INFO spark_tuning.rank: rank {rank}: step 1/9, own loss 0.69\n")
+    assert describe_failure(str(tmp_path)).startswith("training processes rank 0, rank 1 died without a word")
+
+    def rank_zero_fails():
+        time.sleep(1.0)
+        with open(log_path(str(tmp_path), 0), "a") as f:
+            f.write(f"12:00:03 ERROR spark_tuning.train: {FAILED}: Connection closed by peer\n")
+
+    writer = threading.Thread(target=rank_zero_fails)
+    writer.start()
+    t0 = time.monotonic()
+    report = describe_failure(str(tmp_path), settle_s=30)
+    writer.join()
+    assert time.monotonic() - t0 < 10  # it stops waiting as soon as one silent rank is left
+    lines = report.splitlines()
+    assert lines[0].startswith("training process rank 1 died without a word") and "rank 0: failed" in lines[0]
+    assert lines[1:] == ["last log lines of rank 1:", "  12:00:00 INFO spark_tuning.faults: rank 1 started, pid 101",
+                         "  12:00:01 INFO spark_tuning.rank: rank 1: step 1/9, own loss 0.69"]

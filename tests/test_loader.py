@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -73,3 +75,37 @@ def test_grouping_by_length_cuts_padding(staged):
     grouped = padding_share(loader.plan_train_batches(s, 8, 1, 0, group_by_length=True))
     random = padding_share(loader.plan_train_batches(s, 8, 1, 0, group_by_length=False))
     assert grouped < random / 2
+
+
+def test_fewer_row_groups_than_processes_is_refused(spark, tmp_path):
+    """One training row can go to one process only: the check names the numbers and the fix."""
+    from spark_tuning.errors import InputError
+
+    df = spark.createDataFrame([(1, [5, 6, 7], 3)], "label int, input_ids array<int>, length int")
+    ref = loader.stage(df, str(tmp_path / "train"), num_files=4)
+    loader.check_training_shards(ref, 1)
+    with pytest.raises(InputError) as err:
+        loader.check_training_shards(ref, 2)
+    message = str(err.value)
+    assert "1 training rows were staged as 1 row group(s)" in message
+    assert "distributed.num_processes = 2" in message and "at most 1" in message
+    # What the check prevents: rank 1 would have no batches while rank 0 steps.
+    shards = [loader.read_shard(ref, r, 2) for r in range(2)]
+    assert [len(s) for s in shards] == [1, 0]
+    assert loader.plan_train_batches(shards[1], 8, seed=1, epoch=0, group_by_length=False) == []
+
+
+def test_job_with_too_few_training_rows_for_its_processes_stops_before_training(spark, tmp_path, tiny_bert_dir):
+    from conftest import tiny_job_config
+    from spark_tuning import finetune
+    from spark_tuning.errors import InputError
+
+    data = tmp_path / "two.jsonl"
+    data.write_text('{"text": "a great film", "label": "positive"}\n{"text": "an awful film", "label": "negative"}\n')
+    cfg = tiny_job_config(tmp_path, str(data), tiny_bert_dir, **{"data.validation_fraction": 0.5})
+    with pytest.raises(InputError) as err:
+        finetune.run(cfg, spark=spark)
+    assert "fewer than the 2 training processes" in str(err.value)
+    out = tmp_path / "out"
+    assert not (out / "model").exists() and not (out / "mlflow.db").exists()  # no run was started
+    assert not (out / ".staging").exists() or os.listdir(out / ".staging") == []

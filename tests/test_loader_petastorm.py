@@ -126,6 +126,33 @@ def test_both_backends_give_the_same_batches_for_a_seed(staged_both, group_by_le
 
 
 @needs_petastorm
+@pytest.mark.parametrize("world", [3, 4])
+def test_fewer_row_groups_than_ranks(spark, tmp_path, world):
+    """A tiny split (the validation rows of a small dataset) staged as fewer row groups than ranks:
+    petastorm reads it (it used to raise NoDataAvailableError on the ranks that do own a group), with the
+    same rows as the Parquet backend, and the ranks beyond the last group get none."""
+    from spark_tuning.loader import _row_groups, plan_eval_batches, read_shard_as, stage_as
+
+    df, rows = _tokenized(spark, n=3, seed=5)
+    refs = {kind: vars(stage_as(kind, df, str(tmp_path / kind), 2 * world, MAX_LENGTH))
+            for kind in ("parquet", "petastorm")}
+    groups = len(_row_groups(refs["petastorm"]["path"]))
+    assert groups == len(_row_groups(refs["parquet"]["path"])) and 2 <= groups < world
+    seen = []
+    for rank in range(world):
+        a = read_shard_as("parquet", refs["parquet"], rank, world)
+        b = read_shard_as("petastorm", refs["petastorm"], rank, world)
+        assert len(b) == len(a) and (len(b) > 0) == (rank < groups)
+        assert a.rows_per_rank == b.rows_per_rank
+        for name in ("row_ids", "labels", "lengths", "offsets", "values"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+        for ia, ib in zip(plan_eval_batches(a, 2), plan_eval_batches(b, 2)):
+            np.testing.assert_array_equal(a.row_ids[ia], b.row_ids[ib])
+        seen += list(b.row_ids)
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == len(rows)
+
+
+@needs_petastorm
 def test_petastorm_rows_are_trimmed_to_their_true_length(staged_both):
     """Fixed-length storage, dynamic padding: each row comes back as its own tokens, and each batch is only
     as wide as its longest row (with pad id 0 in the staged data, pad with -1 here to see any leak)."""
