@@ -4,7 +4,7 @@
 
 The same IMDB rows, model, batch size and number of steps through:
   - spark-tuning: `spark_tuning.train.train_fn` itself, one process, reading staged Parquet like a rank
-    does (dynamic padding, length-grouped "sortish" batches, precision auto);
+    does (dynamic padding, length-bucketed batches, precision auto);
   - the lab's recipe: `transformers.Trainer` on a `datasets.Dataset` tokenized with padding="max_length".
 Useful tokens are non-pad tokens. MFU = 6 x non-embedding parameters x useful tokens/s over the matmul peak
 measured in this run (fp32 and bf16 square matmuls). The loader's data-wait share (benchmark 3) comes from

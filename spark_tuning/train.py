@@ -152,7 +152,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
     from spark_tuning.config import config_from_dict
     from spark_tuning.evaluate import classification_metrics
     from spark_tuning import lm_train, lora
-    from spark_tuning.loader import batches_per_epoch, iterate, plan_eval_batches, plan_train_batches, read_shard_as
+    from spark_tuning.loader import iterate, plan_eval_batches, plan_train_batches, read_shard_as
     from spark_tuning.model import ModelSource, count_parameters, load_tokenizer
     from spark_tuning.tracking import RankZeroLogger, RunRef
 
@@ -181,9 +181,15 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
         train_shard = read_shard_as(cfg.loader.kind, payload["train_ref"], ctx.rank, ctx.world_size)
         eval_shard = read_shard_as(cfg.loader.kind, payload["eval_ref"], ctx.rank, ctx.world_size)
         read_seconds = time.perf_counter() - t_read
-        micro_per_epoch = batches_per_epoch(train_shard, tc.batch_size)
-        steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum_steps)
-        total_steps = steps_per_epoch * tc.epochs
+
+        def plan_epoch(epoch: int, n_batches=None) -> list:
+            return plan_train_batches(train_shard, tc.batch_size, cfg.seed, epoch, tc.group_by_length,
+                                      n_batches=n_batches)
+
+        # DDP: every rank runs the same number of batches in an epoch; ranks with fewer stretch their plan.
+        micro_per_epoch = distributed.maximum([len(plan_epoch(e)) for e in range(tc.epochs)], ctx)
+        steps_per_epoch = [math.ceil(n / tc.grad_accum_steps) for n in micro_per_epoch]
+        total_steps = sum(steps_per_epoch)
         if tc.max_steps:
             total_steps = min(total_steps, tc.max_steps)
         warmup = int(tc.warmup_ratio * total_steps)
@@ -198,8 +204,9 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
         autocast = torch.autocast(ctx.device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
         if ctx.is_rank_zero:
             log.info("training %s: %d parameters (%d trainable, %.1f%%), %d processes, precision %s, "
-                     "%d steps (%d per epoch), warm-up %d", src.location, total_params, trainable,
-                     100 * trainable / total_params, ctx.world_size, precision, total_steps, steps_per_epoch, warmup)
+                     "%d steps (%d in the first epoch), warm-up %d", src.location, total_params, trainable,
+                     100 * trainable / total_params, ctx.world_size, precision, total_steps, steps_per_epoch[0],
+                     warmup)
             log.info("spark_tuning code from %s, device %s", __file__, ctx.device)
 
         history: list[dict] = resume.get("history", [])
@@ -250,7 +257,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
             if step >= total_steps:
                 break
             ddp_model.train()
-            plan = plan_train_batches(train_shard, tc.batch_size, cfg.seed, epoch, tc.group_by_length)
+            plan = plan_epoch(epoch, micro_per_epoch[epoch])
             if epoch == start_epoch and skip:
                 plan_skipped, plan = plan[:skip], plan[skip:]
             else:
@@ -281,7 +288,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
                     loss_avg, tokens, padded = distributed.total(
                         [window["loss"] / window["micro"], window["tokens"], window["padded"]], ctx)
                     loss_avg /= ctx.world_size
-                    rec = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss_avg, "learning_rate": scheduler.get_last_lr()[0],
+                    rec = {"step": step, "epoch": epoch + (micro + 1) / micro_per_epoch[epoch], "train_loss": loss_avg, "learning_rate": scheduler.get_last_lr()[0],
                            "tokens_per_second": tokens / elapsed, "padding_share": 1 - tokens / max(1, padded)}
                     history.append(rec)
                     totals["tokens"] += tokens
