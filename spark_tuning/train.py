@@ -184,7 +184,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
 
         def plan_epoch(epoch: int, n_batches=None) -> list:
             return plan_train_batches(train_shard, tc.batch_size, cfg.seed, epoch, tc.group_by_length,
-                                      n_batches=n_batches)
+                                      max_tokens=tc.max_tokens_per_batch, n_batches=n_batches)
 
         # DDP: every rank runs the same number of batches in an epoch; ranks with fewer stretch their plan.
         micro_per_epoch = distributed.maximum([len(plan_epoch(e)) for e in range(tc.epochs)], ctx)
