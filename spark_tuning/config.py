@@ -99,6 +99,9 @@ class TrainConfig:
     log_every_steps: int = 10
     max_steps: Optional[int] = None  # stop early after this many optimizer steps (smoke tests)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # torch.compile the training model (dynamic shapes: every batch has its own width). Off: on these
+    # 2-core AVX2 CPUs it gained 0-5% at best for 35-80 s (up to 100+ s under load) of compiling.
+    compile: bool = False
     # causal_lm / sft: evaluate once before training too, so the run reports before/after loss.
     eval_before_training: bool = True
     sample_prompts: list[str] = field(default_factory=list)  # generated at each evaluation (MLflow table)

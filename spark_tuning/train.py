@@ -201,6 +201,10 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
         # batches of the interrupted epoch that were already seen are skipped (plans are seeded).
         resume = _resume(payload.get("resume_from"), model, optimizer, scheduler, ctx)
         ddp_model = distributed.wrap(model, ctx)
+        if tc.compile:
+            # Only the training forward/backward is compiled; evaluation, checkpoints and saving use `model`.
+            # dynamic=True: batch widths change every step, which would otherwise recompile once more.
+            ddp_model = torch.compile(ddp_model, dynamic=True)
         autocast = torch.autocast(ctx.device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
         if ctx.is_rank_zero:
             log.info("training %s: %d parameters (%d trainable, %.1f%%), %d processes, precision %s, "
