@@ -249,6 +249,7 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
             metrics.update(eval_loss=result["epochs"][-1]["eval_loss"], train_steps=result["steps"],
                            train_tokens_per_second=result["tokens_per_second"],
                            train_padding_share=result["padding_share"], train_precision=result["precision"],
+                           train_mfu=result["mfu"], train_matmul_peak_gflops=result["matmul_peak_gflops"],
                            train_data_wait_share=result["data_wait_share"])
             _write_outputs(partial, cfg, metrics, result, names, eval_ref.path)
         else:

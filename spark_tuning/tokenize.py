@@ -90,7 +90,8 @@ def encode_flat(tok, texts: Sequence[str], append: Sequence[int] = ()) -> tuple[
         values = np.fromiter(itertools.chain.from_iterable(x + tail for x in ids), dtype=np.int32,
                              count=int(offsets[-1]))
     if offsets[-1] > np.iinfo(np.int32).max:
-        raise ValueError("one batch holds more than 2**31 token ids: lower spark.sql.execution.arrow.maxRecordsPerBatch")
+        raise ValueError("one batch holds more than 2**31 token ids: "
+                         "lower spark.sql.execution.arrow.maxRecordsPerBatch")
     return offsets.astype(np.int32), values
 
 

@@ -153,6 +153,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
     from spark_tuning.evaluate import classification_metrics
     from spark_tuning import lm_train, lora
     from spark_tuning.loader import iterate, plan_eval_batches, plan_train_batches, read_shard_as
+    from spark_tuning.mfu import matmul_peak, mfu, training_flops_per_token
     from spark_tuning.model import ModelSource, count_parameters, load_tokenizer
     from spark_tuning.tracking import RankZeroLogger, RunRef
 
@@ -205,6 +206,17 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
             # Only the training forward/backward is compiled; evaluation, checkpoints and saving use `model`.
             # dynamic=True: batch widths change every step, which would otherwise recompile once more.
             ddp_model = torch.compile(ddp_model, dynamic=True)
+
+        # MFU: rank 0 measures one process's matmul peak in the precision used, while the other ranks wait
+        # (DDP's set-up above has just lined them up), so that no rank's work slows the probe.
+        flops_per_token = training_flops_per_token(model)
+        probe = torch.bfloat16 if precision == "bf16" else torch.float32
+        peak = distributed.broadcast(matmul_peak(probe, ctx.device) if ctx.is_rank_zero else None, ctx)
+        tracker.params({"mfu.peak_gflops_per_process": round(peak, 2), "mfu.peak_precision": precision,
+                        "mfu.flops_per_token": flops_per_token,
+                        "mfu.formula": "6 x non-embedding parameters (all, trainable or not) x useful tokens/s "
+                                       "/ (matmul peak per process x processes); attention FLOPs not counted"})
+        tracker.metrics({"matmul_peak_gflops": peak}, 0)
         autocast = torch.autocast(ctx.device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
         if ctx.is_rank_zero:
             log.info("training %s: %d parameters (%d trainable, %.1f%%), %d processes, precision %s, "
@@ -292,17 +304,19 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
                     loss_avg, tokens, padded = distributed.total(
                         [window["loss"] / window["micro"], window["tokens"], window["padded"]], ctx)
                     loss_avg /= ctx.world_size
-                    rec = {"step": step, "epoch": epoch + (micro + 1) / micro_per_epoch[epoch], "train_loss": loss_avg, "learning_rate": scheduler.get_last_lr()[0],
-                           "tokens_per_second": tokens / elapsed, "padding_share": 1 - tokens / max(1, padded)}
+                    rec = {"step": step, "epoch": epoch + (micro + 1) / micro_per_epoch[epoch],
+                           "train_loss": loss_avg, "learning_rate": scheduler.get_last_lr()[0],
+                           "tokens_per_second": tokens / elapsed, "padding_share": 1 - tokens / max(1, padded),
+                           "mfu": mfu(tokens / elapsed, flops_per_token, peak, ctx.world_size)}
                     history.append(rec)
                     totals["tokens"] += tokens
                     totals["padded"] += padded
                     totals["seconds"] += elapsed
                     tracker.metrics({k: v for k, v in rec.items() if k != "step"}, step)
                     if ctx.is_rank_zero:
-                        log.info("step %d/%d epoch %.2f loss %.4f lr %.2e %.0f tok/s padding %.0f%%", step,
-                                 total_steps, rec["epoch"], loss_avg, rec["learning_rate"],
-                                 rec["tokens_per_second"], 100 * rec["padding_share"])
+                        log.info("step %d/%d epoch %.2f loss %.4f lr %.2e %.0f tok/s padding %.0f%% MFU %.1f%%",
+                                 step, total_steps, rec["epoch"], loss_avg, rec["learning_rate"],
+                                 rec["tokens_per_second"], 100 * rec["padding_share"], 100 * rec["mfu"])
                     window = {"loss": 0.0, "micro": 0, "tokens": 0, "padded": 0, "t0": time.perf_counter()}
                 if ckpt and ckpt["every_steps"] and step % ckpt["every_steps"] == 0 and step < total_steps:
                     save_checkpoint(epoch, micro + 1)
@@ -345,6 +359,9 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
             "train_tokens": totals["tokens"],
             "tokens_per_second": totals["tokens"] / max(1e-9, totals["seconds"]),
             "padding_share": 1 - totals["tokens"] / max(1, totals["padded"]),
+            "mfu": mfu(totals["tokens"] / max(1e-9, totals["seconds"]), flops_per_token, peak, ctx.world_size),
+            "matmul_peak_gflops": peak,
+            "flops_per_token": flops_per_token,
             "train_seconds": totals["seconds"],
             # Loader overhead: reading this rank's shard once, and waiting for batches during training.
             "shard_read_seconds": read_seconds,
