@@ -326,7 +326,7 @@ def _rust_texts(enc, eos: list[int]):
     def encode(batches):
         import pyarrow as pa
 
-        from spark_tuning.tokenize import arrow_ids, encode_flat
+        from spark_tuning.rust_tokenizer import arrow_ids, encode_flat
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         tok = enc.load()

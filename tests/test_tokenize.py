@@ -9,7 +9,8 @@ from lm_fixtures import chat_tokenizer, plain_tokenizer, tiny_gpt2_dir, tiny_lla
 
 from spark_tuning.config import ModelConfig
 from spark_tuning.model import ModelSource, load_tokenizer
-from spark_tuning.tokenize import encode_flat, rust_encoder, tokenize
+from spark_tuning.rust_tokenizer import encode_flat
+from spark_tuning.tokenize import rust_encoder, tokenize
 
 TEXTS = ["a short one", "a much longer review " * 40, "naïve café, déjà vu! 東京 🙂", "x", "",
          "   ", "[CLS] inside [SEP] the text <|endoftext|>", "tabs\tand\nnew lines"]
