@@ -116,6 +116,16 @@ def _timed(batches, clock: dict[str, float]):
         yield item
 
 
+@contextlib.contextmanager
+def _paused(window: dict):
+    """Leave the time spent inside (evaluation, checkpoints) out of the window's tokens/s and MFU."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        window["t0"] += time.perf_counter() - t
+
+
 def _quiet_libraries(rank_zero: bool) -> None:
     """One rank's load report is enough; progress bars garble interleaved logs."""
     import transformers
@@ -267,7 +277,9 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
         eval_out: dict = {}
         if cfg.task != "classification" and tc.eval_before_training and not resume:
             # causal_lm / sft: the untrained model's loss, so that the run reports before and after.
-            rec, eval_out = lm_train.evaluate(model, eval_shard, cfg, lm, tokenizer, ctx, precision, 0, 0, tracker)
+            with _paused(window):
+                rec, eval_out = lm_train.evaluate(model, eval_shard, cfg, lm, tokenizer, ctx, precision, 0, 0,
+                                                  tracker)
             epochs.append(rec)
         for epoch in range(start_epoch, tc.epochs):
             if step >= total_steps:
@@ -319,20 +331,22 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
                                  rec["tokens_per_second"], 100 * rec["padding_share"], 100 * rec["mfu"])
                     window = {"loss": 0.0, "micro": 0, "tokens": 0, "padded": 0, "t0": time.perf_counter()}
                 if ckpt and ckpt["every_steps"] and step % ckpt["every_steps"] == 0 and step < total_steps:
-                    save_checkpoint(epoch, micro + 1)
+                    with _paused(window):
+                        save_checkpoint(epoch, micro + 1)
                 if step >= total_steps:
                     break
             train_seconds = time.perf_counter() - t_epoch
             clock["train"] += train_seconds
 
-            if cfg.task != "classification":
-                rec, eval_out = lm_train.evaluate(model, eval_shard, cfg, lm, tokenizer, ctx, precision,
-                                                  epoch + 1, step, tracker)
-                epochs.append({**rec, "epoch_train_seconds": train_seconds})
-            else:
-                eval_out = evaluate_now(epoch + 1, train_seconds)
-            if ckpt:
-                save_checkpoint(epoch + 1, 0)
+            with _paused(window):
+                if cfg.task != "classification":
+                    rec, eval_out = lm_train.evaluate(model, eval_shard, cfg, lm, tokenizer, ctx, precision,
+                                                      epoch + 1, step, tracker)
+                    epochs.append({**rec, "epoch_train_seconds": train_seconds})
+                else:
+                    eval_out = evaluate_now(epoch + 1, train_seconds)
+                if ckpt:
+                    save_checkpoint(epoch + 1, 0)
 
         if not eval_out:  # resumed from the last checkpoint of a finished training: evaluate once more
             if epochs and epochs[-1]["step"] == step:
