@@ -2,9 +2,9 @@
 
     PYTHONPATH=. /work/main/.venv/bin/python bench/bench_tokenize.py [--quick]
 
-The same IMDB reviews through: (a) spark_tuning.tokenize (the iterator pandas UDF, local[*], one task
-per core, no padding), (b) the lab's recipe, `Dataset.map(tok(..., padding="max_length", truncation=True),
-batched=True)` in one process, (c) the fast tokenizer's own batch encode in one process (its Rust thread
+The same IMDB reviews through: (a) spark_tuning.tokenize (an iterator Arrow UDF running the tokenizer's
+Rust backend without transformers, local[*], one task per core, no padding), (b) the lab's recipe,
+`Dataset.map(tok(..., padding="max_length", truncation=True), batched=True)` in one process, (c) the fast tokenizer's own batch encode in one process (its Rust thread
 pool on, as in a notebook): the limit. Alternatives are interleaved within each size. "Useful tokens" are
 the non-pad tokens; the lab recipe also materialises the padding (rows x max_length).
 """
@@ -112,7 +112,7 @@ def main() -> None:
         by = {r["what"]: r for r in records if r["rows"] == n}
         sp, ds, raw = by["spark"], by["datasets"], by["raw"]
         sp["first_row_s"] = by["spark first row"]["first_row_s"]
-        for name, r in (("Spark pandas UDF (local[*])", sp), ("lab: datasets.map, padding=max_length", ds),
+        for name, r in (("Spark Arrow UDF, Rust tokenizer (local[*])", sp), ("lab: datasets.map, padding=max_length", ds),
                         ("raw fast tokenizer, 1 process", raw)):
             rows.append({"reviews": n, "stage": name, "x datasets.map": r["rows_per_s"] / ds["rows_per_s"],
                          "x raw": r["rows_per_s"] / raw["rows_per_s"], "rows/s": r["rows_per_s"],

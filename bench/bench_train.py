@@ -4,7 +4,7 @@
 
 The same IMDB rows, model, batch size and number of steps through:
   - spark-tuning: `spark_tuning.train.train_fn` itself, one process, reading staged Parquet like a rank
-    does (dynamic padding, length-grouped "sortish" batches, precision auto);
+    does (dynamic padding, length-bucketed batches, precision auto);
   - the lab's recipe: `transformers.Trainer` on a `datasets.Dataset` tokenized with padding="max_length".
 Useful tokens are non-pad tokens. MFU = 6 x non-embedding parameters x useful tokens/s over the matmul peak
 measured in this run (fp32 and bf16 square matmuls). The loader's data-wait share (benchmark 3) comes from
@@ -22,20 +22,7 @@ import numpy as np
 
 import _common as C
 import _shard
-
-
-def matmul_peak(dtype, n: int = 512, seconds: float = 2.0) -> float:
-    """GFLOP/s of an n x n matmul in `dtype`, best of repeated runs within `seconds`."""
-    import torch
-
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.mm(a, b)
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
-    return best
+from spark_tuning.mfu import matmul_peak, non_embedding_params  # the probe and count train_fn uses
 
 
 def make_models(tmp: str, tok) -> dict[str, str]:
@@ -48,13 +35,6 @@ def make_models(tmp: str, tok) -> dict[str, str]:
         pad_token_id=tok.pad_token_id, attn_pdrop=0.0)).save_pretrained(gpt, safe_serialization=True)
     tok.save_pretrained(gpt)
     return {"all-MiniLM-L6-v2": C.minilm_dir(), "GPT-2 size (124M body, random)": gpt}
-
-
-def non_embedding_params(model) -> int:
-    import torch
-
-    emb = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
-    return sum(p.numel() for p in model.parameters()) - emb
 
 
 def run_ours(tmp, name, model_dir, train_ref, eval_ref, steps, batch, max_length) -> dict:
@@ -121,8 +101,8 @@ def main() -> None:
 
     records = []
     with C.measured({"what": "matmul peak"}) as peak:
-        peak["fp32_gflops"] = matmul_peak(torch.float32)
-        peak["bf16_gflops"] = matmul_peak(torch.bfloat16)
+        peak["fp32_gflops"] = matmul_peak(torch.float32, seconds=2.0)
+        peak["bf16_gflops"] = matmul_peak(torch.bfloat16, seconds=2.0)
         peak["bf16_supported_by_onednn"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     records.append(peak)
     print(peak, flush=True)

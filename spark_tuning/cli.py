@@ -239,6 +239,8 @@ def _common_rows(s) -> list[tuple[str, str]]:
         ("training steps", str(m["train_steps"])),
         ("train tokens/s", f"{m['train_tokens_per_second']:.0f} ({m['train_precision']}, {s.result['world_size']} processes)"),
         ("padding share", f"{100 * m['train_padding_share']:.1f}%"),
+        ("MFU", f"{100 * m['train_mfu']:.1f}% of a measured {m['train_matmul_peak_gflops']:.0f} GFLOP/s matmul "
+                "peak per process"),
         ("wall time", f"{s.timings.get('total', 0):.0f}s (" + ", ".join(
             f"{k} {v:.0f}s" for k, v in s.timings.items() if k != "total") + ")"),
         ("output folder", s.output_dir),

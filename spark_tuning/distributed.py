@@ -124,3 +124,15 @@ def total(values: list[float], ctx: Context) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def maximum(values: list[int], ctx: Context) -> list[int]:
+    """Element-wise maximum of a few integers over ranks (e.g. each epoch's batch count)."""
+    if not ctx.is_distributed:
+        return list(values)
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()

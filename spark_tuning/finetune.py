@@ -38,7 +38,17 @@ class Summary:
 def derived_figures(cfg: Config, train_rows: Optional[int] = None, mean_length: Optional[float] = None) -> dict:
     """The numbers a user wants before a long run: global batch, steps, tokens per step."""
     t, n = cfg.train, cfg.distributed.num_processes
-    out: dict[str, Any] = {"global_batch_size": t.batch_size * n * t.grad_accum_steps}
+    if t.max_tokens_per_batch:
+        # Rows per batch depend on the lengths: the step count is known once the ranks plan their batches.
+        out: dict[str, Any] = {"max_tokens_per_step": t.max_tokens_per_batch * n * t.grad_accum_steps}
+        if train_rows is not None:
+            out["train_rows"] = train_rows
+        if train_rows is not None and mean_length is not None:
+            out["mean_tokens_per_row"] = round(mean_length, 1)
+            # Padding only adds batches: this is the fewest steps an epoch can take.
+            out["steps_per_epoch_at_least"] = math.ceil(train_rows * mean_length / out["max_tokens_per_step"])
+        return out
+    out = {"global_batch_size": t.batch_size * n * t.grad_accum_steps}
     if train_rows is not None:
         micro = math.ceil(math.ceil(train_rows / n) / t.batch_size)
         per_epoch = math.ceil(micro / t.grad_accum_steps)
@@ -240,6 +250,7 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
             metrics.update(eval_loss=result["epochs"][-1]["eval_loss"], train_steps=result["steps"],
                            train_tokens_per_second=result["tokens_per_second"],
                            train_padding_share=result["padding_share"], train_precision=result["precision"],
+                           train_mfu=result["mfu"], train_matmul_peak_gflops=result["matmul_peak_gflops"],
                            train_data_wait_share=result["data_wait_share"])
             _write_outputs(partial, cfg, metrics, result, names, eval_ref.path)
         else:

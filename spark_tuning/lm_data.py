@@ -294,16 +294,25 @@ def _as_dicts(chat: Any) -> list[dict]:
 
 
 def tokenize_texts(df: DataFrame, src, model_cfg: ModelConfig) -> DataFrame:
-    """`text` -> `input_ids`: the whole text, EOS appended (the separator when texts are packed)."""
+    """`text` -> `input_ids`: the whole text, EOS appended (the separator when texts are packed).
+
+    Through the model tokenizer's Rust backend alone where it reproduces the tokenizer (tokenize.py),
+    else through transformers in every task."""
     from pyspark.sql.functions import pandas_udf
+
+    from spark_tuning.model import load_tokenizer
+    from spark_tuning.tokenize import rust_encoder
+
+    eos_id = load_tokenizer(src, model_cfg).eos_token_id
+    eos = [eos_id] if eos_id is not None else []
+    enc = rust_encoder(src, model_cfg, max_length=None)
+    if enc is not None:
+        return df.select("text").mapInArrow(_rust_texts(enc, eos), "input_ids array<int>")
 
     @pandas_udf("array<int>")
     def encode(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from spark_tuning.model import load_tokenizer
-
         tok = load_tokenizer(src, model_cfg)
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         for texts in batches:
             ids = tok(texts.tolist(), add_special_tokens=True, truncation=False)["input_ids"]
             yield pd.Series([np.asarray(x + eos, dtype=np.int32) for x in ids])
@@ -311,22 +320,48 @@ def tokenize_texts(df: DataFrame, src, model_cfg: ModelConfig) -> DataFrame:
     return df.select(encode(F.col("text")).alias("input_ids"))
 
 
+def _rust_texts(enc, eos: list[int]):
+    """mapInArrow function: record batches of `text` -> batches of `input_ids` (EOS appended)."""
+
+    def encode(batches):
+        import pyarrow as pa
+
+        from spark_tuning.rust_tokenizer import arrow_ids, encode_flat
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        tok = enc.load()
+        for batch in batches:
+            texts = batch.column(0).fill_null("").to_pylist()
+            yield pa.RecordBatch.from_arrays([arrow_ids(*encode_flat(tok, texts, append=eos))], names=["input_ids"])
+
+    return encode
+
+
 def pack(df: DataFrame, block_size: int) -> DataFrame:
     """`input_ids` of consecutive rows -> blocks of exactly `block_size` tokens, within each partition.
-    Labels are the inputs. The last tokens of a partition (fewer than block_size) are dropped."""
+    Labels are the inputs. The last tokens of a partition (fewer than block_size) are dropped. Works on
+    the flat Arrow values of each batch: no Python list per row."""
 
-    def blocks(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    def blocks(batches):
+        import pyarrow as pa
+
+        from spark_tuning.tokenize import arrow_ids
+
         carry = np.zeros(0, dtype=np.int32)
-        for frame in frames:
-            flat = np.concatenate([carry, *[np.asarray(x, dtype=np.int32) for x in frame["input_ids"]]])
+        for batch in batches:
+            ids = batch.column(0)
+            flat = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+            flat = np.concatenate([carry, flat])
             n = len(flat) // block_size
             carry = flat[n * block_size:]
             if n:
-                cut = flat[:n * block_size].reshape(n, block_size)
-                yield pd.DataFrame({"input_ids": list(cut), "labels": list(cut),
-                                    "length": np.full(n, block_size, dtype=np.int32)})
+                offsets = np.arange(0, n * block_size + 1, block_size, dtype=np.int32)
+                cut = arrow_ids(offsets, flat[:n * block_size])
+                yield pa.RecordBatch.from_arrays(
+                    [cut, cut, pa.array(np.full(n, block_size, dtype=np.int32))],
+                    names=["input_ids", "labels", "length"])
 
-    return df.select("input_ids").mapInPandas(blocks, LM_SCHEMA)
+    return df.select("input_ids").mapInArrow(blocks, LM_SCHEMA)
 
 
 def token_count(df: DataFrame) -> int:

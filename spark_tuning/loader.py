@@ -2,15 +2,19 @@
 
 Staging writes `world_size * k` similar-sized files, so row groups split evenly between ranks. A rank
 reads its groups with pyarrow (only the columns it needs) and cuts them into batches that are padded to
-their own longest row. With `group_by_length`, rows of similar length share a batch ("sortish" batching:
-shuffle, sort within chunks of 50 batches, shuffle the batches), which keeps training random while
-wasting little compute on padding.
+their own longest row.
+
+Length bucketing: staging adds a `bucket` column in Spark (`with_length_buckets`): lengths within ~10% of
+each other share a bucket. With `group_by_length`, each epoch every rank shuffles its rows (seeded by seed
+and epoch), groups them bucket by bucket (random order inside a bucket), cuts the batches, and shuffles the
+batches: training stays random (which rows meet, and in which order batches come, change every epoch) while
+a batch pads its rows by a few percent at most. Batches hold `batch_size` rows, or, with
+`train.max_tokens_per_batch`, as many rows as fit `rows x longest row <= budget`.
 """
 
 from __future__ import annotations
 
 import glob
-import math
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -18,10 +22,14 @@ from typing import Iterator, Optional
 import numpy as np
 
 TRAIN_COLUMNS = ["row_id", "input_ids", "length", "label"]
+BUCKET = "bucket"  # staged by with_length_buckets; read by the Parquet loader, recomputed where absent
 # causal_lm / sft rows also carry per-token labels (-100 where no loss is taken), with the same offsets.
 TOKEN_LABELS = "labels"
 IGNORE_INDEX = -100
-SORTISH_CHUNK = 50  # batches per sorting window
+# Bucket edges grow by this share: rows of one bucket differ in length by at most ~10%, so a batch cut
+# inside a bucket pads by ~5% on average. Below 10 tokens every length is its own bucket.
+BUCKET_GROWTH = 0.1
+MAX_BUCKETED_LENGTH = 1 << 20  # longer rows share the last bucket
 
 
 @dataclass(frozen=True)
@@ -47,9 +55,34 @@ def with_row_ids(df, num_files: int):
             .drop("_key").withColumn("row_id", F.monotonically_increasing_id()))
 
 
+def bucket_edges() -> list[int]:
+    """Lower edges of the length buckets: 1, 2, ..., 10, 11, 12, 13, ..., 20, 22, 24, ... (x1.1 each)."""
+    edges, e = [], 1
+    while e <= MAX_BUCKETED_LENGTH:
+        edges.append(e)
+        e = max(e + 1, int(e * (1 + BUCKET_GROWTH)))
+    return edges
+
+
+def with_length_buckets(df):
+    """Adds `bucket`: the number of bucket edges at or below the row's `length` (0 for empty rows).
+
+    Pure: DataFrame -> DataFrame. `length_buckets` gives the same numbers from lengths in NumPy."""
+    from pyspark.sql import functions as F
+
+    edges = F.array(*[F.lit(e) for e in bucket_edges()])
+    return df.withColumn(BUCKET, F.size(F.filter(edges, lambda e: e <= F.col("length"))).cast("int"))
+
+
+def length_buckets(lengths: np.ndarray) -> np.ndarray:
+    """`with_length_buckets` for lengths already in memory (e.g. data staged without the column)."""
+    return np.searchsorted(np.asarray(bucket_edges()), lengths, side="right").astype(np.int64)
+
+
 def stage(df, path: str, num_files: int) -> DataRef:
-    """Write a tokenized DataFrame once as Parquet (with a stable `row_id`) and describe it."""
-    staged = with_row_ids(df, num_files)
+    """Write a tokenized DataFrame once as Parquet (with a stable `row_id` and a length `bucket`) and
+    describe it."""
+    staged = with_row_ids(with_length_buckets(df), num_files)
     staged.write.mode("error").parquet(path)
     import pyarrow.parquet as pq
 
@@ -100,9 +133,13 @@ class Shard:
     values: np.ndarray
     rows_per_rank: list[int]
     token_labels: Optional[np.ndarray] = None  # causal_lm / sft: flat, row i is [offsets[i]:offsets[i+1]]
+    buckets: Optional[np.ndarray] = None  # the staged `bucket` column; None: computed from the lengths
 
     def __len__(self) -> int:
         return len(self.row_ids)
+
+    def bucket_keys(self) -> np.ndarray:
+        return self.buckets if self.buckets is not None else length_buckets(self.lengths)
 
     def ids(self, i: int) -> np.ndarray:
         return self.values[self.offsets[i]:self.offsets[i + 1]]
@@ -139,6 +176,7 @@ def read_shard(ref: DataRef, rank: int, world_size: int, columns: Optional[list[
         values=values,
         rows_per_rank=rows_per_rank,
         token_labels=_flat_token_labels(table, offsets),
+        buckets=table.column(BUCKET).to_numpy().astype(np.int64) if BUCKET in table.column_names else None,
     )
 
 
@@ -147,7 +185,7 @@ def _columns_present(path: str) -> list[str]:
     import pyarrow.parquet as pq
 
     names = pq.ParquetFile(path).schema_arrow.names
-    return [c for c in TRAIN_COLUMNS + [TOKEN_LABELS] if c in names]
+    return [c for c in TRAIN_COLUMNS + [TOKEN_LABELS, BUCKET] if c in names]
 
 
 def _flat_token_labels(table, offsets: np.ndarray) -> Optional[np.ndarray]:
@@ -161,29 +199,55 @@ def _flat_token_labels(table, offsets: np.ndarray) -> Optional[np.ndarray]:
     return flat.astype(np.int64)
 
 
-def batches_per_epoch(shard: Shard, batch_size: int) -> int:
-    """The same number on every rank (DDP needs it): ranks with fewer rows wrap around to fill up."""
-    return math.ceil(max(shard.rows_per_rank) / batch_size)
+def plan_train_batches(shard: Shard, batch_size: int, seed: int, epoch: int, group_by_length: bool,
+                       max_tokens: Optional[int] = None, n_batches: Optional[int] = None) -> list[np.ndarray]:
+    """Row indices of each training batch of one epoch. Seeded by (seed, epoch): the same on every run
+    and with either loader backend, different from one epoch to the next. Every row is used once.
 
-
-def plan_train_batches(shard: Shard, batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[np.ndarray]:
-    """Row indices of each training batch for one epoch: seeded, so every run sees the same order."""
-    rng = np.random.default_rng([seed, epoch])
-    n_batches = batches_per_epoch(shard, batch_size)
+    `max_tokens`: instead of `batch_size` rows, a batch takes rows while rows x its longest row stays
+    within the budget (a row longer than the budget alone is a batch of one; config refuses budgets below
+    the longest possible row). `n_batches`: stretch the plan to this many batches (DDP needs the same
+    count on every rank: the training loop passes the largest count of any rank), by halving the batches
+    with the most rows; only a rank with fewer rows than batches repeats rows."""
     if len(shard) == 0:
         return []
+    rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(shard))
-    need = n_batches * batch_size
-    order = np.resize(order, need)  # wrap around: every rank does the same number of steps
-    if not group_by_length:
-        return [order[i:i + batch_size] for i in range(0, need, batch_size)]
-    chunk = batch_size * SORTISH_CHUNK
-    batches = []
-    for start in range(0, need, chunk):
-        window = order[start:start + chunk]
-        window = window[np.argsort(shard.lengths[window], kind="stable")]
-        batches += [window[i:i + batch_size] for i in range(0, len(window), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
+    if group_by_length:  # bucket by bucket, in random order inside each bucket
+        order = order[np.argsort(shard.bucket_keys()[order], kind="stable")]
+    if max_tokens is None:
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    else:
+        batches = _cut_by_tokens(order, shard.lengths, max_tokens)
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches if n_batches is None else _stretch(batches, n_batches)
+
+
+def _cut_by_tokens(order: np.ndarray, lengths: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Consecutive rows of `order` into batches with rows x longest <= budget (never empty)."""
+    batches, start, longest = [], 0, 0
+    for i, n in enumerate(lengths[order].tolist()):
+        wider = max(longest, n)
+        if i > start and (i - start + 1) * wider > budget:
+            batches.append(order[start:i])
+            start, wider = i, n
+        longest = wider
+    batches.append(order[start:])
+    return batches
+
+
+def _stretch(batches: list[np.ndarray], n_batches: int) -> list[np.ndarray]:
+    if len(batches) > n_batches:
+        raise ValueError(f"a plan of {len(batches)} batches cannot shrink to {n_batches}")
+    out = list(batches)
+    while len(out) < n_batches:
+        i = max(range(len(out)), key=lambda k: len(out[k]))  # the first of the largest batches
+        if len(out[i]) < 2:  # every batch is a single row: repeat rows, in plan order
+            out += out[:n_batches - len(out)]
+            continue
+        half = (len(out[i]) + 1) // 2
+        out[i:i + 1] = [out[i][:half], out[i][half:]]
+    return out
 
 
 def plan_eval_batches(shard: Shard, batch_size: int) -> list[np.ndarray]:

@@ -7,7 +7,9 @@ in pyarrow 15, so this backend needs the legacy stack of conf/env/constraints-pe
 
 The backend's only job is the same one as loader.py's: give each rank its rows (`Shard`). Batch planning
 and per-batch padding are shared, so for the same seed both backends give the same batches:
-- staging goes through `loader.with_row_ids`, so rows, ids and file layout match the Parquet backend;
+- staging goes through `loader.with_length_buckets` and `loader.with_row_ids`, so rows, ids and file
+  layout match the Parquet backend; the `bucket` column is not read back: `Shard.bucket_keys` recomputes
+  the same buckets from the lengths;
 - petastorm's torch loader refuses arrays of different lengths in one batch, so `input_ids` are stored
   padded to `max_length` next to their true `length`, and trimmed back as they are read: training still
   pads each batch only to its own longest row;
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from spark_tuning.errors import InputError, JobFailed
-from spark_tuning.loader import TRAIN_COLUMNS, DataRef, Shard, _row_groups, with_row_ids
+from spark_tuning.loader import TRAIN_COLUMNS, DataRef, Shard, _row_groups, with_length_buckets, with_row_ids
 
 NEEDS_PYARROW_BELOW = 15
 INSTALL_HINT = (
@@ -93,7 +95,7 @@ def stage(df, path: str, num_files: int, max_length: int) -> PetastormRef:
     # The cache lives inside the job's staging folder, so finetune.py removes it whatever happens.
     spark.conf.set(key, "file://" + os.path.abspath(path))
     try:
-        converter = make_spark_converter(fixed_length(with_row_ids(df, num_files), max_length),
+        converter = make_spark_converter(fixed_length(with_row_ids(with_length_buckets(df), num_files), max_length),
                                          parquet_row_group_size_bytes=ROW_GROUP_BYTES, compression_codec="snappy")
     finally:
         if before is None:

@@ -137,6 +137,10 @@ class RankZeroLogger:
         if self.ref is not None:
             log_metrics(self.ref, values, step)
 
+    def params(self, values: dict[str, Any]) -> None:
+        if self.ref is not None:
+            log_params(self.ref, values)
+
     def table(self, columns: dict[str, list], artifact_file: str) -> None:
         """A small table (e.g. generated samples) as an MLflow table artifact, shown in the run's UI."""
         if self.ref is not None:

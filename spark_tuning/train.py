@@ -116,6 +116,16 @@ def _timed(batches, clock: dict[str, float]):
         yield item
 
 
+@contextlib.contextmanager
+def _paused(window: dict):
+    """Leave the time spent inside (evaluation, checkpoints) out of the window's tokens/s and MFU."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        window["t0"] += time.perf_counter() - t
+
+
 def _quiet_libraries(rank_zero: bool) -> None:
     """One rank's load report is enough; progress bars garble interleaved logs."""
     import transformers
@@ -153,7 +163,8 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
     from spark_tuning.faults import rank_only
     from spark_tuning.evaluate import classification_metrics
     from spark_tuning import lm_train, lora
-    from spark_tuning.loader import batches_per_epoch, iterate, plan_eval_batches, plan_train_batches, read_shard_as
+    from spark_tuning.loader import iterate, plan_eval_batches, plan_train_batches, read_shard_as
+    from spark_tuning.mfu import matmul_peak, mfu, training_flops_per_token
     from spark_tuning.model import ModelSource, count_parameters, load_tokenizer
     from spark_tuning.tracking import RankZeroLogger, RunRef
 
@@ -182,11 +193,18 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
         train_shard = read_shard_as(cfg.loader.kind, payload["train_ref"], ctx.rank, ctx.world_size)
         eval_shard = read_shard_as(cfg.loader.kind, payload["eval_ref"], ctx.rank, ctx.world_size)
         read_seconds = time.perf_counter() - t_read
-        micro_per_epoch = batches_per_epoch(train_shard, tc.batch_size)
-        rank_only.info("rank %d: %d training rows, %d validation rows, %d batches per epoch (read in %.1fs)",
-                       ctx.rank, len(train_shard), len(eval_shard), micro_per_epoch, read_seconds)
-        steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum_steps)
-        total_steps = steps_per_epoch * tc.epochs
+
+        def plan_epoch(epoch: int, n_batches=None) -> list:
+            return plan_train_batches(train_shard, tc.batch_size, cfg.seed, epoch, tc.group_by_length,
+                                      max_tokens=tc.max_tokens_per_batch, n_batches=n_batches)
+
+        # DDP: every rank runs the same number of batches in an epoch; ranks with fewer stretch their plan.
+        micro_per_epoch = distributed.maximum([len(plan_epoch(e)) for e in range(tc.epochs)], ctx)
+        steps_per_epoch = [math.ceil(n / tc.grad_accum_steps) for n in micro_per_epoch]
+        total_steps = sum(steps_per_epoch)
+        rank_only.info("rank %d: %d training rows, %d validation rows, %d-%d batches per epoch (read in %.1fs)",
+                       ctx.rank, len(train_shard), len(eval_shard), min(micro_per_epoch), max(micro_per_epoch),
+                       read_seconds)
         if tc.max_steps:
             total_steps = min(total_steps, tc.max_steps)
         warmup = int(tc.warmup_ratio * total_steps)
@@ -198,11 +216,27 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
         # batches of the interrupted epoch that were already seen are skipped (plans are seeded).
         resume = _resume(payload.get("resume_from"), model, optimizer, scheduler, ctx)
         ddp_model = distributed.wrap(model, ctx)
+        if tc.compile:
+            # Only the training forward/backward is compiled; evaluation, checkpoints and saving use `model`.
+            # dynamic=True: batch widths change every step, which would otherwise recompile once more.
+            ddp_model = torch.compile(ddp_model, dynamic=True)
+
+        # MFU: rank 0 measures one process's matmul peak in the precision used, while the other ranks wait
+        # (DDP's set-up above has just lined them up), so that no rank's work slows the probe.
+        flops_per_token = training_flops_per_token(model)
+        probe = torch.bfloat16 if precision == "bf16" else torch.float32
+        peak = distributed.broadcast(matmul_peak(probe, ctx.device) if ctx.is_rank_zero else None, ctx)
+        tracker.params({"mfu.peak_gflops_per_process": round(peak, 2), "mfu.peak_precision": precision,
+                        "mfu.flops_per_token": flops_per_token,
+                        "mfu.formula": "6 x non-embedding parameters (all, trainable or not) x useful tokens/s "
+                                       "/ (matmul peak per process x processes); attention FLOPs not counted"})
+        tracker.metrics({"matmul_peak_gflops": peak}, 0)
         autocast = torch.autocast(ctx.device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
         if ctx.is_rank_zero:
             log.info("training %s: %d parameters (%d trainable, %.1f%%), %d processes, precision %s, "
-                     "%d steps (%d per epoch), warm-up %d", src.location, total_params, trainable,
-                     100 * trainable / total_params, ctx.world_size, precision, total_steps, steps_per_epoch, warmup)
+                     "%d steps (%d in the first epoch), warm-up %d", src.location, total_params, trainable,
+                     100 * trainable / total_params, ctx.world_size, precision, total_steps, steps_per_epoch[0],
+                     warmup)
             log.info("spark_tuning code from %s, device %s", __file__, ctx.device)
 
         history: list[dict] = resume.get("history", [])
@@ -247,13 +281,15 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
         eval_out: dict = {}
         if cfg.task != "classification" and tc.eval_before_training and not resume:
             # causal_lm / sft: the untrained model's loss, so that the run reports before and after.
-            rec, eval_out = lm_train.evaluate(model, eval_shard, cfg, lm, tokenizer, ctx, precision, 0, 0, tracker)
+            with _paused(window):
+                rec, eval_out = lm_train.evaluate(model, eval_shard, cfg, lm, tokenizer, ctx, precision, 0, 0,
+                                                  tracker)
             epochs.append(rec)
         for epoch in range(start_epoch, tc.epochs):
             if step >= total_steps:
                 break
             ddp_model.train()
-            plan = plan_train_batches(train_shard, tc.batch_size, cfg.seed, epoch, tc.group_by_length)
+            plan = plan_epoch(epoch, micro_per_epoch[epoch])
             if epoch == start_epoch and skip:
                 plan_skipped, plan = plan[:skip], plan[skip:]
             else:
@@ -287,33 +323,37 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
                     loss_avg, tokens, padded = distributed.total(
                         [window["loss"] / window["micro"], window["tokens"], window["padded"]], ctx)
                     loss_avg /= ctx.world_size
-                    rec = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss_avg, "learning_rate": scheduler.get_last_lr()[0],
-                           "tokens_per_second": tokens / elapsed, "padding_share": 1 - tokens / max(1, padded)}
+                    rec = {"step": step, "epoch": epoch + (micro + 1) / micro_per_epoch[epoch],
+                           "train_loss": loss_avg, "learning_rate": scheduler.get_last_lr()[0],
+                           "tokens_per_second": tokens / elapsed, "padding_share": 1 - tokens / max(1, padded),
+                           "mfu": mfu(tokens / elapsed, flops_per_token, peak, ctx.world_size)}
                     history.append(rec)
                     totals["tokens"] += tokens
                     totals["padded"] += padded
                     totals["seconds"] += elapsed
                     tracker.metrics({k: v for k, v in rec.items() if k != "step"}, step)
                     if ctx.is_rank_zero:
-                        log.info("step %d/%d epoch %.2f loss %.4f lr %.2e %.0f tok/s padding %.0f%%", step,
-                                 total_steps, rec["epoch"], loss_avg, rec["learning_rate"],
-                                 rec["tokens_per_second"], 100 * rec["padding_share"])
+                        log.info("step %d/%d epoch %.2f loss %.4f lr %.2e %.0f tok/s padding %.0f%% MFU %.1f%%",
+                                 step, total_steps, rec["epoch"], loss_avg, rec["learning_rate"],
+                                 rec["tokens_per_second"], 100 * rec["padding_share"], 100 * rec["mfu"])
                     window = {"loss": 0.0, "micro": 0, "tokens": 0, "padded": 0, "t0": time.perf_counter()}
                 if ckpt and ckpt["every_steps"] and step % ckpt["every_steps"] == 0 and step < total_steps:
-                    save_checkpoint(epoch, micro + 1)
+                    with _paused(window):
+                        save_checkpoint(epoch, micro + 1)
                 if step >= total_steps:
                     break
             train_seconds = time.perf_counter() - t_epoch
             clock["train"] += train_seconds
 
-            if cfg.task != "classification":
-                rec, eval_out = lm_train.evaluate(model, eval_shard, cfg, lm, tokenizer, ctx, precision,
-                                                  epoch + 1, step, tracker)
-                epochs.append({**rec, "epoch_train_seconds": train_seconds})
-            else:
-                eval_out = evaluate_now(epoch + 1, train_seconds)
-            if ckpt:
-                save_checkpoint(epoch + 1, 0)
+            with _paused(window):
+                if cfg.task != "classification":
+                    rec, eval_out = lm_train.evaluate(model, eval_shard, cfg, lm, tokenizer, ctx, precision,
+                                                      epoch + 1, step, tracker)
+                    epochs.append({**rec, "epoch_train_seconds": train_seconds})
+                else:
+                    eval_out = evaluate_now(epoch + 1, train_seconds)
+                if ckpt:
+                    save_checkpoint(epoch + 1, 0)
 
         if not eval_out:  # resumed from the last checkpoint of a finished training: evaluate once more
             if epochs and epochs[-1]["step"] == step:
@@ -340,6 +380,9 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
             "train_tokens": totals["tokens"],
             "tokens_per_second": totals["tokens"] / max(1e-9, totals["seconds"]),
             "padding_share": 1 - totals["tokens"] / max(1, totals["padded"]),
+            "mfu": mfu(totals["tokens"] / max(1e-9, totals["seconds"]), flops_per_token, peak, ctx.world_size),
+            "matmul_peak_gflops": peak,
+            "flops_per_token": flops_per_token,
             "train_seconds": totals["seconds"],
             # Loader overhead: reading this rank's shard once, and waiting for batches during training.
             "shard_read_seconds": read_seconds,

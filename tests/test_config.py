@@ -88,3 +88,17 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, ["train.epochs=7", "data.label_names=[neg, pos]"])
     again = load_config(write(tmp_path, to_yaml(cfg)))
     assert again == cfg
+
+
+def test_token_budget_must_fit_the_longest_row():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.max_length=256", "train.max_tokens_per_batch=200"])
+    (problem,) = err.value.problems
+    assert "train.max_tokens_per_batch = 200" in problem and "data.max_length = 256" in problem
+    assert "at least 256" in problem
+    assert load_config(None, ["data.max_length=256", "train.max_tokens_per_batch=4096"]).train.max_tokens_per_batch == 4096
+    # causal_lm rows are blocks of data.block_size tokens, whatever data.max_length says
+    with pytest.raises(ConfigError, match="data.block_size = 512"):
+        load_config(None, ["task=causal_lm", "data.block_size=512", "train.max_tokens_per_batch=300"])
+    with pytest.raises(ConfigError, match="train.max_tokens_per_batch = 0 must be greater than 0"):
+        load_config(None, ["train.max_tokens_per_batch=0"])

@@ -51,10 +51,19 @@ def test_mlflow_run_recorded(finished):
     run = MlflowClient(summary.tracking_uri).get_run(summary.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.batch_size"] == "8"
-    assert "derived.global_batch_size" in run.data.params
+    assert run.data.params["derived.max_tokens_per_step"] == str(256 * 2)  # budget x processes
     history = MlflowClient(summary.tracking_uri).get_metric_history(summary.run_id, "train_loss")
     assert len(history) == len(summary.result["history"])
     assert run.data.metrics["final_accuracy"] == pytest.approx(summary.metrics["accuracy"])
+    assert run.data.params["train.max_tokens_per_batch"] == "256"
+    # The run's own speed: tokens/s, padding share and MFU at every logged step, and over the whole run.
+    for name in ("tokens_per_second", "padding_share", "mfu"):
+        steps = MlflowClient(summary.tracking_uri).get_metric_history(summary.run_id, name)
+        assert len(steps) == len(summary.result["history"]), name
+    assert all(0 < h["mfu"] < 1 for h in summary.result["history"])
+    assert run.data.metrics["matmul_peak_gflops"] > 0
+    assert float(run.data.params["mfu.peak_gflops_per_process"]) > 0 and "mfu.formula" in run.data.params
+    assert run.data.metrics["final_train_mfu"] == pytest.approx(summary.result["mfu"])
     artifacts = {a.path for a in MlflowClient(summary.tracking_uri).list_artifacts(summary.run_id)}
     assert {"metrics.json", "confusion_matrix.png", "config.yaml"} <= artifacts
 

@@ -1,24 +1,84 @@
-"""The tokenizer pandas UDF gives exactly what the fast tokenizer gives, truncated and unpadded."""
+"""Tokenization in Spark gives exactly what the model's fast tokenizer gives, truncated and unpadded, whether
+it runs through the Rust backend alone (the default) or through transformers (the fallback)."""
 
 from __future__ import annotations
 
+import pytest
+
+from lm_fixtures import chat_tokenizer, plain_tokenizer, tiny_gpt2_dir, tiny_llama_dir  # noqa: F401
+
 from spark_tuning.config import ModelConfig
 from spark_tuning.model import ModelSource, load_tokenizer
-from spark_tuning.tokenize import tokenize
+from spark_tuning.rust_tokenizer import encode_flat
+from spark_tuning.tokenize import rust_encoder, tokenize
+
+TEXTS = ["a short one", "a much longer review " * 40, "naïve café, déjà vu! 東京 🙂", "x", "",
+         "   ", "[CLS] inside [SEP] the text <|endoftext|>", "tabs\tand\nnew lines"]
+
+
+def _rust_ids(src, mc, max_length, texts):
+    enc = rust_encoder(src, mc, max_length)
+    assert enc is not None, "the Rust backend should reproduce this tokenizer"
+    offsets, values = encode_flat(enc.load(), texts)
+    return [values[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))]
+
+
+@pytest.mark.parametrize("model", ["minilm_dir", "tiny_gpt2_dir", "tiny_llama_dir"])
+@pytest.mark.parametrize("max_length", [16, None])
+def test_rust_backend_gives_the_autotokenizers_ids(request, model, max_length):
+    """WordPiece with [CLS]/[SEP] (MiniLM), byte-level BPE without BOS (GPT-2-like, Llama-like with a
+    chat template): truncation=True, max_length, no padding; and no truncation for causal_lm texts."""
+    folder = request.getfixturevalue(model)
+    src, mc = ModelSource(folder, True), ModelConfig(source=folder)
+    tok = load_tokenizer(src, mc)
+    if max_length is None:
+        want = tok(TEXTS, truncation=False)["input_ids"]
+    else:
+        want = tok(TEXTS, truncation=True, max_length=max_length, padding=False)["input_ids"]
+    got = _rust_ids(src, mc, max_length, TEXTS)
+    assert got == want
+    if max_length is not None:
+        assert max(map(len, got)) == max_length  # the long text was cut, special tokens included
+    if model == "minilm_dir":
+        assert got[4] == [tok.cls_token_id, tok.sep_token_id]  # empty text still gets [CLS] [SEP]
+
+
+def test_eos_is_appended_after_every_row(tiny_gpt2_dir):
+    src, mc = ModelSource(tiny_gpt2_dir, True), ModelConfig(source=tiny_gpt2_dir)
+    tok = load_tokenizer(src, mc)
+    offsets, values = encode_flat(rust_encoder(src, mc, None).load(), ["the film", "", "plot"],
+                                  append=[tok.eos_token_id])
+    rows = [values[offsets[i]:offsets[i + 1]].tolist() for i in range(3)]
+    assert rows == [tok(t)["input_ids"] + [tok.eos_token_id] for t in ["the film", "", "plot"]]
+    assert values.dtype.name == "int32" and offsets[0] == 0 and offsets[-1] == len(values)
 
 
 def test_udf_matches_the_tokenizer(spark, minilm_dir):
-    texts = ["a short one", "a much longer review " * 40, "naïve café, déjà vu!", "x"]
-    df = spark.createDataFrame([(t, i % 2) for i, t in enumerate(texts)], ["text", "label"]).repartition(2)
+    df = spark.createDataFrame([(t, i % 2) for i, t in enumerate(TEXTS)], ["text", "label"]).repartition(2)
     src, mc = ModelSource(minilm_dir, True), ModelConfig(source=minilm_dir)
-    rows = {r.text: r for r in tokenize(df, src, mc, max_length=32).collect()}
+    out = tokenize(df, src, mc, max_length=32)
+    assert out.columns == ["text", "label", "input_ids", "length"]
+    rows = {r.text: r for r in out.collect()}
     tok = load_tokenizer(src, mc)
-    for t in texts:
+    for t in TEXTS:
         want = tok(t, truncation=True, max_length=32)["input_ids"]
         assert list(rows[t].input_ids) == want
         assert rows[t].length == len(want) <= 32
     assert rows["x"].length < 32  # not padded
-    assert rows[texts[1]].length == 32  # truncated
+    assert rows[TEXTS[1]].length == 32  # truncated
+
+
+def test_transformers_fallback_gives_the_same_rows(spark, minilm_dir):
+    """The path taken when the Rust backend cannot reproduce a tokenizer: same rows as the default path."""
+    from pyspark.sql import functions as F
+
+    from spark_tuning.tokenize import _transformers_udf
+
+    df = spark.createDataFrame([(t,) for t in TEXTS], ["text"]).repartition(2)
+    src, mc = ModelSource(minilm_dir, True), ModelConfig(source=minilm_dir)
+    slow = df.withColumn("_tok", _transformers_udf(src, mc, 32)(F.col("text"))).select("text", "_tok.*")
+    fast = tokenize(df, src, mc, max_length=32)
+    assert sorted(map(tuple, slow.collect())) == sorted(map(tuple, fast.collect()))
 
 
 def test_real_imdb_lengths(spark, imdb_path, minilm_dir):
