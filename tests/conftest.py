@@ -125,7 +125,8 @@ def tiny_job_config(tmp_path, data: str, model: str, **overrides):
 @pytest.fixture(scope="session")
 def packaged_run(spark, tmp_path_factory, reviews_jsonl, tiny_bert_dir):
     """A finished tiny run whose model is logged as an MLflow pyfunc model, registered as `tiny-reviews`
-    (alias `candidate`), trained with a token budget per batch, and checked through a real local server by the job itself (deploy.verify)."""
+    (alias `candidate`), trained with a token budget per batch, and checked through a real local server by
+    the job itself (deploy.verify)."""
     from spark_tuning import finetune
 
     tmp = tmp_path_factory.mktemp("packaged")
