@@ -22,8 +22,11 @@ def matmul_peak(dtype, device: str = "cpu", n: int = 512, seconds: float = 1.0) 
     gpu = device.startswith("cuda")
     if gpu:
         n = max(n, 4096)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    # A private generator: drawing from torch's global RNG here would shift rank 0's dropout masks, and a
+    # resumed run (which restores the RNG before this probe) would no longer repeat the original one.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
     torch.mm(a, b)  # warm-up: kernels chosen, pages touched
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:

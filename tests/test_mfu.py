@@ -34,3 +34,16 @@ def test_matmul_peak_is_measured_in_the_dtype_asked():
 def test_mfu_is_model_flops_over_the_peak_of_all_processes():
     assert mfu(1000, 6e6, peak_gflops=10, processes=2) == pytest.approx(0.3)
     assert mfu(1000, 6e6, peak_gflops=10, processes=1) == pytest.approx(0.6)
+
+
+def test_peak_probe_leaves_the_global_rng_alone():
+    """train_fn probes the peak after a resume has restored the RNG: the probe must not draw from it."""
+    import torch
+
+    from spark_tuning.mfu import matmul_peak
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    matmul_peak(torch.float32, seconds=0.05)
+    assert torch.equal(torch.rand(3), expected)
