@@ -126,7 +126,7 @@ def test_staging_does_not_depend_on_input_partitioning(spark, tmp_path):
 
     from spark_tuning.loader import _files, stage
 
-    rows = [(i % 2, [101, *range(i % 17 + 1), 102], i % 17 + 3) for i in range(300)]
+    rows = [(i % 2, [101, 1000 + i, *range(i % 17 + 1), 102], i % 17 + 4) for i in range(300)]  # all distinct
     df = spark.createDataFrame(rows, "label int, input_ids array<int>, length int")
     contents = []
     for n, parts in enumerate((1, 3, 7)):
