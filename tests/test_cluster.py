@@ -198,8 +198,11 @@ def test_dead_worker_fails_the_cluster_job(cluster, tmp_path, reviews_jsonl, tin
                     rank_logs[os.path.basename(path)] = open(path, errors="replace").read()
                 except OSError:
                     pass
-            # Training is under way once rank 0 logs a step: kill rank 1, found by the pid its log names.
-            if victim is None and re.search(r"step \d+/\d+", rank_logs.get("rank-0.log", "")):
+            # Training is under way once both ranks have logged a step (rank 0 can log step 1 before rank 1
+            # does; the test then expects rank 1's step line among its last words): kill rank 1, found by
+            # the pid its log names.
+            if victim is None and all(re.search(r"step \d+/\d+", rank_logs.get(f"rank-{r}.log", ""))
+                                      for r in (0, 1)):
                 pid = int(re.search(r"rank 1 started, pid (\d+)", rank_logs["rank-1.log"]).group(1))
                 victim = psutil.Process(pid)
                 env = victim.environ()
