@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import glob
 import os
-import resource
 import sys
 import time
 
 import pandas as pd
 import torch
 
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from spark_tuning.lm_train import peak_rss_mb  # the figure training runs report
 
 
 def main() -> None:
@@ -70,7 +67,7 @@ def main() -> None:
                 losses.append(float(loss))
         results[checkpointing] = tokens / seconds
         print(f"gradient_checkpointing={checkpointing}: {tokens / seconds:.0f} tok/s over {steps} steps, "
-              f"peak RSS so far {peak_mb():.0f} MiB, trainable {trainable:,} of {total:,} "
+              f"peak RSS so far {peak_rss_mb():.0f} MiB, trainable {trainable:,} of {total:,} "
               f"({100 * trainable / total:.2f}%), losses {[round(x, 3) for x in losses]}")
         del model, opt
     print(f"speed ratio checkpointing on/off: {results[True] / results[False]:.2f}")
