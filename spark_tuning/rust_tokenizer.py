@@ -23,10 +23,66 @@ class RustEncoder:
     max_length: Optional[int]  # truncate to this many ids (special tokens included); None: no truncation
     truncation_side: str = "right"
     split_special_tokens: bool = False
+    # Cut long texts where a word ends near max_length x CUT_CHARS_PER_TOKEN characters before tokenizing
+    # (see `encode`). The driver turns it off for a tokenizer whose probes come out different with it.
+    cut_at_spaces: bool = True
 
     def load(self):
         """The Rust tokenizer, built once per Python worker (workers are reused across tasks)."""
         return _rust_tokenizer(self.backend_json, self.max_length, self.truncation_side, self.split_special_tokens)
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids of `texts`, truncated to max_length, as (offsets, values) like `encode_flat`.
+
+        Truncation throws away everything past max_length tokens, but the tokenizer still reads the whole
+        text: a 10,000-character review costs four times a 2,500-character one for the same 512 ids. So,
+        with right-side truncation, a text longer than max_length x CUT_CHARS_PER_TOKEN characters is
+        first cut where a word ends, at a space near that point. Pre-tokenizers (WordPiece's, byte-level
+        BPE's, Metaspace) split at spaces, so the words before the cut give the same ids as in the whole
+        text: when the cut text's ids already fill max_length, they are the whole text's. A cut text that
+        gives fewer (long words, mostly whitespace) is tokenized again, whole. The driver checks this on
+        its probe texts before it trusts it (spark_tuning.tokenize.rust_encoder). Every text is first
+        capped at max_length x MAX_CHARS_PER_TOKEN characters, on the side truncation keeps."""
+        tok = self.load()
+        if self.max_length is None:
+            return encode_flat(tok, texts)
+        texts = [_keep(t, self.max_length * MAX_CHARS_PER_TOKEN, self.truncation_side) for t in texts]
+        if not self.cut_at_spaces or self.truncation_side != "right":
+            return encode_flat(tok, texts)
+        window = self.max_length * CUT_CHARS_PER_TOKEN
+        cut = {}
+        for i, t in enumerate(texts):
+            if len(t) > window:
+                c = _cut_at_space(t, window)
+                if c is not None:
+                    cut[i] = c
+        ids = _ids(tok, [cut.get(i, t) for i, t in enumerate(texts)])
+        short = [i for i in cut if len(ids[i]) < self.max_length]
+        for i, again in zip(short, _ids(tok, [texts[i] for i in short])):
+            ids[i] = again
+        return flatten(ids)
+
+
+# A text keeps at most this many characters per allowed token before tokenizing: real tokens are far
+# shorter, so nothing that would survive truncation is lost, and a 1 MB text costs no more than a review.
+MAX_CHARS_PER_TOKEN = 64
+# The first, tighter cut: English needs ~4-5 characters per WordPiece/BPE token (IMDB reviews of 512+
+# tokens reach their 512th token by character 2,650 at most); texts that need more are redone.
+CUT_CHARS_PER_TOKEN = 6
+
+
+def _keep(text: str, chars: int, side: str) -> str:
+    """At most `chars` characters of `text`, from the side that truncation keeps."""
+    if len(text) <= chars:
+        return text
+    return text[:chars] if side == "right" else text[-chars:]
+
+
+def _cut_at_space(text: str, chars: int) -> Optional[str]:
+    """`text` up to its last space within its first `chars` characters (and past half of them), without
+    the whitespace before that space: it ends where a word ends. None when there is no such space."""
+    k = text.rfind(" ", chars // 2, chars)
+    return text[:k].rstrip() if k > 0 else None
 
 
 @functools.lru_cache(maxsize=4)
@@ -47,8 +103,16 @@ def encode_flat(tok, texts: Sequence[str], append: Sequence[int] = ()) -> tuple[
     """Token ids of `texts` as (offsets, values), both int32: row i is values[offsets[i]:offsets[i+1]].
     `append` (e.g. EOS) is added after every row. The ids never become one Python list per row beyond the
     tokenizer's own output."""
+    return flatten(_ids(tok, texts), append)
+
+
+def _ids(tok, texts: Sequence[str]) -> list[list[int]]:
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips char offsets (tokenizers>=0.21)
-    ids = [e.ids for e in encode(list(texts))]
+    return [e.ids for e in encode(list(texts))]
+
+
+def flatten(ids: list[list[int]], append: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ids -> (offsets, values), both int32, with `append` after every row."""
     extra = len(append)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + extra
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)

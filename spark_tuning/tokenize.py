@@ -29,19 +29,25 @@ from pyspark.sql import functions as F
 from spark_tuning.config import ModelConfig
 from spark_tuning.model import ModelSource
 # What Spark tasks run lives in a module of its own, so that they import neither pandas nor transformers.
-from spark_tuning.rust_tokenizer import RustEncoder, arrow_ids, encode_flat
+from spark_tuning.rust_tokenizer import MAX_CHARS_PER_TOKEN, RustEncoder, arrow_ids
 
 log = logging.getLogger(__name__)
 
 TOKENS_SCHEMA = "input_ids array<int>, length int"
-# Characters kept per allowed token before tokenizing. Real tokens are far shorter, so nothing that would
-# survive truncation is lost, and a 1 MB text costs no more than a long review.
-CHARS_PER_TOKEN = 64
 # Texts the driver encodes both ways before trusting the Rust backend alone: the empty text, whitespace,
-# accents, CJK, emoji, special-token look-alikes, and one far over any max_length.
+# accents, CJK, emoji, special-token look-alikes, and long ones that the cut before tokenizing meets
+# (see RustEncoder.encode): plain words, mixed whitespace and punctuation at the cut, CJK without spaces,
+# and (`probes`) a text of spaces whose few words come after the cut.
 PROBES = ("", " ", "a short one", "  Leading and trailing spaces  ", "naïve café, déjà vu! ÀÉÎÕÜ",
           "東京で映画を見た。", "emoji 🙂🎬 and\ttabs\nnew lines", "[CLS] <s> </s> <|endoftext|> [SEP]",
-          "UPPER lower MiXeD 12345 3.14 e-mail@example.com", "a much longer review " * 600)
+          "UPPER lower MiXeD 12345 3.14 e-mail@example.com", "a much longer review " * 600,
+          "Great film!  Really,\ttruly great...\n\n" * 200,
+          "東京で映画を見た。" * 400, "unbelievably-long-hyphenated-words, " * 300)
+
+
+def probes(max_length: Optional[int]) -> list[str]:
+    gap = " " * (10 * (max_length or 512))  # past the cut at a space, within the character cap
+    return [*PROBES, "few" + gap + "words after a gap"]
 
 
 def rust_encoder(src: ModelSource, model_cfg: ModelConfig, max_length: Optional[int]) -> Optional[RustEncoder]:
@@ -53,21 +59,25 @@ def rust_encoder(src: ModelSource, model_cfg: ModelConfig, max_length: Optional[
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         return None
-    enc = RustEncoder(backend.to_str(), max_length, getattr(tok, "truncation_side", "right"),
-                      bool(getattr(tok, "split_special_tokens", False)))
+    side = getattr(tok, "truncation_side", "right")
+    texts = probes(max_length)
     if max_length is None:
-        want = tok(list(PROBES), add_special_tokens=True, truncation=False)["input_ids"]
+        want = tok(texts, add_special_tokens=True, truncation=False)["input_ids"]
     else:
-        want = tok(list(PROBES), truncation=True, max_length=max_length, padding=False)["input_ids"]
-    offsets, values = encode_flat(enc.load(), PROBES)
-    got = [values[offsets[i]:offsets[i + 1]].tolist() for i in range(len(PROBES))]
-    if got != want:
-        bad = next(p for p, g, w in zip(PROBES, got, want) if g != w)
-        log.warning("the Rust backend of %s's tokenizer (%s) encodes %r differently from the tokenizer itself: "
-                    "tokenizing through transformers in every Spark task (slower start)", src.location,
-                    type(tok).__name__, bad[:40])
-        return None
-    return enc
+        want = tok(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
+    bad = ""
+    for cut in (True, False):  # the cut before tokenizing only where it changes nothing on the probes
+        enc = RustEncoder(backend.to_str(), max_length, side, bool(getattr(tok, "split_special_tokens", False)),
+                          cut_at_spaces=cut)
+        offsets, values = enc.encode(texts)
+        got = [values[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))]
+        if got == want:
+            return enc
+        bad = bad or next(p for p, g, w in zip(texts, got, want) if g != w)
+    log.warning("the Rust backend of %s's tokenizer (%s) encodes %r differently from the tokenizer itself: "
+                "tokenizing through transformers in every Spark task (slower start)", src.location,
+                type(tok).__name__, bad[:40])
+    return None
 
 
 def _has_arrow_udf() -> bool:
@@ -82,14 +92,14 @@ def tokenize(df: DataFrame, src: ModelSource, model_cfg: ModelConfig, max_length
     if enc is None:
         udf = _transformers_udf(src, model_cfg, max_length)
     elif _has_arrow_udf():
-        udf = _arrow_udf(enc, max_length * CHARS_PER_TOKEN)
+        udf = _arrow_udf(enc)
     else:
-        udf = _pandas_udf(enc, max_length * CHARS_PER_TOKEN)
+        udf = _pandas_udf(enc)
     out = df.withColumn("_tok", udf(F.col("text")))
     return out.select(*[c for c in df.columns], "_tok.input_ids", "_tok.length")
 
 
-def _arrow_udf(enc: RustEncoder, max_chars: int):
+def _arrow_udf(enc: RustEncoder):
     from pyspark.sql.functions import arrow_udf
 
     # Spark reads the function's type hints (strings here) to pick the UDF kind: `pa` and `Iterator`
@@ -101,26 +111,23 @@ def _arrow_udf(enc: RustEncoder, max_chars: int):
 
         # Spark already runs one task per core: the tokenizer's own thread pool would oversubscribe them.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        tok = enc.load()
         for texts in batches:
-            texts = pc.utf8_slice_codeunits(pc.fill_null(texts, ""), 0, max_chars)
-            offsets, values = encode_flat(tok, texts.to_pylist())
+            offsets, values = enc.encode(pc.fill_null(texts, "").to_pylist())
             lengths = pa.array(np.diff(offsets), type=pa.int32())
             yield pa.StructArray.from_arrays([arrow_ids(offsets, values), lengths], names=["input_ids", "length"])
 
     return encode
 
 
-def _pandas_udf(enc: RustEncoder, max_chars: int):
+def _pandas_udf(enc: RustEncoder):
     """The same as `_arrow_udf` for pyspark < 4.1, which has no Arrow UDFs."""
     from pyspark.sql.functions import pandas_udf
 
     @pandas_udf(TOKENS_SCHEMA)
     def encode(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        tok = enc.load()
         for texts in batches:
-            offsets, values = encode_flat(tok, texts.fillna("").str.slice(0, max_chars).tolist())
+            offsets, values = enc.encode(texts.fillna("").tolist())
             yield pd.DataFrame({"input_ids": np.split(values, offsets[1:-1]), "length": np.diff(offsets)})
 
     return encode
@@ -130,7 +137,7 @@ def _transformers_udf(src: ModelSource, model_cfg: ModelConfig, max_length: int)
     """The fallback: the full transformers tokenizer, loaded in every task."""
     from pyspark.sql.functions import pandas_udf
 
-    max_chars = max_length * CHARS_PER_TOKEN
+    max_chars = max_length * MAX_CHARS_PER_TOKEN
 
     @pandas_udf(TOKENS_SCHEMA)
     def encode(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
@@ -138,8 +145,9 @@ def _transformers_udf(src: ModelSource, model_cfg: ModelConfig, max_length: int)
         from spark_tuning.model import load_tokenizer
 
         tok = load_tokenizer(src, model_cfg)  # once per task, not per batch
+        keep_end = getattr(tok, "truncation_side", "right") == "left"  # left truncation keeps a text's end
         for texts in batches:
-            texts = texts.fillna("").str.slice(0, max_chars)
+            texts = texts.fillna("").str.slice(-max_chars) if keep_end else texts.fillna("").str.slice(0, max_chars)
             ids = tok(texts.tolist(), truncation=True, max_length=max_length, padding=False)["input_ids"]
             yield pd.DataFrame({
                 "input_ids": [np.asarray(x, dtype=np.int32) for x in ids],

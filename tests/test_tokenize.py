@@ -9,7 +9,7 @@ from lm_fixtures import chat_tokenizer, plain_tokenizer, tiny_gpt2_dir, tiny_lla
 
 from spark_tuning.config import ModelConfig
 from spark_tuning.model import ModelSource, load_tokenizer
-from spark_tuning.rust_tokenizer import encode_flat
+from spark_tuning.rust_tokenizer import MAX_CHARS_PER_TOKEN, RustEncoder, encode_flat
 from spark_tuning.tokenize import rust_encoder, tokenize
 
 TEXTS = ["a short one", "a much longer review " * 40, "naïve café, déjà vu! 東京 🙂", "x", "",
@@ -19,8 +19,51 @@ TEXTS = ["a short one", "a much longer review " * 40, "naïve café, déjà vu! 
 def _rust_ids(src, mc, max_length, texts):
     enc = rust_encoder(src, mc, max_length)
     assert enc is not None, "the Rust backend should reproduce this tokenizer"
-    offsets, values = encode_flat(enc.load(), texts)
-    return [values[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))]
+    return _rows(*enc.encode(texts))
+
+
+def _rows(offsets, values):
+    return [values[offsets[i]:offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
+
+
+def _long_texts(n, seed=0):
+    """Texts of 20-120 words of every kind a cut can land next to: punctuation, runs of spaces, tabs and
+    new lines, accents, CJK, digits, special-token look-alikes, long subword-split words."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["film", "the", "unbelievably", "naïve", "café,", "東京で", "(great)", "12,345", "[SEP]", "end.",
+             "e-mail@example.com", "🙂", "don't", "Antidisestablishmentarianism", "x"]
+    gaps = [" ", " ", " ", "  ", "\t", "\n", " \n ", "   "]
+    return ["".join(rng.choice(words) + rng.choice(gaps) for _ in range(rng.randint(20, 120))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("model", ["minilm_dir", "tiny_gpt2_dir", "tiny_llama_dir"])
+def test_cut_before_tokenizing_changes_no_ids(request, model):
+    """Long texts are cut where a word ends before the tokenizer reads them (RustEncoder.encode): with a
+    small max_length nearly every text here is cut, at every kind of boundary, and the ids must still be
+    the AutoTokenizer's for the whole text."""
+    folder = request.getfixturevalue(model)
+    src, mc = ModelSource(folder, True), ModelConfig(source=folder)
+    tok = load_tokenizer(src, mc)
+    enc = rust_encoder(src, mc, 16)
+    assert enc is not None and enc.cut_at_spaces, "the probes should accept the cut for this tokenizer"
+    texts = _long_texts(300) + ["few" + " " * 500 + "words after a gap", "東京で映画を見た。" * 40]
+    assert _rows(*enc.encode(texts)) == tok(texts, truncation=True, max_length=16)["input_ids"]
+
+
+def test_left_truncation_keeps_the_end_of_long_texts(minilm_dir):
+    """truncation_side='left' keeps a text's last tokens: the character cap before tokenizing must keep
+    the end too, and the cut at a space (right truncation only) must not apply."""
+    src, mc = ModelSource(minilm_dir, True), ModelConfig(source=minilm_dir)
+    tok = load_tokenizer(src, mc)
+    tok.truncation_side = "left"
+    enc = RustEncoder(tok.backend_tokenizer.to_str(), 8, "left")
+    texts = ["start " + "filler " * (8 * MAX_CHARS_PER_TOKEN // 7 + 1) + "the very last words"] + _long_texts(50, seed=1)
+    assert len(texts[0]) > 8 * MAX_CHARS_PER_TOKEN  # past the character cap
+    got = _rows(*enc.encode(texts))
+    assert got == tok(texts, truncation=True, max_length=8)["input_ids"]
+    assert tok.decode(got[0], skip_special_tokens=True).endswith("the very last words")
 
 
 @pytest.mark.parametrize("model", ["minilm_dir", "tiny_gpt2_dir", "tiny_llama_dir"])
