@@ -40,6 +40,9 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
     defaults = {
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.executorEnv.TOKENIZERS_PARALLELISM": "false",
+        # Arrow batches of 1,000 rows instead of 10,000 for the tokenizer UDFs: the JVM and the Python
+        # worker overlap better, and the tokenize stage ran ~15% faster on IMDB (bench/bench_tokenize.py).
+        "spark.sql.execution.arrow.maxRecordsPerBatch": "1000",
         "spark.ui.showConsoleProgress": "false",  # progress bars garble the job's log lines
         "spark.executorEnv.PYSPARK_PYTHON": os.environ["PYSPARK_PYTHON"],
         # A barrier stage that cannot get its slots fails fast instead of retrying for ten minutes.
