@@ -6,7 +6,10 @@ parameter (trainable or frozen) and useful tokens are the non-pad ones. 6N is th
 training step's FLOPs per token (2N forward, 4N backward); attention's own FLOPs are not counted. With LoRA
 the frozen weights need no weight gradients, so 6N overstates the work (closer to 4N + 2 x trainable): MFU
 reads high there. The peak is measured, not taken from a data sheet: a square matmul in the precision the
-run trains in, on the threads (or GPU) one process has, best of about a second.
+run trains in, on the threads (or GPU) one process has, best of about a second. It goes through
+`torch.nn.functional.linear`, the call the models' layers make: on CPUs without bf16 units a bf16
+`torch.mm` takes a path ten times slower than a bf16 linear layer does, and would make a bf16 MFU read
+over 100%.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import time
 
 
 def matmul_peak(dtype, device: str = "cpu", n: int = 512, seconds: float = 1.0) -> float:
-    """GFLOP/s of an n x n matmul in `dtype` on `device`, best of repeated runs within `seconds`.
+    """GFLOP/s of an n x n linear layer in `dtype` on `device`, best of repeated runs within `seconds`.
     GPUs get a larger matrix (4096): 512 is far too small to keep one busy."""
     import torch
 
@@ -27,13 +30,14 @@ def matmul_peak(dtype, device: str = "cpu", n: int = 512, seconds: float = 1.0) 
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, generator=gen).to(dtype)
     b = torch.randn(n, n, device=device, generator=gen).to(dtype)
-    torch.mm(a, b)  # warm-up: kernels chosen, pages touched
+    linear = torch.nn.functional.linear  # a @ b.T, the models' own kernel path
+    linear(a, b)  # warm-up: kernels chosen, pages touched
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
         if gpu:
             torch.cuda.synchronize(device)
         t = time.perf_counter()
-        torch.mm(a, b)
+        linear(a, b)
         if gpu:
             torch.cuda.synchronize(device)
         best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
