@@ -39,10 +39,12 @@ class RustEncoder:
         with right-side truncation, a text longer than max_length x CUT_CHARS_PER_TOKEN characters is
         first cut where a word ends, at a space near that point. Pre-tokenizers (WordPiece's, byte-level
         BPE's, Metaspace) split at spaces, so the words before the cut give the same ids as in the whole
-        text: when the cut text's ids already fill max_length, they are the whole text's. A cut text that
-        gives fewer (long words, mostly whitespace) is tokenized again, whole. The driver checks this on
-        its probe texts before it trusts it (spark_tuning.tokenize.rust_encoder). Every text is first
-        capped at max_length x MAX_CHARS_PER_TOKEN characters, on the side truncation keeps."""
+        text; only the last word or two can come out otherwise (an added token that spans a space, a
+        regex that takes punctuation together with the new lines after it). So the cut text's ids count
+        only when it overflows max_length by CUT_MARGIN_TOKENS or more; any other cut text is tokenized
+        again, whole. The driver checks all this on its probe texts before it trusts it
+        (spark_tuning.tokenize.rust_encoder). Every text is first capped at max_length x
+        MAX_CHARS_PER_TOKEN characters, on the side truncation keeps."""
         tok = self.load()
         if self.max_length is None:
             return encode_flat(tok, texts)
@@ -56,9 +58,12 @@ class RustEncoder:
                 c = _cut_at_space(t, window)
                 if c is not None:
                     cut[i] = c
-        ids = _ids(tok, [cut.get(i, t) for i, t in enumerate(texts)])
-        short = [i for i in cut if len(ids[i]) < self.max_length]
-        for i, again in zip(short, _ids(tok, [texts[i] for i in short])):
+        encodings = _encode(tok, [cut.get(i, t) for i, t in enumerate(texts)])
+        ids = [e.ids for e in encodings]
+        specials = tok.num_special_tokens_to_add(False)  # added again to every overflowing piece
+        redo = [i for i in cut
+                if sum(len(o.ids) - specials for o in encodings[i].overflowing) < CUT_MARGIN_TOKENS]
+        for i, again in zip(redo, _ids(tok, [texts[i] for i in redo])):
             ids[i] = again
         return flatten(ids)
 
@@ -69,6 +74,8 @@ MAX_CHARS_PER_TOKEN = 64
 # The first, tighter cut: English needs ~4-5 characters per WordPiece/BPE token (IMDB reviews of 512+
 # tokens reach their 512th token by character 2,650 at most); texts that need more are redone.
 CUT_CHARS_PER_TOKEN = 6
+# How far past max_length a cut text's tokens must reach for its first max_length to be trusted.
+CUT_MARGIN_TOKENS = 16
 
 
 def _keep(text: str, chars: int, side: str) -> str:
@@ -106,9 +113,13 @@ def encode_flat(tok, texts: Sequence[str], append: Sequence[int] = ()) -> tuple[
     return flatten(_ids(tok, texts), append)
 
 
-def _ids(tok, texts: Sequence[str]) -> list[list[int]]:
+def _encode(tok, texts: Sequence[str]) -> list:
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips char offsets (tokenizers>=0.21)
-    return [e.ids for e in encode(list(texts))]
+    return encode(list(texts))
+
+
+def _ids(tok, texts: Sequence[str]) -> list[list[int]]:
+    return [e.ids for e in _encode(tok, texts)]
 
 
 def flatten(ids: list[list[int]], append: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:

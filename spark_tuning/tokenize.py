@@ -29,25 +29,26 @@ from pyspark.sql import functions as F
 from spark_tuning.config import ModelConfig
 from spark_tuning.model import ModelSource
 # What Spark tasks run lives in a module of its own, so that they import neither pandas nor transformers.
-from spark_tuning.rust_tokenizer import MAX_CHARS_PER_TOKEN, RustEncoder, arrow_ids
+from spark_tuning.rust_tokenizer import CUT_CHARS_PER_TOKEN, MAX_CHARS_PER_TOKEN, RustEncoder, arrow_ids
 
 log = logging.getLogger(__name__)
 
 TOKENS_SCHEMA = "input_ids array<int>, length int"
 # Texts the driver encodes both ways before trusting the Rust backend alone: the empty text, whitespace,
-# accents, CJK, emoji, special-token look-alikes, and long ones that the cut before tokenizing meets
-# (see RustEncoder.encode): plain words, mixed whitespace and punctuation at the cut, CJK without spaces,
-# and (`probes`) a text of spaces whose few words come after the cut.
+# accents, CJK, emoji, special-token look-alikes; and (`probes`) long ones that meet the cut before
+# tokenizing (see RustEncoder.encode), sized to pass it whatever max_length is: plain words, mixed
+# whitespace and punctuation, CJK without spaces, hyphenated words, and a text of spaces whose few words
+# come after the cut.
 PROBES = ("", " ", "a short one", "  Leading and trailing spaces  ", "naïve café, déjà vu! ÀÉÎÕÜ",
           "東京で映画を見た。", "emoji 🙂🎬 and\ttabs\nnew lines", "[CLS] <s> </s> <|endoftext|> [SEP]",
-          "UPPER lower MiXeD 12345 3.14 e-mail@example.com", "a much longer review " * 600,
-          "Great film!  Really,\ttruly great...\n\n" * 200,
-          "東京で映画を見た。" * 400, "unbelievably-long-hyphenated-words, " * 300)
+          "UPPER lower MiXeD 12345 3.14 e-mail@example.com")
+LONG_PROBES = ("a much longer review ", "Great film!  Really,\ttruly great...\n\n", "東京で映画を見た。",
+               "unbelievably-long-hyphenated-words, ")
 
 
 def probes(max_length: Optional[int]) -> list[str]:
-    gap = " " * (10 * (max_length or 512))  # past the cut at a space, within the character cap
-    return [*PROBES, "few" + gap + "words after a gap"]
+    chars = 2 * CUT_CHARS_PER_TOKEN * (max_length or 512)  # twice the cut's window, within the character cap
+    return [*PROBES, *(p * (chars // len(p) + 1) for p in LONG_PROBES), "few" + " " * chars + "words after a gap"]
 
 
 def rust_encoder(src: ModelSource, model_cfg: ModelConfig, max_length: Optional[int]) -> Optional[RustEncoder]:

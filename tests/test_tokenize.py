@@ -52,6 +52,24 @@ def test_cut_before_tokenizing_changes_no_ids(request, model):
     assert _rows(*enc.encode(texts)) == tok(texts, truncation=True, max_length=16)["input_ids"]
 
 
+def test_cut_never_splits_an_added_token_that_spans_a_space(tmp_path, minilm_dir):
+    """An added token like "new york" is one id for two words: a cut between them changes the last id of
+    the cut text. Such a cut text is trusted only when its ids run well past max_length (the margin), so
+    the ids stay the AutoTokenizer's wherever the cut lands."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    tok.add_tokens(["new york"])
+    tok.save_pretrained(tmp_path)
+    src, mc = ModelSource(str(tmp_path), True), ModelConfig(source=str(tmp_path))
+    enc = rust_encoder(src, mc, 8)
+    assert enc is not None and enc.cut_at_spaces
+    words = "internationalization understanding is in".split()
+    texts = [" ".join(words[:k] + ["new york"] * j + ["city"] * 12) for k in range(5) for j in range(1, 4)]
+    assert any(len(t) > 8 * 6 for t in texts)  # the cut applies
+    assert _rows(*enc.encode(texts)) == load_tokenizer(src, mc)(texts, truncation=True, max_length=8)["input_ids"]
+
+
 def test_left_truncation_keeps_the_end_of_long_texts(minilm_dir):
     """truncation_side='left' keeps a text's last tokens: the character cap before tokenizing must keep
     the end too, and the cut at a space (right truncation only) must not apply."""
