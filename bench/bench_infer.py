@@ -25,7 +25,7 @@ def main() -> None:
     from spark_tuning.model import build_classifier, resolve_model
     from spark_tuning.train import predict
 
-    n, batch, rounds, max_length = (96, 32, 1, 512) if args.quick else (256, 32, 2, 512)
+    n, batch, rounds, max_length = (96, 32, 1, 512) if args.quick else (192, 32, 2, 512)
     df, ids, tok = _shard.tokenized(n, max_length, seed=1)
     shard = _shard.shard(ids, df["label"].tolist())
     cfg = ModelConfig(source=C.minilm_dir(), attention_dropout=0.0)

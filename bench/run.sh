@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
-# Runs every benchmark and writes bench/RESULTS.md:  bench/run.sh [--quick]
-#   --quick: small sizes, about 10-15 minutes on a busy 2-core machine; full: the sizes the issue names.
+# Runs every benchmark and writes bench/RESULTS.md:  bench/run.sh [--quick] [--accuracy]
+#   full (default): the sizes the issue names, under 20 minutes on a quiet 2-core machine.
+#   --quick: small sizes, a few minutes (a smoke run: its ratios are noisier).
+#   --accuracy: also bench_accuracy (accuracy after the same 1,024 examples, lab vs spark-tuning: about an
+#     hour, the lab recipe being the slow part). Without it, RESULTS.md carries the section of the last
+#     such run, kept in bench/accuracy.md, and says so.
 # Each benchmark runs on its own, under a timeout, loopback only (local Spark, offline models); a failed or
-# timed-out one is reported in RESULTS.md and the others still run.
+# timed-out one is reported in RESULTS.md and the others still run. Run it on an otherwise idle machine:
+# every table records the load it ran under.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-/work/main/.venv/bin/python}
-MODE=full; ARGS=()
-if [[ "${1:-}" == "--quick" ]]; then MODE=quick; ARGS=(--quick); fi
+source jobs/bootstrap.sh  # PY: the project's environment (made on first use)
+MODE=full; ARGS=(); ACCURACY=0
+for a in "$@"; do
+  case "$a" in
+    --quick) MODE=quick; ARGS=(--quick) ;;
+    --accuracy) ACCURACY=1 ;;
+    *) echo "usage: bench/run.sh [--quick] [--accuracy]" >&2; exit 2 ;;
+  esac
+done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 OUT=bench/out; rm -rf "$OUT"; mkdir -p "$OUT"
 START=$(date -u +%FT%TZ); LOAD0=$(cut -d' ' -f1-3 /proc/loadavg); T0=$SECONDS
+specs=(bench_tokenize:900 bench_train:1200 bench_infer:600 bench_job:900)
+[[ $ACCURACY -eq 1 ]] && specs+=(bench_accuracy:5400)
 status=()
-for spec in bench_tokenize:900 bench_train:1200 bench_infer:600 bench_job:900; do
+for spec in "${specs[@]}"; do
   name=${spec%%:*}; limit=${spec##*:}
   echo "== $name ($MODE, timeout ${limit}s) =="
   t=$SECONDS
@@ -21,6 +34,12 @@ for spec in bench_tokenize:900 bench_train:1200 bench_infer:600 bench_job:900; d
   status+=("| $name | $rc | $((SECONDS - t)) |")
   [[ $rc -eq 0 ]] || echo "   $name failed (exit $rc): see $OUT/$name.log"
 done
+if [[ ! -f "$OUT/2b_accuracy.md" && -f bench/accuracy.md ]]; then
+  { echo "## 2b. Accuracy after the same examples"; echo
+    echo "_Not run by this run.sh (it takes about an hour: \`bench/run.sh --accuracy\`): what follows is"
+    echo "bench/accuracy.md, written by the last full run of bench/bench_accuracy.py._"
+    tail -n +2 bench/accuracy.md; } > "$OUT/2b_accuracy.md"
+fi
 {
   echo "# spark-tuning benchmarks"
   echo
@@ -33,7 +52,7 @@ done
   echo
   echo "| script | exit | seconds |"; echo "|---|---|---|"; printf '%s\n' "${status[@]}"
   echo
-  for f in 1_tokenize 2_train 3_loader 4_scaling 5_infer 6_end_to_end; do
+  for f in 1_tokenize 2_train 2b_accuracy 3_loader 4_scaling 5_infer 6_end_to_end; do
     [[ -f "$OUT/$f.md" ]] && { cat "$OUT/$f.md"; echo; } || echo -e "## $f\n\nNot produced in this run (see the script's log).\n"
   done
 } > bench/RESULTS.md
