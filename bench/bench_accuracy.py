@@ -4,7 +4,7 @@ what each part of that path buys in speed and costs in accuracy.
     PYTHONPATH=. /work/main/.venv/bin/python bench/bench_accuracy.py [--quick]
 
 About an hour on 2 cores (the lab recipe alone takes ~25 s a step), so bench/run.sh runs it only with
---accuracy; its section is also kept in bench/accuracy.md, which run.sh copies into RESULTS.md otherwise.
+--accuracy; its section (and records) are also kept in bench/accuracy.md (.json), which run.sh copies into RESULTS.md otherwise.
 
 all-MiniLM-L6-v2, max_length 512, the same 1,024 IMDB training reviews, each seen once (64 steps of 16),
 the same optimiser settings and seed (bench/_recipes.py), through:
@@ -101,6 +101,11 @@ def main() -> None:
                      "busy others": f"{r['cpu_busy_others']:.0%}", "_diff": (diff, dlo, dhi)})
     shipped = rows[0]
     diff, dlo, dhi = shipped["_diff"]
+    # What each ablation changes against the path as shipped, paired on the same rows.
+    ablations = "".join(
+        f"- {r['recipe']}: {d:+.3f} accuracy (95% interval {lo:+.3f} to {hi:+.3f}) against spark-tuning as shipped.\n"
+        for r in records[2:]
+        for d, lo, hi in [paired_difference(right[r["recipe"]], right[records[0]["recipe"]])])
     verdict = ("met" if diff >= 0 else "within noise (the interval holds 0)" if dhi >= 0 else "NOT met")
     body = (f"After the same {n_train} examples, spark-tuning as shipped scores **{diff:+.3f}** accuracy against the lab "
             f"recipe (95% interval {dlo:+.3f} to {dhi:+.3f}; target: equal or better: {verdict}) at "
@@ -111,10 +116,11 @@ def main() -> None:
             "Wilson interval; `vs lab`: paired difference with its 95% interval. Throughput here is over whole "
             "epochs (every length bucket), so it is steadier than section 2's few steps.\n\n"
             + C.table(rows, ["recipe", "accuracy", "vs lab", "x lab tokens/s", "useful tokens/s", "padding share",
-                             "train s", "steps", "load avg", "busy others"]))
+                             "train s", "steps", "load avg", "busy others"]) + "\n" + ablations)
     C.write_section("2b_accuracy", "2b. Accuracy after the same examples", body, records)
     if not args.quick:  # kept for run.sh runs without --accuracy
-        shutil.copy(os.path.join(C.OUT, "2b_accuracy.md"), os.path.join(C.HERE, "accuracy.md"))
+        for ext in ("md", "json"):
+            shutil.copy(os.path.join(C.OUT, f"2b_accuracy.{ext}"), os.path.join(C.HERE, f"accuracy.{ext}"))
 
 
 if __name__ == "__main__":
