@@ -152,9 +152,11 @@ CASES = [
     Case("output holds another run's model", lambda t, e: existing_model(t), "already holds a model"),
     Case("output holds someone's files", lambda t, e: foreign_files(t), "did not write"),
     Case("output under a file", lambda t, e: under_a_file(t), "cannot be written"),
-    # a runtime failure, not an input error: weights that pass the file checks but do not load
+    # weights cut short: found from the file's header on the driver, before Spark starts
     Case("truncated weights", lambda t, e: [model_copy(t, e, edit=lambda f: (f / "model.safetensors").write_bytes(
-        (f / "model.safetensors").read_bytes()[:300]))], "training failed", code=1),
+        (f / "model.safetensors").read_bytes()[:300]))], "are cut short or damaged"),
+    Case("weights missing their last bytes", lambda t, e: [model_copy(t, e, edit=lambda f: (f / "model.safetensors")
+         .write_bytes((f / "model.safetensors").read_bytes()[:-1]))], "its tensors need"),
 ]
 
 
