@@ -45,7 +45,7 @@ def run_ours(tmp: str, model_dir: str, train_ref, eval_ref, batch: int, max_leng
     cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()])
     payload = {"config": cfg.to_dict(), "model_source": {"location": model_dir, "is_local": True, "gguf_file": None},
                "id2label": {"0": "neg", "1": "pos"}, "train_ref": vars(train_ref), "eval_ref": vars(eval_ref),
-               "run": None, "model_dir": tempfile.mkdtemp(dir=tmp), "resume_from": None, "log_dir": None,
+               "events": None, "model_dir": tempfile.mkdtemp(dir=tmp), "resume_from": None, "log_dir": None,
                "checkpoint": None}
     res = train_fn(payload)
     ev = res["eval"]

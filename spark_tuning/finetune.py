@@ -231,14 +231,16 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
             "lm": lm_payload,
             "train_ref": vars(train_ref),
             "eval_ref": vars(eval_ref),
-            "run": vars(run_ref),
+            "events": os.path.join(staging, "logs", "rank0-events.jsonl"),  # for tracking.relay
             "model_dir": partial,
             "resume_from": plan.resume_from,
             "log_dir": os.path.join(staging, "logs"),
             "checkpoint": {"dir": checkpoint.checkpoint_dir(out_dir), "every_steps": cfg.checkpoint.every_steps,
                            "keep_last": cfg.checkpoint.keep_last} if cfg.checkpoint.enabled else None,
         }
-        result = run_distributed(train_fn, payload, cfg.distributed)
+        os.makedirs(payload["log_dir"], exist_ok=True)
+        with tracking.relay(run_ref, payload["events"]):
+            result = run_distributed(train_fn, payload, cfg.distributed)
         timings["training"] = time.perf_counter() - t
 
         # 4. Evaluate and write everything beside the model, then move the folder into place.

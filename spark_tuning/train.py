@@ -177,7 +177,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
     from spark_tuning.loader import iterate, plan_eval_batches, plan_train_batches, read_shard_as
     from spark_tuning.mfu import matmul_peak, mfu, training_flops_per_token
     from spark_tuning.model import ModelSource, count_parameters, load_tokenizer
-    from spark_tuning.tracking import RankZeroLogger, RunRef
+    from spark_tuning.tracking import RankZeroLogger
 
     cfg = config_from_dict(payload["config"])
     tc = cfg.train
@@ -187,7 +187,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(distributed.threads_per_process(ctx))
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
-        tracker = RankZeroLogger(RunRef(**payload["run"]) if payload.get("run") else None, ctx.is_rank_zero)
+        tracker = RankZeroLogger(payload.get("events"), ctx.is_rank_zero)  # the driver relays it to MLflow
         precision = resolve_precision(tc.precision, ctx.device)
 
         # Model. Every rank builds it from the same seed; DDP also broadcasts rank 0's weights.
@@ -236,7 +236,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
         # (DDP's set-up above has just lined them up), so that no rank's work slows the probe.
         flops_per_token = training_flops_per_token(model)
         probe = torch.bfloat16 if precision == "bf16" else torch.float32
-        peak = distributed.broadcast(matmul_peak(probe, ctx.device) if ctx.is_rank_zero else None, ctx)
+        peak = distributed.broadcast(matmul_peak(probe, ctx.device, seconds=0.25) if ctx.is_rank_zero else None, ctx)
         tracker.params({"mfu.peak_gflops_per_process": round(peak, 2), "mfu.peak_precision": precision,
                         "mfu.flops_per_token": flops_per_token,
                         "mfu.formula": "6 x non-embedding parameters (all, trainable or not) x useful tokens/s "
