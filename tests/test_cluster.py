@@ -2,8 +2,9 @@
 with spark-submit.sh like a user would: against the same config in local mode, and with a training process
 killed on an executor.
 
-Slow (about 12 minutes with 2 cores at load 7, less on an idle machine; hence the generous timeouts): it
-starts one cluster for the module and three spark-submit runs (four with SPARK_TUNING_TEST_EXECUTOR_KILL=1).
+Slow (about 5 minutes on an idle 2-core machine, 12 at load 7; hence the generous timeouts): it starts one
+cluster for the module, one local run in process and two spark-submit runs (three with
+SPARK_TUNING_TEST_EXECUTOR_KILL=1).
 `.ci/run` runs it.
 """
 
@@ -102,11 +103,19 @@ def _mlflow_history(output_dir: str, key: str) -> list[float]:
     return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
 
 
-def test_standalone_cluster_matches_local_mode(cluster, tmp_path, reviews_jsonl, tiny_bert_dir, record_property):
+def test_standalone_cluster_matches_local_mode(cluster, spark, tmp_path, reviews_jsonl, tiny_bert_dir,
+                                              record_property):
+    """The same config in local mode (in this process, on the tests' local[2] session: spark-submit.sh in
+    local mode is test_quickstart's) and submitted to the cluster: the same training to float rounding."""
+    from spark_tuning import finetune
+    from spark_tuning.config import load_config
+
     local_cfg = _config(tmp_path, "local", reviews_jsonl, tiny_bert_dir, local_mode=True)
     cluster_cfg = _config(tmp_path, "cluster", reviews_jsonl, tiny_bert_dir, local_mode=False)
 
-    out_local, wall_local = _submit(local_cfg, "local[2]", [])
+    t0 = time.perf_counter()
+    finetune.run(load_config(local_cfg), spark=spark)
+    wall_local = time.perf_counter() - t0
     try:
         out_cluster, wall_cluster = _submit(cluster_cfg, cluster.url, CLUSTER_CONF)
     except BaseException:
@@ -116,7 +125,6 @@ def test_standalone_cluster_matches_local_mode(cluster, tmp_path, reviews_jsonl,
     # The printed command: the package and the config travel to the cluster.
     assert f"--master {cluster.url}" in out_cluster
     assert "--py-files" in out_cluster and "--files" in out_cluster
-    assert "--py-files" not in out_local
     # The training processes on the executors imported spark_tuning from the --py-files archive.
     assert "spark_tuning.zip/spark_tuning/train.py" in out_cluster + cluster.logs(tail=400)
 
