@@ -97,21 +97,23 @@ def test_existing_output_is_not_overwritten(spark, finished):
 
 
 def test_failed_run_is_marked_failed_and_leaves_nothing(spark, tmp_path, reviews_jsonl, tiny_bert_dir):
-    """A runtime failure inside training (here: a learning-rate schedule that makes the loss NaN is not
-    an error, so break the model folder after the checks instead) marks the run FAILED and cleans up."""
+    """A runtime failure inside training marks the run FAILED and cleans up. Here: weights whose shapes
+    do not fit the model's config (intact safetensors, so the driver's checks pass; the training processes
+    fail to load them)."""
+    import shutil
+
     from mlflow import MlflowClient
+    from transformers import BertConfig, BertForSequenceClassification
 
     from spark_tuning import finetune
     from spark_tuning.errors import JobFailed
 
     broken = tmp_path / "broken-model"
-    broken.mkdir()
-    for name in os.listdir(tiny_bert_dir):
-        src = os.path.join(tiny_bert_dir, name)
-        data = open(src, "rb").read()
-        if name == "model.safetensors":
-            data = data[:200]  # truncated weights: passes the pre-flight file checks, fails to load
-        (broken / name).write_bytes(data)
+    shutil.copytree(tiny_bert_dir, broken)
+    config = BertConfig.from_pretrained(tiny_bert_dir)
+    config.intermediate_size = 48  # the folder's config.json still says 64
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "other-shapes", safe_serialization=True)
+    shutil.copy(tmp_path / "other-shapes" / "model.safetensors", broken / "model.safetensors")
     cfg = tiny_job_config(tmp_path, reviews_jsonl, str(broken))
     with pytest.raises(JobFailed):
         finetune.run(cfg, spark=spark)
