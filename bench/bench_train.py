@@ -130,7 +130,7 @@ def main() -> None:
     C.write_section("3_loader", "3. Loader overhead (default Parquet loader)",
                     "Share of the spark-tuning loop's training time spent waiting for the next batch "
                     "(reading is done once per rank, before training: `shard read s`). Petastorm needs its "
-                    "own environment: run `bench/loader_backends.py` there (not part of run.sh).\n\n"
+                    "own environment: section 3b (`bench/run.sh --petastorm`).\n\n"
                     + C.table(loader_rows, ["model", "data wait share", "target < 5%", "shard read s", "train s"]),
                     [r for r in records if r.get("what") == "ours"])
 

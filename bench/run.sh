@@ -5,18 +5,22 @@
 #   --accuracy: also bench_accuracy (accuracy after the same 1,024 examples, lab vs spark-tuning: about an
 #     hour, the lab recipe being the slow part). Without it, RESULTS.md carries the section of the last
 #     such run, kept in bench/accuracy.md, and says so.
+#   --petastorm: also loader_backends (petastorm vs Parquet loader, in .venv-petastorm, which
+#     jobs/bootstrap_petastorm.sh makes on first use: several minutes). Without it, likewise from
+#     bench/loader_petastorm.md.
 # Each benchmark runs on its own, under a timeout, loopback only (local Spark, offline models); a failed or
 # timed-out one is reported in RESULTS.md and the others still run. Run it on an otherwise idle machine:
 # every table records the load it ran under.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source jobs/bootstrap.sh  # PY: the project's environment (made on first use)
-MODE=full; ARGS=(); ACCURACY=0
+MODE=full; ARGS=(); ACCURACY=0; PETASTORM=0
 for a in "$@"; do
   case "$a" in
     --quick) MODE=quick; ARGS=(--quick) ;;
     --accuracy) ACCURACY=1 ;;
-    *) echo "usage: bench/run.sh [--quick] [--accuracy]" >&2; exit 2 ;;
+    --petastorm) PETASTORM=1 ;;
+    *) echo "usage: bench/run.sh [--quick] [--accuracy] [--petastorm]" >&2; exit 2 ;;
   esac
 done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -34,11 +38,26 @@ for spec in "${specs[@]}"; do
   status+=("| $name | $rc | $((SECONDS - t)) |")
   [[ $rc -eq 0 ]] || echo "   $name failed (exit $rc): see $OUT/$name.log"
 done
+if [[ $PETASTORM -eq 1 ]]; then
+  echo "== loader_backends (petastorm environment, timeout 900s) =="
+  t=$SECONDS
+  ( source jobs/bootstrap_petastorm.sh && timeout 900 "$PY" bench/loader_backends.py --rounds 2 --rows 1000 --steps 20 ) \
+    >"$OUT/loader_backends.log" 2>&1
+  rc=$?
+  status+=("| loader_backends (.venv-petastorm) | $rc | $((SECONDS - t)) |")
+  [[ $rc -eq 0 ]] || echo "   loader_backends failed (exit $rc): see $OUT/loader_backends.log"
+fi
 if [[ ! -f "$OUT/2b_accuracy.md" && -f bench/accuracy.md ]]; then
   { echo "## 2b. Accuracy after the same examples"; echo
     echo "_Not run by this run.sh (it takes about an hour: \`bench/run.sh --accuracy\`): what follows is"
     echo "bench/accuracy.md, written by the last full run of bench/bench_accuracy.py._"
     tail -n +2 bench/accuracy.md; } > "$OUT/2b_accuracy.md"
+fi
+if [[ ! -f "$OUT/3b_loader_petastorm.md" && -f bench/loader_petastorm.md ]]; then
+  { echo "## 3b. Loader overhead, petastorm vs Parquet"; echo
+    echo "_Not run by this run.sh (it needs .venv-petastorm: \`bench/run.sh --petastorm\`): what follows is"
+    echo "bench/loader_petastorm.md, written by the last run of bench/loader_backends.py._"
+    tail -n +2 bench/loader_petastorm.md; } > "$OUT/3b_loader_petastorm.md"
 fi
 {
   echo "# spark-tuning benchmarks"
@@ -52,7 +71,7 @@ fi
   echo
   echo "| script | exit | seconds |"; echo "|---|---|---|"; printf '%s\n' "${status[@]}"
   echo
-  for f in 1_tokenize 2_train 2b_accuracy 3_loader 4_scaling 5_infer 6_end_to_end; do
+  for f in 1_tokenize 2_train 2b_accuracy 3_loader 3b_loader_petastorm 4_scaling 5_infer 6_end_to_end; do
     [[ -f "$OUT/$f.md" ]] && { cat "$OUT/$f.md"; echo; } || echo -e "## $f\n\nNot produced in this run (see the script's log).\n"
   done
 } > bench/RESULTS.md
