@@ -148,8 +148,10 @@ def _quiet_libraries(rank_zero: bool) -> None:
 
 def train_fn(payload: dict[str, Any]) -> dict[str, Any]:
     """Runs on every rank. Sets up logging (a file per rank, for failure reports) around `_train`."""
-    from spark_tuning.faults import FAILED, FINISHED, start_rank_log
+    from spark_tuning.faults import FAILED, FINISHED, exit_without_teardown, start_rank_log
     from spark_tuning.secrets import install_log_scrubbing
+
+    exit_without_teardown()  # first: before torch is imported (see there)
 
     # Each line names its rank: when a process dies, its own last lines can be picked out of the mix.
     rank = os.environ.get("RANK", "0")

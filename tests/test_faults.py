@@ -233,3 +233,37 @@ def test_failure_report_waits_for_the_other_ranks_to_settle(tmp_path):
     assert lines[0].startswith("training process rank 1 died without a word") and "rank 0: failed" in lines[0]
     assert lines[1:] == ["last log lines of rank 1:", "  12:00:00 INFO spark_tuning.faults: rank 1 started, pid 101",
                          "  12:00:01 INFO spark_tuning.rank: rank 1: step 1/9, own loss 0.69"]
+
+
+@pytest.mark.parametrize("torchrun, body, code", [
+    (True, "pass", 0),
+    (True, "raise RuntimeError('writing the result failed')", 1),
+    (False, "pass", 0),  # outside torchrun (a benchmark calling train_fn): the interpreter's own exit
+])
+def test_training_process_exit_skips_teardown_but_keeps_the_code(tmp_path, torchrun, body, code):
+    """A training process ends with os._exit once its script is done (unloading torch costs seconds),
+    after flushing its log; an uncaught exception still exits 1."""
+    log_file = tmp_path / "rank.log"
+    script = (
+        "import atexit, logging, sys\n"
+        "class Module:  # a module global's finaliser runs at interpreter teardown\n"
+        f"    def __del__(self, open=open): open({str(tmp_path / 'teardown')!r}, 'w').close()\n"
+        "kept = Module()\n"
+        "from spark_tuning.faults import exit_without_teardown\n"
+        "exit_without_teardown()\n"
+        f"atexit.register(lambda: open({str(tmp_path / 'later-handler')!r}, 'w').close())\n"
+        f"logging.basicConfig(filename={str(log_file)!r}, level=logging.INFO)\n"
+        "logging.getLogger('t').info('last words')\n"
+        f"{body}\n")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
+    if torchrun:
+        env["TORCHELASTIC_RUN_ID"] = "test"
+    proc = subprocess.run([sys.executable, "-c", script], env=dict(env, PYTHONPATH=ROOT), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == code, proc.stderr
+    assert "last words" in log_file.read_text()
+    # Handlers registered after it (torch's, transformers') still run before it ends the process.
+    assert (tmp_path / "later-handler").exists()
+    assert (tmp_path / "teardown").exists() is not torchrun
+    if code == 1:
+        assert "writing the result failed" in proc.stderr
