@@ -63,8 +63,10 @@ def _config(tmp, name: str, data: str, model: str, local_mode: bool, **train) ->
     return str(path)
 
 
-# What the cluster runs use beyond the defaults: two 1-core executors, one per worker.
-CLUSTER_CONF = ["--conf", "spark.executor.memory=1g", "--conf", "spark.executor.cores=1", "--conf", "spark.cores.max=2"]
+# What the cluster runs use beyond the defaults: two 1-core executors, one per worker. Their JVMs live for
+# one short job beside five others on this 2-core machine: the first JIT tier alone saves ~15 s a job here.
+CLUSTER_CONF = ["--conf", "spark.executor.memory=1g", "--conf", "spark.executor.cores=1", "--conf", "spark.cores.max=2",
+                "--conf", "spark.executor.extraJavaOptions=-XX:TieredStopAtLevel=1"]
 
 
 def _start(config: str, master: str, extra: list[str], stdout=subprocess.PIPE) -> subprocess.Popen:
