@@ -88,14 +88,15 @@ if [[ "$master" != local* ]]; then
     "$PY" - "$root" "$zip" <<'EOF'
 import os, sys, zipfile
 root, zip_path = sys.argv[1], sys.argv[2]
-with zipfile.ZipFile(zip_path + ".tmp", "w", zipfile.ZIP_DEFLATED) as z:
+tmp = f"{zip_path}.{os.getpid()}.tmp"  # one per submission: two at once must not write the same file
+with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
     for folder, dirs, files in os.walk(os.path.join(root, "spark_tuning")):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
         for name in sorted(files):
             if not name.endswith((".pyc", ".pyo")):
                 path = os.path.join(folder, name)
                 z.write(path, os.path.relpath(path, root))
-os.replace(zip_path + ".tmp", zip_path)
+os.replace(tmp, zip_path)
 EOF
     echo "spark-submit.sh: built $zip" >&2
   else
