@@ -47,18 +47,16 @@ if [[ $PETASTORM -eq 1 ]]; then
   status+=("| loader_backends (.venv-petastorm) | $rc | $((SECONDS - t)) |")
   [[ $rc -eq 0 ]] || echo "   loader_backends failed (exit $rc): see $OUT/loader_backends.log"
 fi
-if [[ ! -f "$OUT/2b_accuracy.md" && -f bench/accuracy.md ]]; then
-  { echo "## 2b. Accuracy after the same examples"; echo
-    echo "_Not run by this run.sh (it takes about an hour: \`bench/run.sh --accuracy\`): what follows is"
-    echo "bench/accuracy.md, written by the last full run of bench/bench_accuracy.py._"
-    tail -n +2 bench/accuracy.md; } > "$OUT/2b_accuracy.md"
-fi
-if [[ ! -f "$OUT/3b_loader_petastorm.md" && -f bench/loader_petastorm.md ]]; then
-  { echo "## 3b. Loader overhead, petastorm vs Parquet"; echo
-    echo "_Not run by this run.sh (it needs .venv-petastorm: \`bench/run.sh --petastorm\`): what follows is"
-    echo "bench/loader_petastorm.md, written by the last run of bench/loader_backends.py._"
-    tail -n +2 bench/loader_petastorm.md; } > "$OUT/3b_loader_petastorm.md"
-fi
+# A section this run did not produce comes from the copy its script keeps, with a line saying so.
+kept_section() {  # section, kept copy, why it did not run, script
+  [[ ! -f "$OUT/$1.md" && -f "$2" ]] || return 0
+  { head -n 1 "$2"; echo
+    echo "_Not run by this run.sh ($3): what follows is $2, written by the last run of $4._"
+    tail -n +2 "$2"; } > "$OUT/$1.md"
+}
+kept_section 2b_accuracy bench/accuracy.md "it takes about an hour: \`bench/run.sh --accuracy\`" bench/bench_accuracy.py
+kept_section 3b_loader_petastorm bench/loader_petastorm.md \
+  "it needs .venv-petastorm: \`bench/run.sh --petastorm\`" bench/loader_backends.py
 {
   echo "# spark-tuning benchmarks"
   echo

@@ -224,6 +224,8 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
         # 3. Train on every rank.
         t = time.perf_counter()
         os.makedirs(partial)
+        log_dir = os.path.join(staging, "logs")  # rank logs (failure reports) and rank 0's events
+        os.makedirs(log_dir, exist_ok=True)
         payload = {
             "config": cfg.to_dict(),
             "model_source": {"location": src.location, "is_local": src.is_local, "gguf_file": src.gguf_file},
@@ -231,14 +233,13 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
             "lm": lm_payload,
             "train_ref": vars(train_ref),
             "eval_ref": vars(eval_ref),
-            "events": os.path.join(staging, "logs", "rank0-events.jsonl"),  # for tracking.relay
+            "events": os.path.join(log_dir, "rank0-events.jsonl"),  # for tracking.relay
             "model_dir": partial,
             "resume_from": plan.resume_from,
-            "log_dir": os.path.join(staging, "logs"),
+            "log_dir": log_dir,
             "checkpoint": {"dir": checkpoint.checkpoint_dir(out_dir), "every_steps": cfg.checkpoint.every_steps,
                            "keep_last": cfg.checkpoint.keep_last} if cfg.checkpoint.enabled else None,
         }
-        os.makedirs(payload["log_dir"], exist_ok=True)
         with tracking.relay(run_ref, payload["events"]):
             result = run_distributed(train_fn, payload, cfg.distributed)
         timings["training"] = time.perf_counter() - t

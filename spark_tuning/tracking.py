@@ -177,17 +177,18 @@ def relay(ref: RunRef, events_path: str, every_s: float = 0.5) -> Iterator[None]
     rest. A line MLflow refuses is logged as a warning and skipped: the training goes on. (The driver
     logs the final metrics itself, after training.)"""
     stop = threading.Event()
-    state = {"offset": 0}
+    offset = 0  # bytes of the file already forwarded
 
     def forward() -> None:
+        nonlocal offset
         try:
             with open(events_path, "rb") as f:
-                f.seek(state["offset"])
+                f.seek(offset)
                 data = f.read()
         except FileNotFoundError:
             return
         done = data.rfind(b"\n") + 1  # a line still being written waits for the next round
-        state["offset"] += done
+        offset += done
         for line in data[:done].splitlines():
             try:
                 log_event(ref, json.loads(line))
