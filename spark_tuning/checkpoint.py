@@ -1,7 +1,7 @@
 """Checkpoints: written atomically by rank 0, found again on resume. No distributed code here.
 
 A checkpoint is a folder `<output_dir>/checkpoints/step-00000120/` holding the model (safetensors), the
-optimizer and scheduler states, every rank's RNG state, and `trainer_state.json` (step, epoch, position in
+optimizer, scheduler and loss-scaler states, every rank's RNG states (CPU and GPU), and `trainer_state.json` (step, epoch, position in
 the epoch's batch plan, metrics so far). It is written under a temporary name and renamed into place; the
 marker file COMPLETE is written last, so a folder without it is a checkpoint that was cut short.
 """
@@ -28,7 +28,7 @@ def checkpoint_dir(output_dir: str) -> str:
 
 
 def save(root: str, step: int, model, optimizer, scheduler, rng_states: list, state: dict[str, Any],
-         keep_last: int) -> str:
+         keep_last: int, scaler: Optional[dict] = None) -> str:
     import torch
 
     os.makedirs(root, exist_ok=True)
@@ -40,8 +40,8 @@ def save(root: str, step: int, model, optimizer, scheduler, rng_states: list, st
     from safetensors.torch import save_model
 
     save_model(model, os.path.join(tmp, "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states},
-               os.path.join(tmp, TRAINING_STATE))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states,
+                "scaler": scaler}, os.path.join(tmp, TRAINING_STATE))
     with open(os.path.join(tmp, STATE), "w") as f:
         json.dump(state, f)
     with open(os.path.join(tmp, COMPLETE), "w") as f:
@@ -93,13 +93,19 @@ def load_state(path: str) -> dict[str, Any]:
 
 
 def load_training_state(path: str) -> dict[str, Any]:
-    """Our own checkpoint: tensors and plain containers only, so the safe `weights_only` loader suffices."""
+    """Our own checkpoint: tensors and plain containers only, so the safe `weights_only` loader suffices.
+
+    Onto the CPU whatever device wrote it: without map_location, optimizer states written on cuda:N come
+    back on cuda:N (every local rank would put a whole copy on GPU 0), and a CPU-only host cannot load a
+    GPU run's checkpoint at all. optimizer.load_state_dict moves the states to the parameters' device."""
     import torch
 
-    return torch.load(os.path.join(path, TRAINING_STATE), weights_only=True)
+    return torch.load(os.path.join(path, TRAINING_STATE), weights_only=True, map_location="cpu")
 
 
 def load_weights(path: str, model) -> None:
     from safetensors.torch import load_model
 
-    load_model(model, os.path.join(path, "model.safetensors"))
+    # Straight onto the device the model is on (a GPU rank reads its weights into GPU memory).
+    device = str(next(model.parameters()).device)
+    load_model(model, os.path.join(path, "model.safetensors"), device=device)

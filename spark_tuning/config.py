@@ -23,7 +23,7 @@ TASKS = ("classification", "causal_lm", "sft")
 CHAT_TEMPLATE_MODES = ("auto", "require", "none")
 SFT_FORMATS = ("auto", "messages", "prompt_response", "classification")
 FORMATS = ("auto", "parquet", "csv", "json", "table", "delta", "hf_disk", "hf_hub")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOADERS = ("parquet", "petastorm")
 
 
@@ -93,7 +93,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
-    precision: str = "auto"  # auto: bf16 where the hardware runs bf16 matmuls natively, else fp32
+    # auto: bf16 where the hardware multiplies bf16 natively (GPUs of compute capability >= 8.0, CPUs with
+    # avx512_bf16/AMX), fp16 with loss scaling on older GPUs (V100, T4), else fp32 (TF32 matmuls on GPUs).
+    precision: str = "auto"
     group_by_length: bool = True  # batches of similar length waste less compute on padding
     eval_batch_size: int = 64
     log_every_steps: int = 10
@@ -124,6 +126,9 @@ class DistributedConfig:
     num_processes: int = 2
     local_mode: bool = True  # True: torchrun on the driver; False: barrier tasks on executors
     use_gpu: bool = False
+    # How long a rank waits in a collective (NCCL / gloo) before it fails: long enough for rank 0 to write
+    # the largest checkpoint through a FUSE mount while the others wait at the next step.
+    timeout_minutes: int = 30
 
 
 @dataclass
@@ -368,6 +373,7 @@ def _check_values(cfg: Config) -> list[str]:
         ("train.log_every_steps", cfg.train.log_every_steps),
         ("data.max_length", cfg.data.max_length),
         ("distributed.num_processes", cfg.distributed.num_processes),
+        ("distributed.timeout_minutes", cfg.distributed.timeout_minutes),
         ("checkpoint.keep_last", cfg.checkpoint.keep_last),
     ]:
         positive(name, value)

@@ -1,15 +1,25 @@
 """All rank and world-size logic lives here; the rest of the package asks this module.
 
 TorchDistributor starts every training process through torchrun, which sets RANK, LOCAL_RANK,
-WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. A single process (no torchrun) is rank 0 of 1.
+WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Under torchrun a process group is always
+created, even for one process, so that a one-GPU run goes through the same NCCL and DDP code as eight.
+A process started without torchrun (a benchmark calling train_fn) is rank 0 of 1 with no group.
+
+Two groups: the default one (NCCL on GPUs, gloo on CPUs) carries DDP's gradients, on the rank's device.
+NCCL serves CUDA tensors only, so the small host-side exchanges (loss sums, batch counts, RNG states,
+evaluation predictions) go over a second, gloo group made for them (`Context.host_group`); on CPUs the
+default group is gloo already and serves both.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
+
+DEFAULT_TIMEOUT_MINUTES = 30
 
 
 @dataclass(frozen=True)
@@ -19,6 +29,8 @@ class Context:
     world_size: int
     local_world_size: int
     device: str  # "cpu" or "cuda:<local rank>"
+    grouped: bool = False  # a process group exists (under torchrun): collectives run, DDP wraps
+    host_group: Any = None  # the group for CPU tensors and objects; None: the default group
 
     @property
     def is_rank_zero(self) -> bool:
@@ -26,11 +38,21 @@ class Context:
 
     @property
     def is_distributed(self) -> bool:
-        return self.world_size > 1
+        return self.grouped
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
 
 
-def init(use_gpu: bool, timeout_s: int = 1800) -> Context:
-    """Join the process group: NCCL on GPUs, gloo on CPUs."""
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
+def init(use_gpu: bool, timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES, backend: Optional[str] = None) -> Context:
+    """Join the process group: NCCL on GPUs, gloo on CPUs (`backend` overrides, e.g. "cuda:gloo" in a test
+    to get a group that, like NCCL, serves no CPU tensors). `timeout_minutes` bounds every collective:
+    a rank that waits longer (its peer died, or rank 0 is still writing a large checkpoint) fails."""
     import torch
     import torch.distributed as dist
 
@@ -43,12 +65,36 @@ def init(use_gpu: bool, timeout_s: int = 1800) -> Context:
         device = f"cuda:{local_rank}"
     else:
         device = "cpu"
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if use_gpu else "gloo",
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
-    return Context(rank, local_rank, world, local_world, device)
+    if not launched_by_torchrun():
+        return Context(rank, local_rank, world, local_world, device)
+    backend = backend or ("nccl" if use_gpu else "gloo")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if not dist.is_initialized():
+        # device_id binds NCCL to this rank's GPU at once (no guessing from the current device later).
+        extra = {"device_id": torch.device(device)} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, timeout=timeout, **extra)
+    host_group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    ctx = Context(rank, local_rank, world, local_world, device, grouped=True, host_group=host_group)
+    if use_gpu:
+        check_distinct_gpus(ctx)
+    return ctx
+
+
+def check_distinct_gpus(ctx: Context) -> None:
+    """Two ranks on one GPU would run (slowly) until memory runs out. It happens when a reused Spark Python
+    worker keeps the CUDA_VISIBLE_DEVICES of an earlier task (TorchDistributor keeps one that is set)."""
+    import torch
+
+    mine = (socket.gethostname(), str(torch.cuda.get_device_properties(ctx.device).uuid))
+    seen: dict[tuple[str, str], int] = {}
+    for rank, key in enumerate(gather(mine, ctx)):
+        if key in seen:
+            raise RuntimeError(
+                f"ranks {seen[key]} and {rank} both run on GPU {key[1]} of {key[0]} (CUDA_VISIBLE_DEVICES here: "
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r}): a reused Spark Python worker kept an earlier "
+                "task's CUDA_VISIBLE_DEVICES; set spark.python.worker.reuse=false in the cluster's Spark config "
+                "(or spark.conf in the config), and spark.task.resource.gpu.amount to the GPUs each task owns")
+        seen[key] = rank
 
 
 def shutdown(ctx: Context) -> None:
@@ -69,12 +115,15 @@ def threads_per_process(ctx: Context) -> int:
 
 
 def wrap(model, ctx: Context):
+    """DDP whenever there is a process group (one process included: the same path as many)."""
     if not ctx.is_distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    ids = [ctx.local_rank] if ctx.device.startswith("cuda") else None
-    return DistributedDataParallel(model, device_ids=ids)
+    ids = [ctx.local_rank] if ctx.device_type == "cuda" else None
+    # gradient_as_bucket_view: gradients live in DDP's buckets, not in a second copy (one model's worth
+    # of memory less per rank).
+    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
 
 def unwrap(model):
@@ -82,13 +131,13 @@ def unwrap(model):
 
 
 def gather(obj: Any, ctx: Context) -> list[Any]:
-    """Every rank's `obj`, on every rank, in rank order."""
+    """Every rank's `obj`, on every rank, in rank order (over the host group: pickled on the CPU)."""
     if not ctx.is_distributed:
         return [obj]
     import torch.distributed as dist
 
     out: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=ctx.host_group)
     return out
 
 
@@ -99,31 +148,34 @@ def broadcast(obj: Any, ctx: Context) -> Any:
     import torch.distributed as dist
 
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=ctx.host_group)
     return box[0]
+
+
+def _all_reduce(values: list, dtype, op: str, ctx: Context) -> list:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=dtype)  # a CPU tensor: the host group serves CPU tensors
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op), group=ctx.host_group)
+    return t.tolist()
 
 
 def mean(values: list[float], ctx: Context) -> list[float]:
     """Element-wise mean of a few floats over ranks."""
     if not ctx.is_distributed:
-        return values
+        return list(values)
     import torch
-    import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return (t / ctx.world_size).tolist()
+    return [v / ctx.world_size for v in _all_reduce(values, torch.float64, "SUM", ctx)]
 
 
 def total(values: list[float], ctx: Context) -> list[float]:
     if not ctx.is_distributed:
-        return values
+        return list(values)
     import torch
-    import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
+    return _all_reduce(values, torch.float64, "SUM", ctx)
 
 
 def maximum(values: list[int], ctx: Context) -> list[int]:
@@ -131,8 +183,5 @@ def maximum(values: list[int], ctx: Context) -> list[int]:
     if not ctx.is_distributed:
         return list(values)
     import torch
-    import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    return _all_reduce(values, torch.int64, "MAX", ctx)

@@ -158,7 +158,7 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
     from spark_tuning.loader import check_training_shards, stage_as
     from spark_tuning.spark import get_spark
     from spark_tuning.tokenize import tokenize
-    from spark_tuning.train import resolve_precision, train_fn
+    from spark_tuning.train import train_fn
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -208,7 +208,7 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
             lm_payload, id2label = staged.payload, staged.id2label
         check_training_shards(train_ref, cfg.distributed.num_processes)
         timings["data"] = time.perf_counter() - t
-        figures["precision"] = resolve_precision(cfg.train.precision, "cuda" if cfg.distributed.use_gpu else "cpu")
+        figures["precision"] = _expected_precision(cfg)
         log.info("data ready in %.1fs: %s", timings["data"], json.dumps(figures))
 
         # 2. Tracking: the driver owns the run; rank 0 logs into it by id.
@@ -253,6 +253,7 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
             metrics.update(eval_loss=result["epochs"][-1]["eval_loss"], train_steps=result["steps"],
                            train_tokens_per_second=result["tokens_per_second"],
                            train_padding_share=result["padding_share"], train_precision=result["precision"],
+                           train_device=result["device"], train_tf32=result["tf32"],
                            train_mfu=result["mfu"], train_matmul_peak_gflops=result["matmul_peak_gflops"],
                            train_data_wait_share=result["data_wait_share"])
             _write_outputs(partial, cfg, metrics, result, names, eval_ref.path)
@@ -309,6 +310,16 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
         if prepared is not None:
             prepared.train.unpersist()
             prepared.eval.unpersist()
+
+
+def _expected_precision(cfg: Config) -> str:
+    """The precision the ranks will pick, where the driver can tell (it may have no GPU of its own)."""
+    from spark_tuning.launch import visible_gpus
+    from spark_tuning.precision import resolve_precision
+
+    if cfg.distributed.use_gpu and not visible_gpus():
+        return f"{cfg.train.precision} (chosen by each training GPU)"
+    return resolve_precision(cfg.train.precision, "cuda:0" if cfg.distributed.use_gpu else "cpu")
 
 
 def _mark_run_in_progress(out_dir: str, cfg: Config, run_ref, clear_first: bool) -> None:

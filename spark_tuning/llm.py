@@ -56,10 +56,12 @@ def dequantize_gguf(src: ModelSource, cfg: ModelConfig, cache_root: str) -> Mode
     return ModelSource(location=folder, is_local=True)
 
 
-def build_causal_lm(src: ModelSource, cfg: ModelConfig, pad_token_id: int):
-    """A causal LM in fp32 (bf16 is applied by autocast where it pays)."""
-    import torch
+def build_causal_lm(src: ModelSource, cfg: ModelConfig, pad_token_id: int, device: str = "cpu", dtype=None):
+    """A causal LM on `device`, in fp32 unless `dtype` says otherwise (a frozen LoRA base in bf16/fp16);
+    autocast applies half precision to the computation where it pays."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from spark_tuning.model import placement
 
     kwargs = src.load_kwargs(cfg)
     config = AutoConfig.from_pretrained(src.location, **kwargs)
@@ -68,7 +70,7 @@ def build_causal_lm(src: ModelSource, cfg: ModelConfig, pad_token_id: int):
         config.attention_dropout = cfg.attention_dropout
     if not src.gguf_file:
         kwargs["use_safetensors"] = True
-    return AutoModelForCausalLM.from_pretrained(src.location, config=config, dtype=torch.float32, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(src.location, config=config, **kwargs, **placement(device, dtype))
 
 
 def context_length(config) -> int | None:

@@ -148,6 +148,7 @@ def metrics(result: dict) -> dict:
         "eval_loss_before": first["eval_loss"], "eval_perplexity_before": first["eval_perplexity"],
         "train_steps": result["steps"], "train_tokens_per_second": result["tokens_per_second"],
         "train_padding_share": result["padding_share"], "train_precision": result["precision"],
+        "train_device": result["device"], "train_tf32": result["tf32"],
         "train_mfu": result["mfu"], "train_matmul_peak_gflops": result["matmul_peak_gflops"],
         "parameters": result["parameters"], "trainable_parameters": result["trainable_parameters"],
         "trainable_percent": 100 * result["trainable_parameters"] / max(1, result["parameters"]),

@@ -23,22 +23,48 @@ log = logging.getLogger("spark_tuning.train")
 LOGITS_BUDGET = 2 ** 28  # floats of logits per evaluation batch (1 GiB in fp32)
 
 
-def build_model(cfg, src, tokenizer, id2label: dict[int, str]):
-    """The model for cfg.task, with gradient checkpointing and LoRA where configured."""
+def build_model(cfg, src, tokenizer, id2label: dict[int, str], device: str = "cpu", dtype=None):
+    """The model for cfg.task on `device`, its weights in `dtype` (None: fp32), with gradient
+    checkpointing and LoRA where configured. Whatever trains is fp32: a half-precision base (LoRA) keeps
+    its adapters and any new head in fp32, which the fp16 loss scaler needs and bf16 updates want."""
+    import torch
+
     from spark_tuning import llm, lora
     from spark_tuning.model import build_classifier
 
     if cfg.task == "classification":
-        model = build_classifier(src, cfg.model, id2label, tokenizer.pad_token_id)
+        model = build_classifier(src, cfg.model, id2label, tokenizer.pad_token_id, device, dtype)
     else:
-        model = llm.build_causal_lm(src, cfg.model, tokenizer.pad_token_id)
+        model = llm.build_causal_lm(src, cfg.model, tokenizer.pad_token_id, device, dtype)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora.enabled:
         model = lora.apply(model, cfg.lora, cfg.task)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     return model
+
+
+def export_model(model, cfg, src, tokenizer, id2label: dict[int, str]):
+    """The model to save. A LoRA run whose frozen base was held in bf16/fp16 trained its adapters on that
+    copy: they are put back on the base as it was published (fp32, on the CPU), so that the merged model
+    equals the adapter applied to the original base. Anything else is saved as it trained."""
+    import torch
+
+    if not any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
+        return model
+    export = build_model(cfg, src, tokenizer, id2label, "cpu", torch.float32)
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params = dict(export.named_parameters())
+    if set(trained) - set(params):
+        raise RuntimeError(f"the fp32 rebuild of the model lacks trained parameters {sorted(set(trained) - set(params))[:5]}")
+    with torch.no_grad():
+        for name, p in trained.items():
+            params[name].copy_(p.detach().to("cpu", torch.float32))
+    return export
 
 
 def peak_rss_mb() -> float:
@@ -56,11 +82,11 @@ def evaluate_shard(model, shard, plan, pad_id: int, device: str, precision: str,
     import torch.nn.functional as F
 
     from spark_tuning.loader import iterate
+    from spark_tuning.precision import autocast
 
     model.eval()
     nll, count, row_ids, preds, labels = 0.0, 0, [], [], []
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(precision, device):
         for index, batch in iterate(shard, plan, pad_id):
             inputs = {k: torch.from_numpy(v).to(device) for k, v in batch.items() if k != "labels"}
             logits = model(**inputs).logits.float()

@@ -100,7 +100,13 @@ def save(model, tokenizer, folder: str, adapter_subdir: str = "adapter") -> Opti
     """Save a model for export. LoRA: the adapter alone in `folder/adapter_subdir`, then the merged
     model in `folder`. Full fine-tuning: the model in `folder`. Returns the adapter folder or None.
     Merging changes the model in place: call this last."""
+    import torch
+
     adapter_dir = None
+    if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
+        # A half-precision frozen base (LoRA): merge and save in fp32 on the CPU, so that the merged
+        # weights are the trained base plus the fp32 adapter, not that sum rounded to bf16/fp16.
+        model = model.to("cpu", dtype=torch.float32)
     if is_lora(model):
         adapter_dir = os.path.join(folder, adapter_subdir)
         model.save_pretrained(adapter_dir, safe_serialization=True)

@@ -168,7 +168,19 @@ def load_tokenizer(src: ModelSource, cfg: ModelConfig):
     return tok
 
 
-def build_classifier(src: ModelSource, cfg: ModelConfig, id2label: dict[int, str], pad_token_id: int):
+def placement(device: str, dtype) -> dict[str, Any]:
+    """from_pretrained arguments that load the weights in `dtype` (None: fp32, whatever the checkpoint
+    holds) straight onto `device`: a GPU rank then never holds a full copy in host memory."""
+    import torch
+
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+    if not device.startswith("cpu"):
+        kwargs["device_map"] = {"": device}
+    return kwargs
+
+
+def build_classifier(src: ModelSource, cfg: ModelConfig, id2label: dict[int, str], pad_token_id: int,
+                     device: str = "cpu", dtype=None):
     """A sequence-classification model: the pretrained body plus a new classification head."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -187,7 +199,8 @@ def build_classifier(src: ModelSource, cfg: ModelConfig, id2label: dict[int, str
                 setattr(config, key, cfg.attention_dropout)
     if not src.gguf_file:
         kwargs["use_safetensors"] = not cfg.allow_pickle_weights
-    return AutoModelForSequenceClassification.from_pretrained(src.location, config=config, **kwargs)
+    return AutoModelForSequenceClassification.from_pretrained(src.location, config=config, **kwargs,
+                                                              **placement(device, dtype))
 
 
 def max_positions(src: ModelSource, cfg: ModelConfig) -> Optional[int]:

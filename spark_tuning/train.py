@@ -12,24 +12,14 @@ import contextlib
 import logging
 import math
 import os
+import queue
+import threading
 import time
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 log = logging.getLogger("spark_tuning.train")
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """'auto' means bf16 only where the hardware multiplies bf16 natively. On CPUs without bf16 units
-    (AVX2 only) bf16 matmuls are emulated and run ~50x slower than fp32, so auto picks fp32 there."""
-    import torch
-
-    if precision != "auto":
-        return precision
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -62,10 +52,71 @@ def linear_schedule(warmup_steps: int, total_steps: int):
     return factor
 
 
-def to_device(batch: dict[str, np.ndarray], device: str) -> dict:
+def to_device(batch: dict, device: str) -> dict:
+    """Host batch -> device. On CUDA from pinned memory and non-blocking: the copy overlaps the work
+    already queued on the GPU (`pinned` below pins in the prefetch thread, off the training thread)."""
     import torch
 
-    return {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+    cuda = device.startswith("cuda")
+    out = {}
+    for k, v in batch.items():
+        t = torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+        out[k] = t.to(device, non_blocking=cuda and t.is_pinned())
+    return out
+
+
+def pinned(batch: dict[str, np.ndarray], device: str) -> dict:
+    """Tensors of `batch`, in page-locked memory where the copy goes to a GPU."""
+    import torch
+
+    tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+    return {k: t.pin_memory() for k, t in tensors.items()} if device.startswith("cuda") else tensors
+
+
+def ahead(items: Iterable, depth: int = 2) -> Iterator:
+    """Yield from `items`, producing up to `depth` items ahead in a thread: the next batch is collated
+    (and pinned) while the current one trains. An error in the thread is raised here; leaving early
+    stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop, done = threading.Event(), object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put((None, item)):
+                    return
+            put((None, done))
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread, raised there
+            put((e, None))
+
+    thread = threading.Thread(target=work, name="spark-tuning-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            error, item = q.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def train_batches(shard, plan, pad_id: int, device: str) -> Iterator:
+    """(index, host batch, tensors to copy) of each planned batch, collated ahead in a thread."""
+    from spark_tuning.loader import iterate
+
+    return ahead((index, batch, pinned(batch, device)) for index, batch in iterate(shard, plan, pad_id))
 
 
 def predict(model, shard, plan, pad_id: int, device: str, precision: str) -> dict[str, np.ndarray]:
@@ -73,11 +124,11 @@ def predict(model, shard, plan, pad_id: int, device: str, precision: str) -> dic
     import torch
 
     from spark_tuning.loader import iterate
+    from spark_tuning.precision import autocast
 
     model.eval()
     row_ids, probs, loss_sum = [], [], 0.0
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(precision, device):
         for index, batch in iterate(shard, plan, pad_id):
             out = model(**to_device(batch, device))
             loss_sum += float(out.loss) * len(index)
@@ -91,12 +142,11 @@ def predict(model, shard, plan, pad_id: int, device: str, precision: str) -> dic
     return {"row_ids": ids, "probs": np.concatenate(probs), "labels": labels, "loss_sum": loss_sum}
 
 
-def _resume(path, model, optimizer, scheduler, ctx) -> dict:
-    """Load a checkpoint into the model and optimizer (before DDP wraps the model); {} when starting fresh."""
+def _resume(path, model, optimizer, scheduler, scaler, ctx) -> dict:
+    """Load a checkpoint into the model, optimizer, loss scaler and RNGs (before DDP wraps the model); {}
+    when starting fresh. Optimizer states load onto the CPU first and go to the parameters' device."""
     if not path:
         return {}
-    import torch
-
     from spark_tuning import checkpoint
 
     state = checkpoint.load_state(path)
@@ -106,25 +156,93 @@ def _resume(path, model, optimizer, scheduler, ctx) -> dict:
     training = checkpoint.load_training_state(path)
     optimizer.load_state_dict(training["optimizer"])
     scheduler.load_state_dict(training["scheduler"])
-    torch.set_rng_state(training["rng"][ctx.rank])
+    if training.get("scaler"):
+        scaler.load_state_dict(training["scaler"])
+    set_rng_state(training["rng"][ctx.rank], ctx.device)
     if ctx.is_rank_zero:
         log.info("resumed from %s: step %d, epoch %d, %d batches of that epoch already done",
                  path, state["step"], state["epoch"], state["micro"])
     return state
 
 
+def rng_state(device: str) -> dict:
+    """This rank's random state: the CPU generator, and the GPU's (dropout masks on a GPU come from it)."""
+    import torch
+
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
+
+
+def set_rng_state(state, device: str) -> None:
+    import torch
+
+    if isinstance(state, torch.Tensor):  # a checkpoint written before GPU states were kept
+        state = {"cpu": state, "cuda": None}
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and device.startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def out_of_memory_message(ctx, cfg, batch_shape: tuple[int, int], step: int, memory: dict) -> str:
+    """What a rank that ran out of GPU memory tells the user: who, with how much, and what to change."""
+    t = cfg.train
+    ideas = []
+    if t.max_tokens_per_batch:
+        ideas.append(f"lower train.max_tokens_per_batch (now {t.max_tokens_per_batch})")
+    else:
+        ideas.append(f"lower train.batch_size (now {t.batch_size}; raise train.grad_accum_steps to keep the "
+                     "global batch) or set train.max_tokens_per_batch")
+    if not t.gradient_checkpointing:
+        ideas.append("set train.gradient_checkpointing: true (activations recomputed: ~30% slower, far less memory)")
+    if not cfg.lora.enabled:
+        ideas.append("set lora.enabled: true (a frozen base needs no gradients or optimizer state)")
+    gib = 2 ** 30
+    return (f"rank {ctx.rank} ran out of memory on {ctx.device} ({memory.get('name', ctx.device)}, "
+            f"{memory.get('total', 0) / gib:.1f} GiB; {memory.get('allocated', 0) / gib:.1f} GiB held by tensors, "
+            f"peak {memory.get('peak', 0) / gib:.1f} GiB) at step {step + 1}, on a batch of {batch_shape[0]} rows x "
+            f"{batch_shape[1]} tokens: " + "; or ".join(ideas))
+
+
+def device_memory(device: str) -> dict:
+    import torch
+
+    if not device.startswith("cuda"):
+        return {}
+    props = torch.cuda.get_device_properties(device)
+    return {"name": props.name, "total": props.total_memory, "allocated": torch.cuda.memory_allocated(device),
+            "peak": torch.cuda.max_memory_allocated(device)}
+
+
 def _timed(batches, clock: dict[str, float]):
     """Yield from `batches`, adding the time spent waiting for each one to clock["data"]: the loader's
-    share of a training step, comparable between loader backends."""
+    share of a training step, comparable between loader backends. Closing this closes `batches`."""
     it = iter(batches)
-    while True:
-        t = time.perf_counter()
-        try:
-            item = next(it)
-        except StopIteration:
-            return
-        clock["data"] += time.perf_counter() - t
-        yield item
+    try:
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            clock["data"] += time.perf_counter() - t
+            yield item
+    finally:
+        if hasattr(it, "close"):
+            it.close()
+
+
+def optimizer_step(model, optimizer, scheduler, scaler, max_grad_norm: float) -> None:
+    """One optimizer step. With fp16 the gradients are unscaled before clipping (the norm is of the true
+    gradients), and a step whose gradients overflowed is skipped by the scaler, which lowers its scale."""
+    import torch
+
+    if max_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 @contextlib.contextmanager
@@ -175,29 +293,37 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
     from spark_tuning.config import config_from_dict
     from spark_tuning.faults import rank_only
     from spark_tuning.evaluate import classification_metrics
-    from spark_tuning import lm_train, lora
-    from spark_tuning.loader import iterate, plan_eval_batches, plan_train_batches, read_shard_as
+    from spark_tuning import lm_train, lora, precision as numerics
+    from spark_tuning.loader import plan_eval_batches, plan_train_batches, read_shard_as
     from spark_tuning.mfu import matmul_peak, mfu, training_flops_per_token
     from spark_tuning.model import ModelSource, count_parameters, load_tokenizer
     from spark_tuning.tracking import RankZeroLogger
 
     cfg = config_from_dict(payload["config"])
     tc = cfg.train
-    ctx = distributed.init(cfg.distributed.use_gpu)
+    ctx = distributed.init(cfg.distributed.use_gpu, cfg.distributed.timeout_minutes)
     _quiet_libraries(ctx.is_rank_zero)
     try:
         torch.set_num_threads(distributed.threads_per_process(ctx))
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         tracker = RankZeroLogger(payload.get("events"), ctx.is_rank_zero)  # the driver relays it to MLflow
-        precision = resolve_precision(tc.precision, ctx.device)
+        precision = numerics.resolve_precision(tc.precision, ctx.device)
+        tf32 = numerics.enable_tf32(ctx.device)
+        warning = numerics.emulated_warning(precision, ctx.device)
+        if warning and ctx.is_rank_zero:
+            log.warning("%s", warning)
+        if ctx.device_type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
 
-        # Model. Every rank builds it from the same seed; DDP also broadcasts rank 0's weights.
+        # Model, built straight onto this rank's device (no full copy in host memory per rank). Every
+        # rank builds it from the same seed; DDP also broadcasts rank 0's weights.
         src = ModelSource(**payload["model_source"])
         tokenizer = load_tokenizer(src, cfg.model)
         id2label = {int(k): v for k, v in payload["id2label"].items()}
         # The model for the task (classification head or causal LM), with LoRA / checkpointing if set.
-        model = lm_train.build_model(cfg, src, tokenizer, id2label).to(ctx.device)
+        model = lm_train.build_model(cfg, src, tokenizer, id2label, ctx.device,
+                                     numerics.weights_dtype(precision, frozen_base=cfg.lora.enabled))
         lm = payload.get("lm") or {}
         total_params, trainable = count_parameters(model)
 
@@ -224,10 +350,11 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
 
         optimizer = adamw(param_groups(model, tc.weight_decay), tc.learning_rate, ctx.device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total_steps))
+        scaler = numerics.grad_scaler(precision, ctx.device)  # fp16 only; passes through otherwise
 
         # Resume: same weights, optimizer, schedule and RNG as when the checkpoint was written; the
         # batches of the interrupted epoch that were already seen are skipped (plans are seeded).
-        resume = _resume(payload.get("resume_from"), model, optimizer, scheduler, ctx)
+        resume = _resume(payload.get("resume_from"), model, optimizer, scheduler, scaler, ctx)
         ddp_model = distributed.wrap(model, ctx)
         if tc.compile:
             # Only the training forward/backward is compiled; evaluation, checkpoints and saving use `model`.
@@ -237,19 +364,20 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
         # MFU: rank 0 measures one process's matmul peak in the precision used, while the other ranks wait
         # (DDP's set-up above has just lined them up), so that no rank's work slows the probe.
         flops_per_token = training_flops_per_token(model)
-        probe = torch.bfloat16 if precision == "bf16" else torch.float32
+        # With TF32 on, an fp32 probe measures the TF32 tensor-core path that fp32 training takes.
+        probe = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         peak = distributed.broadcast(matmul_peak(probe, ctx.device, seconds=0.25) if ctx.is_rank_zero else None, ctx)
-        tracker.params({"mfu.peak_gflops_per_process": round(peak, 2), "mfu.peak_precision": precision,
+        peak_precision = "tf32" if tf32 and precision == "fp32" else precision
+        tracker.params({"mfu.peak_gflops_per_process": round(peak, 2), "mfu.peak_precision": peak_precision,
                         "mfu.flops_per_token": flops_per_token,
                         "mfu.formula": "6 x non-embedding parameters (all, trainable or not) x useful tokens/s "
                                        "/ (matmul peak per process x processes); attention FLOPs not counted"})
         tracker.metrics({"matmul_peak_gflops": peak}, 0)
-        autocast = torch.autocast(ctx.device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
         if ctx.is_rank_zero:
-            log.info("training %s: %d parameters (%d trainable, %.1f%%), %d processes, precision %s, "
+            log.info("training %s: %d parameters (%d trainable, %.1f%%), %d processes, precision %s%s, "
                      "%d steps (%d in the first epoch), warm-up %d", src.location, total_params, trainable,
-                     100 * trainable / total_params, ctx.world_size, precision, total_steps, steps_per_epoch[0],
-                     warmup)
+                     100 * trainable / total_params, ctx.world_size, precision, " (TF32 matmuls)" if tf32 else "",
+                     total_steps, steps_per_epoch[0], warmup)
             log.info("spark_tuning code from %s, device %s", __file__, ctx.device)
 
         history: list[dict] = resume.get("history", [])
@@ -259,12 +387,13 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
         ckpt = payload.get("checkpoint")  # {"dir", "every_steps", "keep_last"} or None
 
         def save_checkpoint(epoch: int, micro: int) -> None:
-            # Every rank hands over its RNG state (dropout masks differ per rank); rank 0 writes.
-            rng = distributed.gather(torch.get_rng_state(), ctx)
+            # Every rank hands over its RNG states (dropout masks differ per rank); rank 0 writes.
+            rng = distributed.gather(rng_state(ctx.device), ctx)
             if ctx.is_rank_zero:
                 state = {"step": step, "epoch": epoch, "micro": micro, "history": history, "epochs": epochs,
                          "totals": totals, "world_size": ctx.world_size}
-                path = checkpoint.save(ckpt["dir"], step, model, optimizer, scheduler, rng, state, ckpt["keep_last"])
+                path = checkpoint.save(ckpt["dir"], step, model, optimizer, scheduler, rng, state, ckpt["keep_last"],
+                                       scaler=scaler.state_dict() if scaler.is_enabled() else None)
                 log.info("checkpoint written: %s", path)
 
         def evaluate_now(epoch_done: int, train_seconds: float) -> dict:
@@ -308,33 +437,35 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
             else:
                 plan_skipped = []
             t_epoch = time.perf_counter()
-            for micro, (index, batch) in enumerate(_timed(iterate(train_shard, plan, tokenizer.pad_token_id), clock),
-                                                   start=len(plan_skipped)):
+            batches = _timed(train_batches(train_shard, plan, tokenizer.pad_token_id, ctx.device), clock)
+            for micro, (index, batch, tensors) in enumerate(batches, start=len(plan_skipped)):
                 sync = (micro + 1) % tc.grad_accum_steps == 0 or micro + 1 == len(plan) + len(plan_skipped)
-                # Skip the gradient all-reduce on accumulation micro-steps: it is only needed on the last.
-                with (contextlib.nullcontext() if sync or not ctx.is_distributed else ddp_model.no_sync()):
-                    with autocast:
-                        loss = ddp_model(**to_device(batch, ctx.device)).loss
-                    (loss / tc.grad_accum_steps).backward()
-                window["loss"] += float(loss.detach())
+                try:
+                    # Skip the gradient all-reduce on accumulation micro-steps: it is only needed on the last.
+                    with (contextlib.nullcontext() if sync or not ctx.is_distributed else ddp_model.no_sync()):
+                        with numerics.autocast(precision, ctx.device):
+                            loss = ddp_model(**to_device(tensors, ctx.device)).loss
+                        scaler.scale(loss / tc.grad_accum_steps).backward()
+                    if sync:
+                        optimizer_step(model, optimizer, scheduler, scaler, tc.max_grad_norm)
+                except torch.cuda.OutOfMemoryError as e:
+                    raise RuntimeError(out_of_memory_message(ctx, cfg, batch["input_ids"].shape, step,
+                                                             device_memory(ctx.device))) from e
+                # The loss stays on the device until a log step: reading it here would wait for the GPU
+                # to finish this step before the next batch could be queued.
+                window["loss"] = window["loss"] + loss.detach().float()
                 window["micro"] += 1
                 window["tokens"] += int(batch["attention_mask"].sum())
                 window["padded"] += int(batch["attention_mask"].size)
                 if not sync:
                     continue
-                if tc.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if step % tc.log_every_steps == 0 or step == total_steps:
                     elapsed = time.perf_counter() - window["t0"]
+                    own_loss = float(window["loss"]) / window["micro"]
                     # Every rank's own progress, into its own log file: the last lines shown if it dies.
-                    rank_only.info("rank %d: step %d/%d, own loss %.4f", ctx.rank, step, total_steps,
-                                   window["loss"] / window["micro"])
-                    loss_avg, tokens, padded = distributed.total(
-                        [window["loss"] / window["micro"], window["tokens"], window["padded"]], ctx)
+                    rank_only.info("rank %d: step %d/%d, own loss %.4f", ctx.rank, step, total_steps, own_loss)
+                    loss_avg, tokens, padded = distributed.total([own_loss, window["tokens"], window["padded"]], ctx)
                     loss_avg /= ctx.world_size
                     rec = {"step": step, "epoch": epoch + (micro + 1) / micro_per_epoch[epoch],
                            "train_loss": loss_avg, "learning_rate": scheduler.get_last_lr()[0],
@@ -355,6 +486,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
                         save_checkpoint(epoch, micro + 1)
                 if step >= total_steps:
                     break
+            batches.close()  # stops the prefetch thread when the epoch ended early (max_steps)
             train_seconds = time.perf_counter() - t_epoch
             clock["train"] += train_seconds
 
@@ -380,13 +512,16 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
         if ctx.is_rank_zero:
             # Weights in fp32 safetensors, with the tokenizer and the label names in config.json. LoRA:
             # the adapter alone in adapter/, and the merged model beside it.
-            lora.save(model, tokenizer, payload["model_dir"])
+            lora.save(lm_train.export_model(model, cfg, src, tokenizer, id2label), tokenizer, payload["model_dir"])
         result = {
             "history": history,
             "epochs": epochs,
             "eval": eval_out,
             "steps": step,
             "precision": precision,
+            "device": ctx.device_type,
+            "tf32": tf32,
+            "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
             "world_size": ctx.world_size,
             "parameters": total_params,
             "trainable_parameters": trainable,
@@ -401,7 +536,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
             "shard_read_seconds": read_seconds,
             "data_wait_seconds": clock["data"],
             "data_wait_share": clock["data"] / max(1e-9, clock["train"]),
-            "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(ctx.device) if ctx.device.startswith("cuda") else None,
+            "peak_gpu_memory_bytes": device_memory(ctx.device).get("peak"),
             "peak_rss_mb": max(distributed.gather(lm_train.peak_rss_mb(), ctx)),
         }
         return distributed.broadcast(result if ctx.is_rank_zero else None, ctx)

@@ -66,11 +66,11 @@ def test_every_problem_is_listed_at_once(tmp_path):
 def test_incompatible_settings(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(None, ["data.eval_source=a.parquet", "data.eval_split=test", "data.text_column=label",
-                           "train.precision=fp16", "data.validation_fraction=1.5"])
+                           "train.precision=fp8", "data.validation_fraction=1.5"])
     msg = str(err.value)
     assert "keep one of them" in msg
     assert "must differ" in msg
-    assert "train.precision = 'fp16' is not one of auto, fp32, bf16" in msg
+    assert "train.precision = 'fp8' is not one of auto, fp32, bf16, fp16" in msg
     # With an explicit validation source, the fraction is not used, so it is not an error.
     assert "validation_fraction" not in msg
 
