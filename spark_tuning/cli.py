@@ -170,7 +170,9 @@ def _add_deploy_commands(sub) -> None:
     p.add_argument("--data", required=True, help="a run's output folder, its eval_predictions.parquet, "
                    "or a Parquet/JSONL/CSV file with text (and label)")
     p.add_argument("--batch-size", type=int, default=32, help="rows per request")
-    p.add_argument("--atol", type=float, default=1e-5, help="allowed probability difference per row")
+    p.add_argument("--atol", type=float, default=None,
+                   help="allowed probability difference per row (default: from the precisions of the run and of "
+                        "a server on this machine: 1e-5 for fp32 on CPUs on both sides, up to 3e-2 with bf16)")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
     p.add_argument("--json-out", help="also write the report as JSON here")

@@ -92,6 +92,7 @@ def model_config(cfg: Config, precision: str, lm: Optional[dict] = None) -> dict
         "max_length": cfg.data.block_size if cfg.task == "causal_lm" else cfg.data.max_length,
         "batch_size": cfg.train.eval_batch_size,
         "precision": precision,
+        "device": "auto",  # a GPU where the server has one (serving_model.serving_placement)
         "max_chars": cfg.deploy.max_text_chars,
         "text_column": INPUT_COLUMN,
     }

@@ -12,7 +12,8 @@ at load time: mlflow.pyfunc.load_model(uri, model_config={"max_new_tokens": 64})
   max_length    tokens kept per text (classification, sft: data.max_length; causal_lm: data.block_size), so
                 inputs are cut as in training
   batch_size    rows per forward pass (classification)
-  precision     "fp32" or "bf16": the precision the run's own evaluation used (classification)
+  precision     "fp32", "bf16" or "fp16": the precision the run's own evaluation used (classification)
+  device        "auto" (a GPU where one is visible, else the CPU), "cpu", or "cuda:N"
   max_chars     longer texts are refused with a 400 instead of tying up the server
   text_column   the input column that holds the text
   generation only: max_new_tokens, chat_template (sft: prompts rendered with the tokenizer's template),
@@ -20,7 +21,9 @@ at load time: mlflow.pyfunc.load_model(uri, model_config={"max_new_tokens": 64})
 
 Classification predictions match the run's offline ones: the same tokenizer, truncation, right padding with
 an attention mask, only input_ids and attention_mask passed (as the training loader does), batches sorted
-by length. Generation is greedy, one prompt at a time (no padding, so an answer does not depend on what
+by length. The model runs on a GPU where there is one, in the run's precision where that device has it
+natively (bf16 on GPUs of compute capability >= 8.0 and CPUs with bf16 units, fp16 on GPUs >= 7.0), else
+in fp32: `serving_placement` says which, and verify allows for the difference. Generation is greedy, one prompt at a time (no padding, so an answer does not depend on what
 else is in the request), in fp32 like the run's own samples, with prompts rendered as training rendered them.
 
 Input checking: the signature declares the text column as `Any`, so MLflow hands requests to `predict`
@@ -30,13 +33,54 @@ unconverted (with a `string` column its scoring server turns {"inputs": [5]} int
 
 from __future__ import annotations
 
+import logging
 import threading
 
-import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+try:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+except ImportError:  # the model classes also run without MLflow (bench/gpu_check.py on a bare GPU machine)
+    mlflow = None
+    INVALID_PARAMETER_VALUE = "INVALID_PARAMETER_VALUE"
+
+    class MlflowException(Exception):  # type: ignore[no-redef]
+        def __init__(self, message, error_code=None):
+            super().__init__(message)
+            self.message = message
+            self.error_code = error_code
+
+log = logging.getLogger("spark_tuning.serving_model")
+
+
+def serving_placement(run_precision: str, device: str = "auto") -> tuple[str, str]:
+    """(device, precision) to serve in: a GPU where one is visible (device "auto"); the run's half
+    precision where that device computes it natively, else fp32 (emulated bf16 is slow, and fp16 on a
+    CPU too). The same rules as the training run's own `precision: auto`."""
+    import torch
+
+    if device == "auto":
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    if run_precision not in ("bf16", "fp16"):
+        return device, "fp32"
+    if device.startswith("cuda"):
+        major = torch.cuda.get_device_capability(device)[0]
+        native = major >= 8 if run_precision == "bf16" else major >= 7
+    else:
+        native = run_precision == "bf16" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return device, run_precision if native else "fp32"
+
+
+def autocast(precision: str, device: str):
+    import contextlib
+
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.split(":")[0], dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 class BadInput(MlflowException):
@@ -108,12 +152,14 @@ class TextClassifier:
 
         self.max_length = int(cfg.get("max_length", 512))
         self.batch_size = int(cfg.get("batch_size", 64))
-        self.precision = cfg.get("precision", "fp32")
+        self.device, self.precision = serving_placement(cfg.get("precision", "fp32"), cfg.get("device", "auto"))
         self.max_chars = int(cfg.get("max_chars", 100_000))
         self.column = cfg.get("text_column", "text")
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            folder, dtype=torch.float32, use_safetensors=True).eval()
+            folder, dtype=torch.float32, use_safetensors=True).to(self.device).eval()
+        log.info("serving %s on %s in %s (the run evaluated in %s)", folder, self.device, self.precision,
+                 cfg.get("precision", "fp32"))
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.model.config.pad_token_id or 0)
@@ -139,8 +185,7 @@ class TextClassifier:
         lengths = np.array([len(x) for x in ids])
         order = np.lexsort((np.arange(len(ids)), lengths))  # by length, as the training run evaluates
         out = np.zeros((len(ids), len(self.id2label)), dtype=np.float32)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16")
-        with self.lock, torch.inference_mode(), autocast:
+        with self.lock, torch.inference_mode(), autocast(self.precision, self.device):
             for start in range(0, len(order), self.batch_size):
                 index = order[start:start + self.batch_size]
                 width = int(lengths[index].max())
@@ -149,9 +194,9 @@ class TextClassifier:
                 for row, i in enumerate(index):
                     input_ids[row, :lengths[i]] = ids[i]
                     mask[row, :lengths[i]] = 1
-                logits = self.model(input_ids=torch.from_numpy(input_ids),
-                                    attention_mask=torch.from_numpy(mask)).logits
-                out[index] = torch.softmax(logits.float(), dim=-1).numpy()
+                logits = self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
+                                    attention_mask=torch.from_numpy(mask).to(self.device)).logits
+                out[index] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return out
 
 
@@ -182,8 +227,10 @@ class TextGenerator:
         self.label_tokens = [int(t) for t in cfg.get("label_first_tokens") or []]
         if self.max_new_tokens < 1:
             raise MlflowException(f"model_config max_new_tokens = {self.max_new_tokens} must be at least 1")
+        self.device = serving_placement("fp32", cfg.get("device", "auto"))[0]
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                          use_safetensors=True).to(self.device).eval()
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.lock = threading.Lock()  # one generation at a time, as for the classifier
@@ -210,7 +257,7 @@ class TextGenerator:
     def generate(self, ids: list[int]) -> tuple[str, np.ndarray | None]:
         import torch
 
-        x = torch.tensor([ids], dtype=torch.long)
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
         with self.lock, torch.inference_mode():
             out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
                                       max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
@@ -220,7 +267,7 @@ class TextGenerator:
         if not self.label_tokens:
             return text, None
         first = out.logits[0][0, self.label_tokens].float()  # the step right after the prompt
-        return text, torch.softmax(first, dim=-1).numpy()
+        return text, torch.softmax(first, dim=-1).cpu().numpy()
 
     def predict(self, model_input) -> pd.DataFrame:
         texts = texts_from(model_input, self.column, self.max_chars)
@@ -243,18 +290,18 @@ class TextGenerator:
 TASKS = {"classification": TextClassifier, "causal_lm": TextGenerator, "sft": TextGenerator}
 
 
-class SparkTuningModel(mlflow.pyfunc.PythonModel):
-    """What MLflow loads: picks the implementation for the model's task from its model_config."""
+if mlflow is not None:
+    class SparkTuningModel(mlflow.pyfunc.PythonModel):
+        """What MLflow loads: picks the implementation for the model's task from its model_config."""
 
-    def load_context(self, context):
-        cfg = dict(context.model_config or {})
-        task = cfg.get("task", "classification")
-        if task not in TASKS:
-            raise MlflowException(f"this model's task {task!r} is not one this code serves: {sorted(TASKS)}")
-        self.impl = TASKS[task](context.artifacts["model"], cfg)
+        def load_context(self, context):
+            cfg = dict(context.model_config or {})
+            task = cfg.get("task", "classification")
+            if task not in TASKS:
+                raise MlflowException(f"this model's task {task!r} is not one this code serves: {sorted(TASKS)}")
+            self.impl = TASKS[task](context.artifacts["model"], cfg)
 
-    def predict(self, context, model_input, params=None):
-        return self.impl.predict(model_input)
+        def predict(self, context, model_input, params=None):
+            return self.impl.predict(model_input)
 
-
-mlflow.models.set_model(SparkTuningModel())
+    mlflow.models.set_model(SparkTuningModel())

@@ -3,7 +3,11 @@
 `verify(url, data)` sends held-out rows through the endpoint in batches (in order, one request at a time,
 so latencies are per request without queueing), recomputes accuracy, precision, recall and F1 from the
 answers, and compares them with the run's offline predictions row by row: the same inputs must give the
-same label; probabilities must agree to `atol` (batches of different make-up can move the last float bits).
+same label; probabilities must agree to `atol`. The tolerance follows the precisions of the two sides
+(precision.probability_tolerance): 1e-5 when the run evaluated in fp32 on a CPU and the server does the
+same (batches of different make-up move only the last float bits), up to 3e-2 where one side computes in
+bf16; TF32 and fp16 sit between. A label that flips where the run's own top two probabilities were within
+the tolerance of each other is a near tie that precision explains, counted but not a mismatch.
 It also reports latency percentiles per request and rows per second.
 
 Held-out data: a run's output folder (its eval_predictions.parquet and metrics.json), that Parquet file
@@ -51,16 +55,22 @@ class Report:
     requests: int = 0
     batch_size: int = 0
     seconds: float = 0.0
+    tolerance: float = 1e-5  # the probability difference allowed per row
+    tolerance_basis: str = ""  # why that tolerance: the precisions and devices of the run and the server
+    near_ties: int = 0  # rows whose label flipped within the tolerance (precision, not a mismatch)
 
     @property
     def ok(self) -> bool:
+        # Near ties may move the metrics by a row each; without them the metrics must be equal.
+        slack = (self.near_ties / max(1, self.rows)) * 2 + 1e-12
         return not self.differences and all(
-            abs(self.metrics[k] - self.offline[k]) < 1e-12 for k in self.offline if k in self.metrics)
+            abs(self.metrics[k] - self.offline[k]) < slack for k in self.offline if k in self.metrics)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("rows", "agreement", "max_probability_diff", "metrics", "offline",
                                               "differences", "latency_ms", "rows_per_second", "requests",
-                                              "batch_size", "seconds")} | {"ok": self.ok}
+                                              "batch_size", "seconds", "tolerance", "tolerance_basis",
+                                              "near_ties")} | {"ok": self.ok}
 
 
 def load_held_out(data: str, text_column: str = "text", label_column: str = "label") -> HeldOut:
@@ -131,14 +141,35 @@ def score_endpoint(url: str, texts: list[str], batch_size: int, timeout: float =
     return pd.concat(parts, ignore_index=True), latencies
 
 
-def verify(url: str, data: str, batch_size: int = 32, atol: float = 1e-5, text_column: str = "text",
-           label_column: str = "label") -> Report:
+def tolerance_for(offline_metrics: Optional[dict], served: Optional[tuple[str, str]] = None) -> tuple[float, str]:
+    """The probability tolerance for comparing a server with a run, and a line that says why. `served`:
+    the server's (precision, device type); None: what a server on this machine would use."""
+    from spark_tuning.precision import probability_tolerance
+    from spark_tuning.serving_model import serving_placement
+
+    m = offline_metrics or {}
+    run = (m.get("train_precision", "fp32"), m.get("train_device", "cpu"))
+    if served is None:
+        device, precision = serving_placement(run[0])
+        served = (precision, device.split(":")[0])
+    tol = probability_tolerance(run, served)
+    return tol, f"run evaluated in {run[0]} on {run[1]}, served in {served[0]} on {served[1]}"
+
+
+def verify(url: str, data: str, batch_size: int = 32, atol: Optional[float] = None, text_column: str = "text",
+           label_column: str = "label", served: Optional[tuple[str, str]] = None) -> Report:
+    """`atol` None: the tolerance that follows the run's and the server's precisions (`tolerance_for`;
+    `served` as there)."""
     from spark_tuning.evaluate import classification_metrics
     from spark_tuning.serving import ping
 
     if not ping(url.rstrip("/").removesuffix("/invocations")):
         raise InputError(f"--endpoint {url} does not answer /ping: start it with `spark-tuning serve`")
     held = load_held_out(data, text_column, label_column)
+    if atol is None:
+        atol, basis = tolerance_for(held.offline_metrics, served)
+    else:
+        basis = "given (--atol)"
     texts = held.rows["text"].tolist()
     if not texts:
         raise InputError(f"--data {data!r} holds no rows to send")
@@ -157,6 +188,7 @@ def verify(url: str, data: str, batch_size: int = 32, atol: float = 1e-5, text_c
 
     metrics, offline, diffs = {}, {}, []
     agreement = max_diff = None
+    near_ties = 0
     if "label" in held.rows.columns and held.rows["label"].notna().all():
         names = held.names or [str(i) for i in range(len(served["probabilities"].iloc[0]))]
         m = classification_metrics(served["label_id"].to_numpy(), held.rows["label"].astype(int).to_numpy(), names)
@@ -164,20 +196,36 @@ def verify(url: str, data: str, batch_size: int = 32, atol: float = 1e-5, text_c
     if held.offline_metrics:
         offline = {k: held.offline_metrics[k] for k in ("accuracy", "precision", "recall", "f1")}
     if "prediction" in held.rows.columns:
-        same = served["label_id"].to_numpy() == held.rows["prediction"].to_numpy()
-        agreement = float(same.mean())
-        served_p = np.stack(served["probabilities"].to_numpy())
+        served_ids, offline_ids = served["label_id"].to_numpy(), held.rows["prediction"].to_numpy()
+        agreement = float((served_ids == offline_ids).mean())
         offline_p = np.stack(held.rows["probabilities"].to_numpy()) if "probabilities" in held.rows.columns else None
-        diff = np.abs(served_p - offline_p).max(axis=1) if offline_p is not None else np.zeros(len(served))
+        diff, tie, differs = compare_probabilities(served_ids, np.stack(served["probabilities"].to_numpy()),
+                                                   offline_ids, offline_p, atol)
         max_diff = float(diff.max()) if len(diff) else 0.0
-        for i in np.flatnonzero(~same | (diff > atol)):
+        near_ties = int(tie.sum())
+        for i in np.flatnonzero(differs):
             diffs.append({"row": int(i), "row_id": int(held.rows["row_id"].iloc[i]) if "row_id" in held.rows else int(i),
                           "text": texts[i][:80], "offline_label": int(held.rows["prediction"].iloc[i]),
                           "served_label": int(served["label_id"].iloc[i]), "probability_diff": float(diff[i])})
     return Report(rows=len(texts), agreement=agreement, max_probability_diff=max_diff, metrics=metrics,
                   offline=offline, differences=diffs, latency_ms=percentiles(latencies),
                   rows_per_second=len(texts) / seconds if seconds else 0.0, requests=len(latencies),
-                  batch_size=batch_size, seconds=seconds)
+                  batch_size=batch_size, seconds=seconds, tolerance=atol, tolerance_basis=basis,
+                  near_ties=near_ties)
+
+
+def compare_probabilities(served_ids: np.ndarray, served_p: np.ndarray, offline_ids: np.ndarray,
+                          offline_p: Optional[np.ndarray], atol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row by row: the largest class-probability difference; whether the label flipped on a near tie (the
+    run's own top two probabilities within 2 x atol, so precision explains the flip); and whether the row
+    differs (a flip that is no near tie, or a probability difference above atol)."""
+    same = served_ids == offline_ids
+    diff = np.abs(served_p - offline_p).max(axis=1) if offline_p is not None else np.zeros(len(served_ids))
+    tie = np.zeros(len(same), dtype=bool)
+    if offline_p is not None and offline_p.shape[1] > 1:
+        top2 = np.sort(offline_p, axis=1)[:, -2:]
+        tie = ~same & (diff <= atol) & (top2[:, 1] - top2[:, 0] <= 2 * atol)
+    return diff, tie, (~same & ~tie) | (diff > atol)
 
 
 def render(report: Report) -> str:
@@ -187,8 +235,10 @@ def render(report: Report) -> str:
         lat = report.latency_ms
         lines.append(f"latency per request: p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms")
     if report.agreement is not None:
+        ties = f", {report.near_ties} near tie(s) within it" if report.near_ties else ""
         lines.append(f"agreement with the run's offline predictions: {100 * report.agreement:.2f}% "
-                     f"(largest probability difference {report.max_probability_diff:.2e})")
+                     f"(largest probability difference {report.max_probability_diff:.2e}; tolerance "
+                     f"{report.tolerance:.0e}: {report.tolerance_basis}{ties})")
     for k in ("accuracy", "precision", "recall", "f1"):
         if k in report.metrics:
             off = f"   offline {report.offline[k]:.4f}" if k in report.offline else ""
