@@ -1,7 +1,8 @@
 from setuptools import find_packages, setup
 
 # Ranges here, so that the package installs into runtimes that bring their own stack (Databricks ML).
-# The exact set tested here is in conf/env/constraints.txt; jobs/bootstrap.sh installs it.
+# The exact set tested here is in conf/env/constraints.txt; jobs/bootstrap.sh installs it. Each floor is
+# the first release with an API the code calls (README "Environment" lists them).
 setup(
     name="spark-tuning",
     version="0.1.0",
@@ -10,15 +11,15 @@ setup(
     package_data={"spark_tuning": ["resources/*"]},
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.3",  # torch.amp.GradScaler(device), init_process_group(device_id=)
         "pyspark>=3.5",
         "pyarrow>=12",
         "pandas>=2.0",
         "numpy>=1.24",
-        "transformers>=4.45",
+        "transformers>=4.56",  # from_pretrained(dtype=)
         "tokenizers>=0.19",
         "datasets>=2.18",
-        "mlflow>=2.14",
+        "mlflow>=3.0",  # log_model(name=); models from code, model_config
         "scikit-learn>=1.3",
         "safetensors>=0.4",
         "matplotlib>=3.7",

@@ -45,10 +45,7 @@ def check_resources(cfg: DistributedConfig, spark=None) -> None:
         # One barrier task per process; on GPUs, one per `spark.task.resource.gpu.amount` processes.
         per_task = 1
         if cfg.use_gpu:
-            try:
-                per_task = max(1, int(float(spark.sparkContext.getConf().get("spark.task.resource.gpu.amount", "1"))))
-            except ValueError:
-                per_task = 1
+            per_task = gpus_per_task(spark.sparkContext.getConf().get(GPU_AMOUNT, "1")) or 1
         tasks = max(1, n // per_task)
         slots = task_slots(spark, wanted=tasks)
         if tasks > slots:
@@ -184,27 +181,58 @@ def check_shared_paths(cfg: Config, master: str) -> None:
             )
 
 
-def check_gpu_conf(d: DistributedConfig, conf_get: Callable[[str], Optional[str]], resources: dict) -> None:
-    """- GPUs on executors need `spark.task.resource.gpu.amount`, or Spark gives the tasks none;
+GPU_AMOUNT = "spark.task.resource.gpu.amount"
+
+
+def gpus_per_task(amount: Optional[str]) -> Optional[int]:
+    """`spark.task.resource.gpu.amount` as the whole number of GPUs it must be; None when it is not one."""
+    if amount is None:
+        return None
+    try:
+        value = float(amount)
+    except ValueError:
+        return None
+    return int(value) if value == int(value) else None
+
+
+def pyspark_major() -> int:
+    import pyspark
+
+    return int(pyspark.__version__.split(".")[0])
+
+
+def check_gpu_conf(d: DistributedConfig, conf_get: Callable[[str], Optional[str]], resources: dict,
+                   spark_major: Optional[int] = None) -> None:
+    """- GPUs on executors need `spark.task.resource.gpu.amount`, a whole number of GPUs per task (one
+      training process per GPU; TorchDistributor reads it with int() and fails on "0.5");
+    - pyspark before 4.0 starts one process per task whatever GPUs the task owns, so more than one GPU per
+      task leaves the rendezvous waiting for processes that never come;
     - GPUs in local mode, where Spark assigns GPUs to the driver, need at least one per process
       (TorchDistributor would otherwise quietly start fewer processes)."""
     if not d.use_gpu:
         return
     if not d.local_mode:
-        key = "spark.task.resource.gpu.amount"
+        key = GPU_AMOUNT
         amount = conf_get(key)
-        try:
-            value = float(amount) if amount is not None else 0.0
-        except ValueError:
-            value = 0.0
-        if value <= 0:
+        value = gpus_per_task(amount)
+        if amount is None or (value is not None and value <= 0):
             raise InputError(
                 f"distributed.use_gpu = true with distributed.local_mode = false, but {key} is "
                 f"{'not set' if amount is None else repr(amount)}, so Spark gives the training tasks no GPU: set "
                 f"{key}: \"1\" under spark.conf in the config (or --conf {key}=1, or in the cluster's Spark "
                 "config), with spark.executor.resource.gpu.amount set to the GPUs per worker"
             )
-        if value > 1 and d.num_processes % int(value):
+        if value is None:
+            raise InputError(
+                f"{key} = {amount!r} is not a whole number of GPUs: each training process needs a GPU of its own "
+                f"(TorchDistributor does not share GPUs between tasks): set {key}: \"1\" (one process per GPU)")
+        major = pyspark_major() if spark_major is None else spark_major
+        if value > 1 and major < 4:
+            raise InputError(
+                f"{key} = {amount!r}: pyspark {major}.x starts one training process per task whatever GPUs the task "
+                f"owns, so with {value} GPUs per task the processes wait for peers that never start: set {key}: "
+                "\"1\" (one task, and one process, per GPU), or use a runtime with pyspark 4")
+        if value > 1 and d.num_processes % value:
             raise InputError(
                 f"distributed.num_processes = {d.num_processes} must be a multiple of {key} = {amount}"
             )

@@ -56,8 +56,29 @@ def test_use_gpu_on_executors_needs_the_task_gpu_amount(spark):
         launch.check_gpu_conf(d, {"spark.task.resource.gpu.amount": "0"}.get, {})
     with pytest.raises(InputError, match="multiple of spark.task.resource.gpu.amount"):
         launch.check_gpu_conf(DistributedConfig(num_processes=3, local_mode=False, use_gpu=True),
-                              {"spark.task.resource.gpu.amount": "2"}.get, {})
+                              {"spark.task.resource.gpu.amount": "2"}.get, {}, spark_major=4)
     launch.check_gpu_conf(d, {"spark.task.resource.gpu.amount": "1"}.get, {})
+    launch.check_gpu_conf(d, {"spark.task.resource.gpu.amount": "2"}.get, {}, spark_major=4)
+
+
+@pytest.mark.parametrize("amount", ["0.5", "1.5", "one"])
+def test_a_fraction_of_a_gpu_per_task_is_refused_before_torchdistributor_sees_it(amount):
+    """TorchDistributor reads the amount with int(): "0.5" passed float() here and then failed inside it
+    with a bare ValueError, after the data stage."""
+    d = DistributedConfig(num_processes=2, local_mode=False, use_gpu=True)
+    with pytest.raises(InputError, match=rf"spark.task.resource.gpu.amount = '{amount}' is not a whole number.*set "
+                                         r"spark.task.resource.gpu.amount: \"1\""):
+        launch.check_gpu_conf(d, {"spark.task.resource.gpu.amount": amount}.get, {})
+    assert launch.gpus_per_task("2.0") == 2 and launch.gpus_per_task("0.5") is None
+
+
+def test_several_gpus_per_task_need_pyspark_4():
+    """pyspark 3.5 (Databricks Runtime 15.4) starts one process per task: 2 GPUs per task would leave the
+    rendezvous waiting for processes that never start."""
+    d = DistributedConfig(num_processes=4, local_mode=False, use_gpu=True)
+    with pytest.raises(InputError, match=r"pyspark 3.x starts one training process per task"):
+        launch.check_gpu_conf(d, {"spark.task.resource.gpu.amount": "2"}.get, {}, spark_major=3)
+    launch.check_gpu_conf(d, {"spark.task.resource.gpu.amount": "1"}.get, {}, spark_major=3)
 
 
 def test_driver_gpus_fewer_than_processes_is_refused():
