@@ -4,8 +4,6 @@ so they time the model, the batching and the loader, not the Spark stage (benchm
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 import _common as C
@@ -21,23 +19,10 @@ def tokenized(n: int, max_length: int, seed: int = 0):
 
 
 def stage(path: str, ids: list, labels, num_files: int = 2):
-    """Write rows the way loader.stage does (row_id, input_ids int32, length, label); returns a DataRef."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """Write rows the way loader.stage does; returns a DataRef."""
+    from spark_tuning.loader import write_staged
 
-    from spark_tuning.loader import DataRef
-
-    os.makedirs(path)
-    n = len(ids)
-    for f in range(num_files):
-        rows = range(f, n, num_files)
-        pq.write_table(pa.table({
-            "row_id": pa.array(list(rows), pa.int64()),
-            "input_ids": pa.array([ids[i] for i in rows], pa.list_(pa.int32())),
-            "length": pa.array([len(ids[i]) for i in rows], pa.int32()),
-            "label": pa.array([int(labels[i]) for i in rows], pa.int64()),
-        }), os.path.join(path, f"part-{f:05d}.parquet"))
-    return DataRef(path=path, num_rows=n)
+    return write_staged(path, ids, labels, num_files=num_files)
 
 
 def shard(ids: list, labels) -> "Shard":

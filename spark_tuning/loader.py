@@ -17,7 +17,7 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -88,6 +88,32 @@ def stage(df, path: str, num_files: int) -> DataRef:
 
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in _files(path))
     return DataRef(path=path, num_rows=rows)
+
+
+def write_staged(path: str, input_ids: Sequence[Sequence[int]], labels: Sequence[int],
+                 token_labels: Optional[Sequence[Sequence[int]]] = None, num_files: int = 2) -> DataRef:
+    """Rows in the layout `stage` writes (row_id, input_ids, length, label, bucket, and per-token labels for
+    causal_lm / sft), written with pyarrow alone: for the benchmarks and the GPU check, which run the
+    training loop without Spark. Row i goes to file i % num_files; row ids are the row numbers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(path)
+    lengths = np.array([len(x) for x in input_ids], dtype=np.int32)
+    buckets = length_buckets(lengths).astype(np.int32)
+    for f in range(num_files):
+        rows = list(range(f, len(input_ids), num_files))
+        columns = {
+            "row_id": pa.array(rows, pa.int64()),
+            "input_ids": pa.array([list(input_ids[i]) for i in rows], pa.list_(pa.int32())),
+            "length": pa.array(lengths[rows], pa.int32()),
+            "label": pa.array([int(labels[i]) for i in rows], pa.int64()),
+            BUCKET: pa.array(buckets[rows], pa.int32()),
+        }
+        if token_labels is not None:
+            columns[TOKEN_LABELS] = pa.array([list(token_labels[i]) for i in rows], pa.list_(pa.int32()))
+        pq.write_table(pa.table(columns), os.path.join(path, f"part-{f:05d}.parquet"))
+    return DataRef(path=path, num_rows=len(input_ids))
 
 
 def check_training_shards(ref: DataRef, processes: int) -> None:
