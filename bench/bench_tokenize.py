@@ -74,7 +74,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from spark_tuning.config import SparkConfig
-    from spark_tuning.spark import get_spark
+    from spark_tuning.cluster.spark import get_spark
 
     spark = get_spark(SparkConfig(master="local[*]", app_name="bench-tokenize", conf={
         "spark.ui.enabled": "false", "spark.driver.memory": "3g", "spark.sql.shuffle.partitions": "2"}))

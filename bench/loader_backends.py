@@ -58,7 +58,7 @@ def main() -> None:
     from spark_tuning import finetune
     from spark_tuning.config import SparkConfig
     from spark_tuning.paths import package_dir
-    from spark_tuning.spark import get_spark
+    from spark_tuning.cluster.spark import get_spark
 
     tmp = tempfile.mkdtemp(prefix="bench-loader-")
     data = os.path.join(tmp, "data.parquet")

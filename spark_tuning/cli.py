@@ -106,7 +106,7 @@ def _score(args: argparse.Namespace) -> int:
 
     from spark_tuning import score
     from spark_tuning.config import SparkConfig
-    from spark_tuning.spark import get_spark
+    from spark_tuning.cluster.spark import get_spark
 
     spark = get_spark(SparkConfig(master=args.master, app_name="spark-tuning-score"))
     with tempfile.TemporaryDirectory(prefix="spark-tuning-model-") as download:

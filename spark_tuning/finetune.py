@@ -126,7 +126,7 @@ def plan_output(cfg: Config, overwrite: bool, resume: bool) -> Plan:
 
 def preflight(cfg: Config, overwrite: bool, resume: bool = False):
     """Everything that can be checked before Spark starts. Returns the model source and the output plan."""
-    from spark_tuning.launch import check_resources
+    from spark_tuning.cluster.launch import check_resources
     from spark_tuning.model import check_reachable, load_tokenizer, max_positions, resolve_model
 
     plan = plan_output(cfg, overwrite, resume)
@@ -154,9 +154,9 @@ def preflight(cfg: Config, overwrite: bool, resume: bool = False):
 
 def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) -> Summary:
     from spark_tuning import checkpoint, dataset, evaluate, lm_job, tracking, watchdog
-    from spark_tuning.launch import check_cluster, check_resources, run_distributed
+    from spark_tuning.cluster.launch import check_cluster, check_resources, run_distributed
     from spark_tuning.loader import check_training_shards, stage_as
-    from spark_tuning.spark import get_spark
+    from spark_tuning.cluster.spark import get_spark
     from spark_tuning.tokenize import tokenize
     from spark_tuning.train import train_fn
 
@@ -314,7 +314,7 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
 
 def _expected_precision(cfg: Config) -> str:
     """The precision the ranks will pick, where the driver can tell (it may have no GPU of its own)."""
-    from spark_tuning.launch import visible_gpus
+    from spark_tuning.cluster.launch import visible_gpus
     from spark_tuning.precision import resolve_precision
 
     if cfg.distributed.use_gpu and not visible_gpus():

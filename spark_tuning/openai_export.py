@@ -63,7 +63,7 @@ def export(cfg: Config, out_dir: str, overwrite: bool = False, spark=None) -> di
     from spark_tuning import lm_data
     from spark_tuning.model import check_reachable, load_tokenizer, resolve_model
     from spark_tuning.paths import holds_output, local_path, new_sibling, publish
-    from spark_tuning.spark import get_spark
+    from spark_tuning.cluster.spark import get_spark
 
     out = local_path(out_dir)
     if holds_output(out) and not overwrite:

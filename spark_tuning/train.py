@@ -266,7 +266,7 @@ def _quiet_libraries(rank_zero: bool) -> None:
 
 def train_fn(payload: dict[str, Any]) -> dict[str, Any]:
     """Runs on every rank. Sets up logging (a file per rank, for failure reports) around `_train`."""
-    from spark_tuning.faults import FAILED, FINISHED, exit_without_teardown, start_rank_log
+    from spark_tuning.cluster.faults import FAILED, FINISHED, exit_without_teardown, start_rank_log
     from spark_tuning.secrets import install_log_scrubbing
 
     exit_without_teardown()  # first: before torch is imported (see there)
@@ -291,7 +291,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
 
     from spark_tuning import checkpoint, distributed
     from spark_tuning.config import config_from_dict
-    from spark_tuning.faults import rank_only
+    from spark_tuning.cluster.faults import rank_only
     from spark_tuning.evaluate import classification_metrics
     from spark_tuning import lm_train, lora, precision as numerics
     from spark_tuning.loader import plan_eval_batches, plan_train_batches, read_shard_as

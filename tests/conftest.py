@@ -28,7 +28,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     from spark_tuning.config import SparkConfig
-    from spark_tuning.spark import get_spark
+    from spark_tuning.cluster.spark import get_spark
 
     session = get_spark(SparkConfig(master="local[2]", app_name="spark-tuning-tests", conf={
         "spark.ui.enabled": "false",

@@ -10,7 +10,7 @@ import re
 import pytest
 import yaml
 
-from spark_tuning import launch
+from spark_tuning.cluster import launch
 from spark_tuning.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -210,7 +210,7 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
 def test_failure_report_waits_for_the_other_ranks_to_settle(tmp_path):
     """On a cluster the job fails while the other processes are still writing their last lines: until
     rank 0 writes its status, ranks 0 and 1 both look silent; the report waits for rank 1 to stand out."""
-    from spark_tuning.faults import FAILED, describe_failure, log_path
+    from spark_tuning.cluster.faults import FAILED, describe_failure, log_path
 
     for rank in (0, 1):
         with open(log_path(str(tmp_path), rank), "w") as f:

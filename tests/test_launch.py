@@ -11,7 +11,7 @@ import pytest
 
 from spark_tuning.config import Config, DistributedConfig, load_config
 from spark_tuning.errors import InputError
-from spark_tuning import launch
+from spark_tuning.cluster import launch
 
 
 def test_local_core_counts_from_master_urls():

@@ -277,7 +277,7 @@ def run_distributed(train_fn: Callable[[dict], Any], payload: dict, cfg: Distrib
         # scratch behind the user's back (tests/test_cluster.py checks it). Nothing to configure.
         return distributor.run(train_fn, payload)
     except Exception as e:  # noqa: BLE001
-        from spark_tuning.faults import describe_failure
+        from spark_tuning.cluster.faults import describe_failure
 
         # In local mode torchrun has ended every process before run() returns; on executors the other
         # processes may still be writing their last lines (faults.describe_failure).
