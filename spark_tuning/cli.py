@@ -24,7 +24,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _export_openai(args: argparse.Namespace) -> int:
-    from spark_tuning import openai_export
+    from spark_tuning.data import openai_export
     from spark_tuning.config import load_config
 
     cfg = load_config(args.config, args.set)

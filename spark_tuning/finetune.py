@@ -153,11 +153,12 @@ def preflight(cfg: Config, overwrite: bool, resume: bool = False):
 
 
 def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) -> Summary:
-    from spark_tuning import checkpoint, dataset, evaluate, lm_job, tracking, watchdog
+    from spark_tuning import checkpoint, evaluate, lm_job, tracking, watchdog
+    from spark_tuning.data import dataset
     from spark_tuning.cluster.launch import check_cluster, check_resources, run_distributed
     from spark_tuning.loader import check_training_shards, stage_as
     from spark_tuning.cluster.spark import get_spark
-    from spark_tuning.tokenize import tokenize
+    from spark_tuning.text.tokenize import tokenize
     from spark_tuning.train import train_fn
 
     timings: dict[str, float] = {}

@@ -86,7 +86,8 @@ def check_settings(cfg: Config, src: ModelSource, tokenizer) -> dict:
     resolved (chat template use, LoRA targets, context length) for the logs."""
     from transformers import AutoConfig
 
-    from spark_tuning import lm_data, lora
+    from spark_tuning import lora
+    from spark_tuning.text import lm_data
 
     config = AutoConfig.from_pretrained(src.location, **src.load_kwargs(cfg.model))
     ctx = context_length(config)

@@ -66,7 +66,7 @@ class Staged:
 
 def stage(spark, cfg: Config, src: ModelSource, info: dict, staging: str) -> Staged:
     """Spark: read, check, split, tokenize (sft: render + mask; causal_lm: pack), stage as Parquet."""
-    from spark_tuning import lm_data
+    from spark_tuning.text import lm_data
     from spark_tuning.loader import stage as write_stage
 
     prepared = lm_data.prepare_lm(spark, cfg)
@@ -111,7 +111,7 @@ def stage(spark, cfg: Config, src: ModelSource, info: dict, staging: str) -> Sta
 def label_first_tokens(src: ModelSource, cfg: Config, names: list[str], with_template: bool) -> Optional[list[int]]:
     """The first response token of each label name, as the model sees it after the prompt. None (no
     label accuracy, with a warning) when two labels start with the same token."""
-    from spark_tuning import lm_data
+    from spark_tuning.text import lm_data
     from spark_tuning.model import load_tokenizer
 
     tok = load_tokenizer(src, cfg.model)

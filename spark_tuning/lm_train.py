@@ -154,7 +154,7 @@ def sample_prompt_ids(tokenizer, prompt: str, cfg, lm: dict) -> list[int]:
     """A prompt's token ids as training shaped them, cut to leave room for sample_max_new_tokens (sft: as
     lm_data.truncate_pair cuts a prompt; causal_lm: its end is kept). The served model
     (serving_model.TextGenerator) does the same, so its answers match these samples."""
-    from spark_tuning.lm_data import render, truncate_pair
+    from spark_tuning.text.lm_data import render, truncate_pair
 
     new = cfg.train.sample_max_new_tokens
     if cfg.task == "causal_lm":

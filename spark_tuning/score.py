@@ -104,7 +104,7 @@ def score(df: DataFrame, model_location: str, text_column: str = "text") -> Data
 
 def read_input(spark: SparkSession, source: str) -> DataFrame:
     """A table name or a path (Parquet, JSON Lines, CSV, Delta), by the same rules as the job's data."""
-    from spark_tuning.dataset import infer_format, read_source
+    from spark_tuning.data.dataset import infer_format, read_source
 
     return read_source(spark, source, infer_format(source))[0]
 

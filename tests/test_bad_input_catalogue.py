@@ -195,10 +195,10 @@ def test_huge_texts_are_clipped_not_refused(spark, tmp_path, minilm_dir, caplog)
     characters) and the data stage says how many texts were that long."""
     import logging
 
-    from spark_tuning import dataset
+    from spark_tuning.data import dataset
     from spark_tuning.config import DataConfig, ModelConfig
     from spark_tuning.model import ModelSource
-    from spark_tuning.tokenize import tokenize
+    from spark_tuning.text.tokenize import tokenize
 
     rows = make_reviews(20) + [{"text": "endless " * 131_072, "label": "positive"}]
     p = tmp_path / "d.jsonl"

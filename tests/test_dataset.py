@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from spark_tuning import dataset
+from spark_tuning.data import dataset
 from spark_tuning.config import DataConfig
 from spark_tuning.errors import InputError
 

@@ -17,7 +17,7 @@ def _blocks(df):
 
 
 def test_packing_keeps_every_token_in_order_within_a_partition(spark):
-    from spark_tuning.lm_data import pack
+    from spark_tuning.text.lm_data import pack
 
     rng = np.random.default_rng(0)
     rows = [[int(x) for x in rng.integers(3, 400, size=rng.integers(1, 40))] for _ in range(60)]
@@ -43,7 +43,7 @@ def test_packing_keeps_every_token_in_order_within_a_partition(spark):
 
 def test_texts_are_joined_with_eos_before_packing(spark, tiny_gpt2_dir):
     from spark_tuning.config import ModelConfig
-    from spark_tuning.lm_data import pack, tokenize_texts
+    from spark_tuning.text.lm_data import pack, tokenize_texts
     from spark_tuning.model import load_tokenizer, resolve_model
 
     cfg = ModelConfig(source=tiny_gpt2_dir)
@@ -60,7 +60,7 @@ def test_texts_are_joined_with_eos_before_packing(spark, tiny_gpt2_dir):
 
 @pytest.mark.parametrize("with_template", [True, False])
 def test_prompt_tokens_and_only_prompt_tokens_get_label_minus_100(chat_tokenizer, with_template):
-    from spark_tuning.lm_data import IGNORE, encode_chat, render
+    from spark_tuning.text.lm_data import IGNORE, encode_chat, render
 
     chat = [{"role": "system", "content": "Judge reviews."}, {"role": "user", "content": "the plot was boring"},
             {"role": "assistant", "content": "negative"}]
@@ -77,7 +77,7 @@ def test_prompt_tokens_and_only_prompt_tokens_get_label_minus_100(chat_tokenizer
 
 
 def test_long_prompts_are_cut_in_the_middle_and_the_answer_survives(chat_tokenizer):
-    from spark_tuning.lm_data import IGNORE, encode_chat, render
+    from spark_tuning.text.lm_data import IGNORE, encode_chat, render
 
     review = "the film was great " * 200 + "THE END"
     chat = [{"role": "user", "content": review}, {"role": "assistant", "content": "positive"}]
@@ -93,7 +93,7 @@ def test_long_prompts_are_cut_in_the_middle_and_the_answer_survives(chat_tokeniz
 
 def test_chats_tokenized_in_spark_mask_the_prompt(spark, tmp_path, tiny_llama_dir, chat_tokenizer):
     from spark_tuning.config import DataConfig, ModelConfig
-    from spark_tuning.lm_data import encode_chat, to_chats, tokenize_chats
+    from spark_tuning.text.lm_data import encode_chat, to_chats, tokenize_chats
     from spark_tuning.model import resolve_model
 
     rows = [{"prompt": f"review {i}: the film was great", "response": "positive"} for i in range(5)]
@@ -111,7 +111,7 @@ def test_chats_tokenized_in_spark_mask_the_prompt(spark, tmp_path, tiny_llama_di
 
 def _bad_chats(spark, tmp_path, rows):
     from spark_tuning.config import DataConfig
-    from spark_tuning.lm_data import find_bad_chats, to_chats
+    from spark_tuning.text.lm_data import find_bad_chats, to_chats
 
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -138,7 +138,7 @@ def test_bad_chats_are_refused_naming_the_row(spark, tmp_path, bad, message):
 
 
 def test_chat_template_required_from_a_tokenizer_without_one(plain_tokenizer, chat_tokenizer):
-    from spark_tuning.lm_data import use_chat_template
+    from spark_tuning.text.lm_data import use_chat_template
 
     with pytest.raises(InputError, match="data.chat_template = require.*has no chat template"):
         use_chat_template(plain_tokenizer, "require", "tiny-gpt2")

@@ -20,7 +20,7 @@ def _config(tmp_path, source, model, *extra):
 
 
 def test_classification_data_is_written_as_chat_jsonl(spark, tmp_path, reviews_jsonl, tiny_llama_dir, chat_tokenizer):
-    from spark_tuning import openai_export
+    from spark_tuning.data import openai_export
 
     cfg = _config(tmp_path, reviews_jsonl, tiny_llama_dir, "data.validation_fraction=0.25")
     report = openai_export.export(cfg, str(tmp_path / "jsonl"), spark=spark)
@@ -49,7 +49,7 @@ def test_classification_data_is_written_as_chat_jsonl(spark, tmp_path, reviews_j
 
 
 def test_fewer_than_ten_examples_and_bad_roles_are_refused(spark, tmp_path, tiny_llama_dir):
-    from spark_tuning import openai_export
+    from spark_tuning.data import openai_export
 
     few = tmp_path / "few.jsonl"
     few.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(8)))

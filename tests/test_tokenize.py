@@ -9,8 +9,8 @@ from lm_fixtures import chat_tokenizer, plain_tokenizer, tiny_gpt2_dir, tiny_lla
 
 from spark_tuning.config import ModelConfig
 from spark_tuning.model import ModelSource, load_tokenizer
-from spark_tuning.rust_tokenizer import MAX_CHARS_PER_TOKEN, RustEncoder, encode_flat
-from spark_tuning.tokenize import rust_encoder, tokenize
+from spark_tuning.text.rust_tokenizer import MAX_CHARS_PER_TOKEN, RustEncoder, encode_flat
+from spark_tuning.text.tokenize import rust_encoder, tokenize
 
 TEXTS = ["a short one", "a much longer review " * 40, "naïve café, déjà vu! 東京 🙂", "x", "",
          "   ", "[CLS] inside [SEP] the text <|endoftext|>", "tabs\tand\nnew lines"]
@@ -133,7 +133,7 @@ def test_transformers_fallback_gives_the_same_rows(spark, minilm_dir):
     """The path taken when the Rust backend cannot reproduce a tokenizer: same rows as the default path."""
     from pyspark.sql import functions as F
 
-    from spark_tuning.tokenize import _transformers_udf
+    from spark_tuning.text.tokenize import _transformers_udf
 
     df = spark.createDataFrame([(t,) for t in TEXTS], ["text"]).repartition(2)
     src, mc = ModelSource(minilm_dir, True), ModelConfig(source=minilm_dir)

@@ -161,7 +161,7 @@ def find_bad_chats(df: DataFrame, setting: str) -> None:
 
 def prepare_lm(spark: SparkSession, cfg: Config) -> LmPrepared:
     """Source -> checked, split and sampled rows for causal_lm or sft."""
-    from spark_tuning import dataset
+    from spark_tuning.data import dataset
 
     d = cfg.data
     if cfg.task == "sft":
@@ -206,7 +206,7 @@ def _setting(d: DataConfig, fmt: str) -> str:
 
 
 def _texts(df: DataFrame, column: str) -> DataFrame:
-    from spark_tuning import dataset
+    from spark_tuning.data import dataset
 
     if column not in df.columns:
         raise InputError(f"data.text_column = {column!r}: no such column in the data; it has {df.columns}")
@@ -301,7 +301,7 @@ def tokenize_texts(df: DataFrame, src, model_cfg: ModelConfig) -> DataFrame:
     from pyspark.sql.functions import pandas_udf
 
     from spark_tuning.model import load_tokenizer
-    from spark_tuning.tokenize import rust_encoder
+    from spark_tuning.text.tokenize import rust_encoder
 
     eos_id = load_tokenizer(src, model_cfg).eos_token_id
     eos = [eos_id] if eos_id is not None else []
@@ -326,7 +326,7 @@ def _rust_texts(enc, eos: list[int]):
     def encode(batches):
         import pyarrow as pa
 
-        from spark_tuning.rust_tokenizer import arrow_ids, encode_flat
+        from spark_tuning.text.rust_tokenizer import arrow_ids, encode_flat
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         tok = enc.load()
@@ -345,7 +345,7 @@ def pack(df: DataFrame, block_size: int) -> DataFrame:
     def blocks(batches):
         import pyarrow as pa
 
-        from spark_tuning.tokenize import arrow_ids
+        from spark_tuning.text.tokenize import arrow_ids
 
         carry = np.zeros(0, dtype=np.int32)
         for batch in batches:

@@ -29,7 +29,7 @@ from pyspark.sql import functions as F
 from spark_tuning.config import ModelConfig
 from spark_tuning.model import ModelSource
 # What Spark tasks run lives in a module of its own, so that they import neither pandas nor transformers.
-from spark_tuning.rust_tokenizer import CUT_CHARS_PER_TOKEN, MAX_CHARS_PER_TOKEN, RustEncoder, arrow_ids
+from spark_tuning.text.rust_tokenizer import CUT_CHARS_PER_TOKEN, MAX_CHARS_PER_TOKEN, RustEncoder, arrow_ids
 
 log = logging.getLogger(__name__)
 
