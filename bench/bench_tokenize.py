@@ -21,7 +21,7 @@ MAX_LENGTH = 512
 
 def run_spark(spark, texts, first_only: bool) -> tuple[float, int]:
     from spark_tuning.config import ModelConfig
-    from spark_tuning.model import resolve_model
+    from spark_tuning.model.sources import resolve_model
     from spark_tuning.text.tokenize import tokenize
 
     cfg = ModelConfig(source=C.minilm_dir())

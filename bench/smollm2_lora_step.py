@@ -20,7 +20,7 @@ from spark_tuning.lm_train import peak_rss_mb  # the figure training runs report
 
 
 def main() -> None:
-    from spark_tuning import lora
+    from spark_tuning.model import lora
     from spark_tuning.config import LoraSettings, load_config
     from spark_tuning.text.lm_data import encode_chat
     from spark_tuning.loader import IGNORE_INDEX

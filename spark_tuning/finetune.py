@@ -127,7 +127,7 @@ def plan_output(cfg: Config, overwrite: bool, resume: bool) -> Plan:
 def preflight(cfg: Config, overwrite: bool, resume: bool = False):
     """Everything that can be checked before Spark starts. Returns the model source and the output plan."""
     from spark_tuning.cluster.launch import check_resources
-    from spark_tuning.model import check_reachable, load_tokenizer, max_positions, resolve_model
+    from spark_tuning.model.sources import check_reachable, load_tokenizer, max_positions, resolve_model
 
     plan = plan_output(cfg, overwrite, resume)
     out = local_path(cfg.output_dir)

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from spark_tuning.config import Config, to_yaml
 from spark_tuning.errors import InputError
-from spark_tuning.model import ModelSource
+from spark_tuning.model.sources import ModelSource
 
 log = logging.getLogger("spark_tuning")
 
@@ -23,8 +23,8 @@ def needed(cfg: Config, src: ModelSource) -> bool:
 def preflight(cfg: Config, src: ModelSource, cache_root: str) -> tuple[ModelSource, dict]:
     """GGUF -> safetensors (cached), then every LM/LoRA setting checked against the model and tokenizer.
     Returns the source to train from and what was resolved (logged with the config)."""
-    from spark_tuning import llm
-    from spark_tuning.model import load_tokenizer
+    from spark_tuning.model import llm
+    from spark_tuning.model.sources import load_tokenizer
 
     src = llm.dequantize_gguf(src, cfg.model, cache_root)
     tokenizer = load_tokenizer(src, cfg.model)
@@ -42,7 +42,7 @@ def count_trainable(cfg: Config, src: ModelSource) -> tuple[int, int]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from spark_tuning import lora
+    from spark_tuning.model import lora
 
     config = AutoConfig.from_pretrained(src.location, **src.load_kwargs(cfg.model))
     auto = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
@@ -112,7 +112,7 @@ def label_first_tokens(src: ModelSource, cfg: Config, names: list[str], with_tem
     """The first response token of each label name, as the model sees it after the prompt. None (no
     label accuracy, with a warning) when two labels start with the same token."""
     from spark_tuning.text import lm_data
-    from spark_tuning.model import load_tokenizer
+    from spark_tuning.model.sources import load_tokenizer
 
     tok = load_tokenizer(src, cfg.model)
     firsts = []

@@ -29,8 +29,9 @@ def build_model(cfg, src, tokenizer, id2label: dict[int, str], device: str = "cp
     its adapters and any new head in fp32, which the fp16 loss scaler needs and bf16 updates want."""
     import torch
 
-    from spark_tuning import llm, lora
-    from spark_tuning.model import build_classifier
+    from spark_tuning.model import llm
+    from spark_tuning.model import lora
+    from spark_tuning.model.sources import build_classifier
 
     if cfg.task == "classification":
         model = build_classifier(src, cfg.model, id2label, tokenizer.pad_token_id, device, dtype)

@@ -293,10 +293,11 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
     from spark_tuning.config import config_from_dict
     from spark_tuning.cluster.faults import rank_only
     from spark_tuning.evaluate import classification_metrics
-    from spark_tuning import lm_train, lora, precision as numerics
+    from spark_tuning import lm_train, precision as numerics
+    from spark_tuning.model import lora
     from spark_tuning.loader import plan_eval_batches, plan_train_batches, read_shard_as
     from spark_tuning.mfu import matmul_peak, mfu, training_flops_per_token
-    from spark_tuning.model import ModelSource, count_parameters, load_tokenizer
+    from spark_tuning.model.sources import ModelSource, count_parameters, load_tokenizer
     from spark_tuning.tracking import RankZeroLogger
 
     cfg = config_from_dict(payload["config"])

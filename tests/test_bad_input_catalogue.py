@@ -197,7 +197,7 @@ def test_huge_texts_are_clipped_not_refused(spark, tmp_path, minilm_dir, caplog)
 
     from spark_tuning.data import dataset
     from spark_tuning.config import DataConfig, ModelConfig
-    from spark_tuning.model import ModelSource
+    from spark_tuning.model.sources import ModelSource
     from spark_tuning.text.tokenize import tokenize
 
     rows = make_reviews(20) + [{"text": "endless " * 131_072, "label": "positive"}]

@@ -44,7 +44,7 @@ def test_packing_keeps_every_token_in_order_within_a_partition(spark):
 def test_texts_are_joined_with_eos_before_packing(spark, tiny_gpt2_dir):
     from spark_tuning.config import ModelConfig
     from spark_tuning.text.lm_data import pack, tokenize_texts
-    from spark_tuning.model import load_tokenizer, resolve_model
+    from spark_tuning.model.sources import load_tokenizer, resolve_model
 
     cfg = ModelConfig(source=tiny_gpt2_dir)
     src = resolve_model(cfg)
@@ -94,7 +94,7 @@ def test_long_prompts_are_cut_in_the_middle_and_the_answer_survives(chat_tokeniz
 def test_chats_tokenized_in_spark_mask_the_prompt(spark, tmp_path, tiny_llama_dir, chat_tokenizer):
     from spark_tuning.config import DataConfig, ModelConfig
     from spark_tuning.text.lm_data import encode_chat, to_chats, tokenize_chats
-    from spark_tuning.model import resolve_model
+    from spark_tuning.model.sources import resolve_model
 
     rows = [{"prompt": f"review {i}: the film was great", "response": "positive"} for i in range(5)]
     path = tmp_path / "pr.jsonl"
@@ -149,8 +149,8 @@ def test_chat_template_required_from_a_tokenizer_without_one(plain_tokenizer, ch
 
 def test_block_size_above_context_and_unknown_lora_targets_are_refused(tiny_gpt2_dir, tiny_llama_dir):
     from spark_tuning.config import load_config
-    from spark_tuning.llm import check_settings
-    from spark_tuning.model import load_tokenizer, resolve_model
+    from spark_tuning.model.llm import check_settings
+    from spark_tuning.model.sources import load_tokenizer, resolve_model
 
     cfg = load_config(None, ["task=causal_lm", f"model.source={tiny_gpt2_dir}", "data.block_size=256"])
     src = resolve_model(cfg.model)

@@ -94,7 +94,7 @@ def test_logged_generation_model_answers_like_the_saved_model(sft_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from spark_tuning import lm_job, lm_train
-    from spark_tuning.model import resolve_model
+    from spark_tuning.model.sources import resolve_model
 
     cfg, s = sft_run
     record = json.load(open(os.path.join(s.output_dir, "mlflow_model.json")))

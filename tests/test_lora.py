@@ -30,7 +30,7 @@ def test_adapter_and_merged_model_reload_with_the_same_outputs(tmp_path, which, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spark_tuning import lora
+    from spark_tuning.model import lora
 
     source = tiny_llama_dir if which == "llama" else tiny_gpt2_dir
     tok = AutoTokenizer.from_pretrained(source)
@@ -59,7 +59,7 @@ def test_adapter_and_merged_model_reload_with_the_same_outputs(tmp_path, which, 
 def test_default_targets_per_architecture_and_unknown_targets(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
-    from spark_tuning import lora
+    from spark_tuning.model import lora
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     assert lora.target_modules("llama", LoraSettings()) == ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -73,7 +73,7 @@ def test_default_targets_per_architecture_and_unknown_targets(tiny_llama_dir):
 def test_lora_classifier_on_a_decoder_trains_the_head_and_adapters(tiny_llama_dir):
     from transformers import AutoModelForSequenceClassification
 
-    from spark_tuning import lora
+    from spark_tuning.model import lora
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=2)
     peft_model = lora.apply(model, LoraSettings(enabled=True), "classification")

@@ -8,7 +8,7 @@ import pytest
 from lm_fixtures import chat_tokenizer, plain_tokenizer, tiny_gpt2_dir, tiny_llama_dir  # noqa: F401
 
 from spark_tuning.config import ModelConfig
-from spark_tuning.model import ModelSource, load_tokenizer
+from spark_tuning.model.sources import ModelSource, load_tokenizer
 from spark_tuning.text.rust_tokenizer import MAX_CHARS_PER_TOKEN, RustEncoder, encode_flat
 from spark_tuning.text.tokenize import rust_encoder, tokenize
 

@@ -61,7 +61,7 @@ def count_tokens(tokenizer, chat: dict) -> int:
 def export(cfg: Config, out_dir: str, overwrite: bool = False, spark=None) -> dict:
     """Run the SFT data stage in Spark and write the JSONL files into `out_dir`. Returns the report."""
     from spark_tuning.text import lm_data
-    from spark_tuning.model import check_reachable, load_tokenizer, resolve_model
+    from spark_tuning.model.sources import check_reachable, load_tokenizer, resolve_model
     from spark_tuning.paths import holds_output, local_path, new_sibling, publish
     from spark_tuning.cluster.spark import get_spark
 

@@ -273,7 +273,7 @@ def tokenize_chats(df: DataFrame, src, model_cfg: ModelConfig, max_length: int, 
     @pandas_udf(LM_SCHEMA)
     def encode(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from spark_tuning.model import load_tokenizer
+        from spark_tuning.model.sources import load_tokenizer
 
         tok = load_tokenizer(src, model_cfg)
         for chats in batches:
@@ -300,7 +300,7 @@ def tokenize_texts(df: DataFrame, src, model_cfg: ModelConfig) -> DataFrame:
     else through transformers in every task."""
     from pyspark.sql.functions import pandas_udf
 
-    from spark_tuning.model import load_tokenizer
+    from spark_tuning.model.sources import load_tokenizer
     from spark_tuning.text.tokenize import rust_encoder
 
     eos_id = load_tokenizer(src, model_cfg).eos_token_id

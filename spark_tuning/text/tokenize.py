@@ -27,7 +27,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from spark_tuning.config import ModelConfig
-from spark_tuning.model import ModelSource
+from spark_tuning.model.sources import ModelSource
 # What Spark tasks run lives in a module of its own, so that they import neither pandas nor transformers.
 from spark_tuning.text.rust_tokenizer import CUT_CHARS_PER_TOKEN, MAX_CHARS_PER_TOKEN, RustEncoder, arrow_ids
 
@@ -54,7 +54,7 @@ def probes(max_length: Optional[int]) -> list[str]:
 def rust_encoder(src: ModelSource, model_cfg: ModelConfig, max_length: Optional[int]) -> Optional[RustEncoder]:
     """The model tokenizer's Rust backend, when it alone reproduces the tokenizer's ids on the probes;
     None (with a warning) when it does not, and tokenization then runs through transformers."""
-    from spark_tuning.model import load_tokenizer
+    from spark_tuning.model.sources import load_tokenizer
 
     tok = load_tokenizer(src, model_cfg)
     backend = getattr(tok, "backend_tokenizer", None)
@@ -143,7 +143,7 @@ def _transformers_udf(src: ModelSource, model_cfg: ModelConfig, max_length: int)
     @pandas_udf(TOKENS_SCHEMA)
     def encode(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from spark_tuning.model import load_tokenizer
+        from spark_tuning.model.sources import load_tokenizer
 
         tok = load_tokenizer(src, model_cfg)  # once per task, not per batch
         keep_end = getattr(tok, "truncation_side", "right") == "left"  # left truncation keeps a text's end

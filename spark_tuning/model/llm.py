@@ -16,7 +16,7 @@ import uuid
 
 from spark_tuning.config import Config, ModelConfig
 from spark_tuning.errors import InputError
-from spark_tuning.model import ModelSource
+from spark_tuning.model.sources import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def build_causal_lm(src: ModelSource, cfg: ModelConfig, pad_token_id: int, devic
     autocast applies half precision to the computation where it pays."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from spark_tuning.model import placement
+    from spark_tuning.model.sources import placement
 
     kwargs = src.load_kwargs(cfg)
     config = AutoConfig.from_pretrained(src.location, **kwargs)
@@ -86,7 +86,7 @@ def check_settings(cfg: Config, src: ModelSource, tokenizer) -> dict:
     resolved (chat template use, LoRA targets, context length) for the logs."""
     from transformers import AutoConfig
 
-    from spark_tuning import lora
+    from spark_tuning.model import lora
     from spark_tuning.text import lm_data
 
     config = AutoConfig.from_pretrained(src.location, **src.load_kwargs(cfg.model))
