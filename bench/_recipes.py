@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 import _common as C  # noqa: F401  (puts the project on sys.path, sets the offline switches)
-from spark_tuning.mfu import non_embedding_params
+from spark_tuning.train.mfu import non_embedding_params
 
 LR = 5e-5
 SEED = 0
@@ -31,7 +31,7 @@ def run_ours(tmp: str, model_dir: str, train_ref, eval_ref, batch: int, max_leng
              group_by_length: bool = True, precision: str = "auto") -> dict:
     """`steps` optimizer steps (None: one epoch over train_ref); the eval predictions come back too."""
     from spark_tuning.config import load_config
-    from spark_tuning.train import train_fn
+    from spark_tuning.train.loop import train_fn
 
     sets = {"output_dir": os.path.join(tmp, "out"), "data.source": "unused", "model.source": model_dir, "seed": SEED,
             "data.max_length": max_length, "train.epochs": 1, "train.batch_size": batch, "train.learning_rate": LR,
@@ -95,7 +95,7 @@ def run_lab(tmp: str, model_dir: str, texts: list[str], labels: list[int], batch
            "model_params": non_embedding_params(model)}
     if eval_shard is not None:
         from spark_tuning.loader import plan_eval_batches
-        from spark_tuning.train import predict
+        from spark_tuning.train.loop import predict
 
         out = predict(model, eval_shard, plan_eval_batches(eval_shard, 32), tok.pad_token_id, "cpu", "fp32")
         preds = out["probs"].argmax(1)

@@ -24,7 +24,7 @@ import numpy as np
 import _common as C
 import _shard
 from _recipes import run_lab, run_ours
-from spark_tuning.mfu import matmul_peak  # the probe train_fn uses
+from spark_tuning.train.mfu import matmul_peak  # the probe train_fn uses
 
 
 def make_models(tmp: str, tok) -> dict[str, str]:

@@ -235,7 +235,7 @@ def worker(payload_path: str, result_path: str, deterministic: bool) -> None:
     """One rank (torchrun starts this): the job's train_fn on the payload; rank 0 writes the result."""
     import torch
 
-    from spark_tuning.train import train_fn
+    from spark_tuning.train.loop import train_fn
 
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -312,7 +312,7 @@ def serve_leg(model_dir: str, run: dict, texts: list[str], shape: dict, cpu: boo
     probabilities within the tolerance of the two sides' precisions."""
     import numpy as np
 
-    from spark_tuning.precision import probability_tolerance
+    from spark_tuning.train.precision import probability_tolerance
     from spark_tuning.serving_model import TextClassifier
     from spark_tuning.verify import compare_probabilities
 
@@ -396,7 +396,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     processes = args.processes or shape["processes"] or torch.cuda.device_count()
     shape["processes"] = processes
     gpu_name = "cpu" if args.cpu else torch.cuda.get_device_name(0)
-    from spark_tuning.precision import resolve_precision
+    from spark_tuning.train.precision import resolve_precision
 
     auto = resolve_precision("auto", "cpu" if args.cpu else "cuda:0")
     os.makedirs(args.out, exist_ok=True)

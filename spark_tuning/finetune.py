@@ -88,7 +88,7 @@ def output_state(out: str) -> str:
 def plan_output(cfg: Config, overwrite: bool, resume: bool) -> Plan:
     """Never lose work: refuse to touch a finished model without --overwrite; continue an interrupted run
     of the same config from its newest complete checkpoint; refuse one of another config."""
-    from spark_tuning import checkpoint
+    from spark_tuning.train import checkpoint
     from spark_tuning.config import training_differences
 
     out = local_path(cfg.output_dir)
@@ -153,13 +153,14 @@ def preflight(cfg: Config, overwrite: bool, resume: bool = False):
 
 
 def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) -> Summary:
-    from spark_tuning import checkpoint, evaluate, lm_job, tracking, watchdog
+    from spark_tuning import evaluate, lm_job, tracking, watchdog
+    from spark_tuning.train import checkpoint
     from spark_tuning.data import dataset
     from spark_tuning.cluster.launch import check_cluster, check_resources, run_distributed
     from spark_tuning.loader import check_training_shards, stage_as
     from spark_tuning.cluster.spark import get_spark
     from spark_tuning.text.tokenize import tokenize
-    from spark_tuning.train import train_fn
+    from spark_tuning.train.loop import train_fn
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -316,7 +317,7 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
 def _expected_precision(cfg: Config) -> str:
     """The precision the ranks will pick, where the driver can tell (it may have no GPU of its own)."""
     from spark_tuning.cluster.launch import visible_gpus
-    from spark_tuning.precision import resolve_precision
+    from spark_tuning.train.precision import resolve_precision
 
     if cfg.distributed.use_gpu and not visible_gpus():
         return f"{cfg.train.precision} (chosen by each training GPU)"

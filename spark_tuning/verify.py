@@ -144,7 +144,7 @@ def score_endpoint(url: str, texts: list[str], batch_size: int, timeout: float =
 def tolerance_for(offline_metrics: Optional[dict], served: Optional[tuple[str, str]] = None) -> tuple[float, str]:
     """The probability tolerance for comparing a server with a run, and a line that says why. `served`:
     the server's (precision, device type); None: what a server on this machine would use."""
-    from spark_tuning.precision import probability_tolerance
+    from spark_tuning.train.precision import probability_tolerance
     from spark_tuning.serving_model import serving_placement
 
     m = offline_metrics or {}

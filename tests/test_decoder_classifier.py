@@ -13,7 +13,7 @@ import pytest
 
 from conftest import tiny_job_config
 from lm_fixtures import plain_tokenizer, tiny_gpt2_dir  # noqa: F401
-from spark_tuning.precision import probability_tolerance
+from spark_tuning.train.precision import probability_tolerance
 
 
 @pytest.fixture(scope="module")

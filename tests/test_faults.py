@@ -197,7 +197,7 @@ def test_resume_with_another_config_is_refused(tmp_path, data, tiny_bert_dir):
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):
-    from spark_tuning import checkpoint
+    from spark_tuning.train import checkpoint
 
     root = tmp_path / "checkpoints"
     (root / "step-00000010").mkdir(parents=True)

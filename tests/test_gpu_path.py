@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from spark_tuning import distributed
-from spark_tuning.precision import choose_precision, probability_tolerance
+from spark_tuning.train import distributed
+from spark_tuning.train.precision import choose_precision, probability_tolerance
 
 
 def _free_port() -> int:
@@ -87,8 +87,8 @@ def test_a_checkpoint_written_on_a_gpu_loads_on_a_cpu_host(tmp_path):
     import torch
     import torch.serialization as ser
 
-    from spark_tuning import checkpoint
-    from spark_tuning.train import rng_state
+    from spark_tuning.train import checkpoint
+    from spark_tuning.train.loop import rng_state
 
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -117,7 +117,7 @@ def test_a_checkpoint_written_on_a_gpu_loads_on_a_cpu_host(tmp_path):
 def test_rng_states_round_trip_and_old_checkpoints_still_resume():
     import torch
 
-    from spark_tuning.train import rng_state, set_rng_state
+    from spark_tuning.train.loop import rng_state, set_rng_state
 
     torch.manual_seed(5)
     saved = rng_state("cpu")
@@ -132,7 +132,7 @@ def test_fp16_gradients_are_unscaled_before_clipping():
     """With a loss scale of 1024, clipping the scaled gradients would shrink the step 1024-fold."""
     import torch
 
-    from spark_tuning.train import optimizer_step
+    from spark_tuning.train.loop import optimizer_step
 
     model = torch.nn.Linear(8, 1, bias=False)
     before = model.weight.detach().clone()
@@ -153,7 +153,7 @@ def test_fp16_training_on_cpu_uses_the_loss_scaler(tmp_path, tiny_bert_dir):
 
     from spark_tuning.config import load_config
     from spark_tuning.loader import write_staged
-    from spark_tuning.train import train_fn
+    from spark_tuning.train.loop import train_fn
 
     rng = np.random.default_rng(0)
     ids = [list(rng.integers(1000, 2000, size=int(rng.integers(5, 20)))) for _ in range(64)]
@@ -177,7 +177,7 @@ def test_fp16_training_on_cpu_uses_the_loss_scaler(tmp_path, tiny_bert_dir):
 
 
 def test_prefetch_keeps_order_raises_errors_and_stops_early():
-    from spark_tuning.train import ahead
+    from spark_tuning.train.loop import ahead
 
     assert list(ahead(iter(range(50)), depth=2)) == list(range(50))
 
@@ -205,7 +205,7 @@ def test_prefetch_keeps_order_raises_errors_and_stops_early():
 
 def test_out_of_memory_advice_names_the_rank_the_memory_and_what_to_change():
     from spark_tuning.config import load_config
-    from spark_tuning.train import out_of_memory_message
+    from spark_tuning.train.loop import out_of_memory_message
 
     ctx = distributed.Context(rank=3, local_rank=1, world_size=4, local_world_size=2, device="cuda:1")
     cfg = load_config(None, ["train.batch_size=32"])

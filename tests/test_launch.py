@@ -114,7 +114,7 @@ def test_shared_paths():
 
 
 def test_threads_follow_omp_num_threads(monkeypatch):
-    from spark_tuning import distributed
+    from spark_tuning.train import distributed
 
     ctx = distributed.Context(rank=0, local_rank=0, world_size=2, local_world_size=1, device="cpu")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

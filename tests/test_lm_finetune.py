@@ -93,7 +93,8 @@ def test_logged_generation_model_answers_like_the_saved_model(sft_run):
     from mlflow.models import Model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spark_tuning import lm_job, lm_train
+    from spark_tuning import lm_job
+    from spark_tuning.train import lm as lm_train
     from spark_tuning.model.sources import resolve_model
 
     cfg, s = sft_run
@@ -171,7 +172,8 @@ def test_served_causal_lm_generates_and_verify_and_score_refuse_it(causal_run, s
     greedy continuation; `verify` and `score` (which compare and write labels) refuse it with a clear error."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spark_tuning import lm_train, score, serving, verify
+    from spark_tuning import score, serving, verify
+    from spark_tuning.train import lm as lm_train
     from spark_tuning.errors import InputError
 
     cfg, s = causal_run

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spark_tuning.mfu import matmul_peak, mfu, non_embedding_params, training_flops_per_token
+from spark_tuning.train.mfu import matmul_peak, mfu, non_embedding_params, training_flops_per_token
 
 
 def test_embeddings_and_tied_heads_are_not_counted():
@@ -40,7 +40,7 @@ def test_peak_probe_leaves_the_global_rng_alone():
     """train_fn probes the peak after a resume has restored the RNG: the probe must not draw from it."""
     import torch
 
-    from spark_tuning.mfu import matmul_peak
+    from spark_tuning.train.mfu import matmul_peak
 
     torch.manual_seed(123)
     expected = torch.rand(3)

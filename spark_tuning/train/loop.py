@@ -124,7 +124,7 @@ def predict(model, shard, plan, pad_id: int, device: str, precision: str) -> dic
     import torch
 
     from spark_tuning.loader import iterate
-    from spark_tuning.precision import autocast
+    from spark_tuning.train.precision import autocast
 
     model.eval()
     row_ids, probs, loss_sum = [], [], 0.0
@@ -147,7 +147,7 @@ def _resume(path, model, optimizer, scheduler, scaler, ctx) -> dict:
     when starting fresh. Optimizer states load onto the CPU first and go to the parameters' device."""
     if not path:
         return {}
-    from spark_tuning import checkpoint
+    from spark_tuning.train import checkpoint
 
     state = checkpoint.load_state(path)
     if state["world_size"] != ctx.world_size:
@@ -289,14 +289,16 @@ def train_fn(payload: dict[str, Any]) -> dict[str, Any]:
 def _train(payload: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from spark_tuning import checkpoint, distributed
+    from spark_tuning.train import checkpoint
+    from spark_tuning.train import distributed
     from spark_tuning.config import config_from_dict
     from spark_tuning.cluster.faults import rank_only
     from spark_tuning.evaluate import classification_metrics
-    from spark_tuning import lm_train, precision as numerics
+    from spark_tuning.train import lm as lm_train
+    from spark_tuning.train import precision as numerics
     from spark_tuning.model import lora
     from spark_tuning.loader import plan_eval_batches, plan_train_batches, read_shard_as
-    from spark_tuning.mfu import matmul_peak, mfu, training_flops_per_token
+    from spark_tuning.train.mfu import matmul_peak, mfu, training_flops_per_token
     from spark_tuning.model.sources import ModelSource, count_parameters, load_tokenizer
     from spark_tuning.tracking import RankZeroLogger
 

@@ -83,7 +83,7 @@ def evaluate_shard(model, shard, plan, pad_id: int, device: str, precision: str,
     import torch.nn.functional as F
 
     from spark_tuning.loader import iterate
-    from spark_tuning.precision import autocast
+    from spark_tuning.train.precision import autocast
 
     model.eval()
     nll, count, row_ids, preds, labels = 0.0, 0, [], [], []
@@ -112,7 +112,7 @@ def evaluate_shard(model, shard, plan, pad_id: int, device: str, precision: str,
 def evaluate(model, eval_shard, cfg, lm: dict, tokenizer, ctx, precision: str, epoch: int, step: int,
              tracker) -> tuple[dict, dict]:
     """One evaluation on every rank; returns (the epoch record, per-row predictions) on every rank."""
-    from spark_tuning import distributed
+    from spark_tuning.train import distributed
     from spark_tuning.evaluate import classification_metrics
     from spark_tuning.loader import plan_eval_batches
 
