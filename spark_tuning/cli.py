@@ -234,7 +234,7 @@ def _deploy_rows(s) -> list[tuple[str, str]]:
 
 
 def _common_rows(s) -> list[tuple[str, str]]:
-    from spark_tuning.tracking import ui_command
+    from spark_tuning.track.tracking import ui_command
 
     m = s.metrics
     return [

@@ -28,7 +28,8 @@ def package(cfg: Config, run_ref, folder: str, precision: str, lm: Optional[dict
 def serve_and_verify(cfg: Config, record: ModelRecord, out_dir: str):
     from mlflow import MlflowClient
 
-    from spark_tuning import serving, tracking, verify
+    from spark_tuning import serving, verify
+    from spark_tuning.track import tracking
 
     server = serving.start(record.serving_uri, port=cfg.deploy.port, tracking_uri=record.tracking_uri)
     try:

@@ -153,7 +153,10 @@ def preflight(cfg: Config, overwrite: bool, resume: bool = False):
 
 
 def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) -> Summary:
-    from spark_tuning import evaluate, lm_job, tracking, watchdog
+    from spark_tuning import lm_job
+    from spark_tuning.track import tracking
+    from spark_tuning.track import watchdog
+    from spark_tuning.evaluate import metrics as evaluate
     from spark_tuning.train import checkpoint
     from spark_tuning.data import dataset
     from spark_tuning.cluster.launch import check_cluster, check_resources, run_distributed
@@ -347,7 +350,7 @@ def _length_stats(spark, path: str, max_length: int) -> dict[str, float]:
 def _write_outputs(folder: str, cfg: Config, metrics: dict, result: dict, names: list[str], eval_path: str) -> None:
     import pandas as pd
 
-    from spark_tuning import evaluate
+    from spark_tuning.evaluate import metrics as evaluate
 
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         json.dump({**metrics, "epochs": result["epochs"]}, f, indent=2)

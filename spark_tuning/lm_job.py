@@ -162,7 +162,7 @@ def metrics(result: dict) -> dict:
 
 
 def write_outputs(folder: str, cfg: Config, m: dict, result: dict) -> None:
-    from spark_tuning import evaluate
+    from spark_tuning.evaluate import metrics as evaluate
 
     epochs = [{k: v for k, v in e.items() if k != "samples"} for e in result["epochs"]]
     samples = [{"epoch": e["epoch"], **s} for e in result["epochs"] for s in e.get("samples", [])]

@@ -160,7 +160,7 @@ def verify(url: str, data: str, batch_size: int = 32, atol: Optional[float] = No
            label_column: str = "label", served: Optional[tuple[str, str]] = None) -> Report:
     """`atol` None: the tolerance that follows the run's and the server's precisions (`tolerance_for`;
     `served` as there)."""
-    from spark_tuning.evaluate import classification_metrics
+    from spark_tuning.evaluate.metrics import classification_metrics
     from spark_tuning.serving import ping
 
     if not ping(url.rstrip("/").removesuffix("/invocations")):

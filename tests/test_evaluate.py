@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spark_tuning.evaluate import classification_metrics, plot_confusion_matrix, plot_curves
+from spark_tuning.evaluate.metrics import classification_metrics, plot_confusion_matrix, plot_curves
 
 
 def test_binary_metrics_by_hand():

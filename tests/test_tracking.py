@@ -8,12 +8,12 @@ import subprocess
 import sys
 import time
 
-from spark_tuning import tracking
-from spark_tuning.tracking import RankZeroLogger, RunRef
+from spark_tuning.track import tracking
+from spark_tuning.track.tracking import RankZeroLogger, RunRef
 
 RANK = """
 import sys, time
-from spark_tuning.tracking import RankZeroLogger
+from spark_tuning.track.tracking import RankZeroLogger
 log = RankZeroLogger(sys.argv[1], enabled=True)
 log.params({"mfu.peak_precision": "fp32"})
 for step in range(1, 6):

@@ -113,7 +113,7 @@ def evaluate(model, eval_shard, cfg, lm: dict, tokenizer, ctx, precision: str, e
              tracker) -> tuple[dict, dict]:
     """One evaluation on every rank; returns (the epoch record, per-row predictions) on every rank."""
     from spark_tuning.train import distributed
-    from spark_tuning.evaluate import classification_metrics
+    from spark_tuning.evaluate.metrics import classification_metrics
     from spark_tuning.loader import plan_eval_batches
 
     width = int(eval_shard.lengths.max()) if len(eval_shard) else 1

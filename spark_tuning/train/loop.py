@@ -293,14 +293,14 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
     from spark_tuning.train import distributed
     from spark_tuning.config import config_from_dict
     from spark_tuning.cluster.faults import rank_only
-    from spark_tuning.evaluate import classification_metrics
+    from spark_tuning.evaluate.metrics import classification_metrics
     from spark_tuning.train import lm as lm_train
     from spark_tuning.train import precision as numerics
     from spark_tuning.model import lora
     from spark_tuning.loader import plan_eval_batches, plan_train_batches, read_shard_as
     from spark_tuning.train.mfu import matmul_peak, mfu, training_flops_per_token
     from spark_tuning.model.sources import ModelSource, count_parameters, load_tokenizer
-    from spark_tuning.tracking import RankZeroLogger
+    from spark_tuning.track.tracking import RankZeroLogger
 
     cfg = config_from_dict(payload["config"])
     tc = cfg.train
