@@ -45,8 +45,8 @@ def load_texts(path: str | None, n: int = 2000) -> list[str]:
 
 
 def phase(url: str, texts: list[str], clients: int, duration: float, batch: int) -> dict:
-    from spark_tuning.serving import post_json
-    from spark_tuning.verify import percentiles
+    from spark_tuning.deploy.serving import post_json
+    from spark_tuning.deploy.verify import percentiles
 
     latencies: list[float] = []
     errors: list[str] = []
@@ -104,7 +104,7 @@ def main() -> int:
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost")):
         p.error("loopback only: --url must be http://127.0.0.1:PORT")
 
-    from spark_tuning import serving
+    from spark_tuning.deploy import serving
 
     texts = load_texts(args.data)
     server = serving.start(args.model_uri, tracking_uri=args.tracking_uri) if args.model_uri else None

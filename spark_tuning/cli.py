@@ -55,7 +55,7 @@ def _lm_rows(m: dict) -> list[tuple[str, str]]:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from spark_tuning.packaging import set_alias
+    from spark_tuning.deploy.packaging import set_alias
 
     set_alias(args.name, args.version, args.alias, args.tracking_uri, args.registry_uri)
     print(f"models:/{args.name}@{args.alias} -> version {args.version}")
@@ -63,7 +63,7 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from spark_tuning import serving
+    from spark_tuning.deploy import serving
 
     if args.stop:
         stopped = serving.stop_recorded(args.state_dir, args.port or None)
@@ -90,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     import json
 
-    from spark_tuning import verify
+    from spark_tuning.deploy import verify
 
     report = verify.verify(args.endpoint, args.data, args.batch_size, args.atol, args.text_column, args.label_column)
     print(verify.render(report))
@@ -104,7 +104,7 @@ def _score(args: argparse.Namespace) -> int:
     import tempfile
     import time
 
-    from spark_tuning import score
+    from spark_tuning.deploy import score
     from spark_tuning.config import SparkConfig
     from spark_tuning.cluster.spark import get_spark
 
@@ -121,7 +121,7 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _cleanup(args: argparse.Namespace) -> int:
-    from spark_tuning import cleanup
+    from spark_tuning.deploy import cleanup
 
     items = cleanup.find(args.output_dir, args.keep_last_checkpoint, args.state_dir)
     freed = None if args.dry_run else cleanup.remove(items)
@@ -130,7 +130,7 @@ def _cleanup(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from spark_tuning import export
+    from spark_tuning.deploy import export
 
     target = export.resolve(args.model_uri, args.tracking_uri, args.endpoint_name)
     for path in export.write(target, args.out, args.tracking_uri, copy_model=not args.no_model_copy):

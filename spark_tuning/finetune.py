@@ -276,7 +276,7 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
         # --- deploy (issue 6): MLflow pyfunc model + registry; optionally serve and verify it --------
         record = None
         if cfg.tracking.log_model:
-            from spark_tuning import deploy
+            from spark_tuning.deploy import steps as deploy
 
             record = deploy.package(cfg, run_ref, partial, result["precision"], lm_payload)
             if os.path.isdir(os.path.join(partial, "adapter")):  # LoRA: the small adapter, for reuse

@@ -53,7 +53,7 @@ def test_dry_run_lists_and_removes_nothing(tmp_path):
 
 
 def test_cleanup_removes_leftovers_and_keeps_the_model(tmp_path, capsys):
-    from spark_tuning import cleanup
+    from spark_tuning.deploy import cleanup
 
     root = tmp_path / "out"
     out, keep, gone = _layout(root)

@@ -32,7 +32,7 @@ def test_export_writes_both_targets(packaged_run, tmp_path):
 
 
 def test_endpoint_names_follow_the_clouds_rules():
-    from spark_tuning.export import endpoint_name
+    from spark_tuning.deploy.export import endpoint_name
 
     assert endpoint_name("main.reviews.Sentiment_Model") == "main-reviews-sentiment-model"
     assert endpoint_name("7b") == "m-7b"

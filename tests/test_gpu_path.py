@@ -225,7 +225,7 @@ def test_out_of_memory_advice_names_the_rank_the_memory_and_what_to_change():
 def test_the_served_model_keeps_half_precision_only_where_the_device_has_it():
     import torch
 
-    from spark_tuning.serving_model import serving_placement
+    from spark_tuning.deploy.serving_model import serving_placement
 
     native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     assert serving_placement("bf16", "cpu") == ("cpu", "bf16" if native else "fp32")
@@ -236,7 +236,7 @@ def test_the_served_model_keeps_half_precision_only_where_the_device_has_it():
 
 
 def test_verify_tolerance_follows_the_precisions_and_allows_near_ties():
-    from spark_tuning.verify import compare_probabilities, tolerance_for
+    from spark_tuning.deploy.verify import compare_probabilities, tolerance_for
 
     assert probability_tolerance(("fp32", "cpu"), ("fp32", "cpu")) == 1e-5
     assert probability_tolerance(("fp32", "cuda"), ("fp32", "cpu")) == 5e-3  # TF32 on the GPU

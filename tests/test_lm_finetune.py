@@ -172,7 +172,9 @@ def test_served_causal_lm_generates_and_verify_and_score_refuse_it(causal_run, s
     greedy continuation; `verify` and `score` (which compare and write labels) refuse it with a clear error."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spark_tuning import score, serving, verify
+    from spark_tuning.deploy import score
+    from spark_tuning.deploy import serving
+    from spark_tuning.deploy import verify
     from spark_tuning.train import lm as lm_train
     from spark_tuning.errors import InputError
 

@@ -10,7 +10,7 @@ import pytest
 
 
 def test_score_adds_columns_matching_the_run(packaged_run, spark, tmp_path):
-    from spark_tuning import score
+    from spark_tuning.deploy import score
 
     cfg, summary = packaged_run
     rows = pd.read_parquet(os.path.join(summary.output_dir, "eval_predictions.parquet"))
@@ -25,7 +25,7 @@ def test_score_adds_columns_matching_the_run(packaged_run, spark, tmp_path):
 
 
 def test_score_refuses_bad_columns(packaged_run, spark, tmp_path):
-    from spark_tuning import score
+    from spark_tuning.deploy import score
     from spark_tuning.errors import InputError
 
     df = spark.createDataFrame(pd.DataFrame({"review": ["fine"], "prediction": ["x"]}))

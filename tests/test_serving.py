@@ -19,7 +19,7 @@ import pytest
 @pytest.fixture(scope="module")
 def server(packaged_run, tmp_path_factory):
     """`spark-tuning serve` in the foreground, as a user runs it; stopped with Ctrl-C by the last test."""
-    from spark_tuning import serving
+    from spark_tuning.deploy import serving
 
     cfg, summary = packaged_run
     state = str(tmp_path_factory.mktemp("servers"))
@@ -44,7 +44,7 @@ def server(packaged_run, tmp_path_factory):
 
 
 def test_serve_prints_a_loopback_url_and_records_state(server):
-    from spark_tuning import serving
+    from spark_tuning.deploy import serving
 
     assert server["url"] == f"http://127.0.0.1:{server['port']}"
     recorded = serving.running(server["state"])
@@ -53,7 +53,7 @@ def test_serve_prints_a_loopback_url_and_records_state(server):
 
 
 def test_verify_agrees_with_the_run(server):
-    from spark_tuning import verify
+    from spark_tuning.deploy import verify
 
     summary = server["summary"]
     report = verify.verify(server["url"], summary.output_dir, batch_size=8)
@@ -106,7 +106,7 @@ EXPECTED_MESSAGE = {"number": "must be a string", "null": "must be a string", "1
 def test_malformed_request_gets_a_short_4xx_json_and_server_keeps_answering(server, case):
     """Every malformed request: a 4xx with a JSON error that says what is wrong, short (a 10 MB text is not
     sent back), and the server answers the next good request."""
-    from spark_tuning.serving import post_json
+    from spark_tuning.deploy.serving import post_json
 
     status, body = post_json(server["url"] + "/invocations", MALFORMED[case])
     assert 400 <= status < 500, (status, str(body)[:300])
@@ -120,8 +120,8 @@ def test_malformed_request_gets_a_short_4xx_json_and_server_keeps_answering(serv
 
 
 def test_spark_batch_scoring_equals_the_endpoint(server, spark, tmp_path):
-    from spark_tuning import score
-    from spark_tuning.serving import post_json
+    from spark_tuning.deploy import score
+    from spark_tuning.deploy.serving import post_json
 
     summary = server["summary"]
     rows = pd.read_parquet(os.path.join(summary.output_dir, "eval_predictions.parquet"))[["row_id", "text"]]
@@ -139,7 +139,7 @@ def test_spark_batch_scoring_equals_the_endpoint(server, spark, tmp_path):
 
 def test_serve_detach_then_stop(packaged_run, tmp_path):
     """`serve --detach` returns once the server answers; `serve --stop` ends its whole process group."""
-    from spark_tuning import serving
+    from spark_tuning.deploy import serving
     from spark_tuning.cli import main
 
     cfg, summary = packaged_run
@@ -154,7 +154,7 @@ def test_serve_detach_then_stop(packaged_run, tmp_path):
 
 
 def test_ctrl_c_stops_the_server(server):
-    from spark_tuning import serving
+    from spark_tuning.deploy import serving
 
     [s] = serving.running(server["state"])
     server["proc"].send_signal(signal.SIGINT)

@@ -24,7 +24,7 @@ def start(tracking_uri: str, run_id: str) -> None:
 def main(pid: int, tracking_uri: str, run_id: str, interval: float = 1.0) -> None:
     from mlflow import MlflowClient
 
-    from spark_tuning.serving import process_alive
+    from spark_tuning.deploy.serving import process_alive
 
     client = MlflowClient(tracking_uri)
     while True:

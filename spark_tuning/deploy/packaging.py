@@ -142,7 +142,7 @@ def log_model(cfg: Config, run_id: str, tracking_uri: str, output_dir: str, prec
     import mlflow
     import mlflow.pyfunc
 
-    from spark_tuning import serving_model
+    from spark_tuning.deploy import serving_model
 
     d = cfg.deploy
     name = (d.registered_model_name or cfg.resolved_run_name) if d.register else None

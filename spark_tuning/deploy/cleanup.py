@@ -51,7 +51,7 @@ def _step(path: str) -> int:
 def find(output_dir: str, keep_last_checkpoint: bool = False, state_dir: Optional[str] = None) -> list[Item]:
     """Everything `cleanup` would remove, without removing anything."""
     from spark_tuning.paths import local_path, output_root
-    from spark_tuning.serving import default_state_dir, process_alive
+    from spark_tuning.deploy.serving import default_state_dir, process_alive
 
     out = local_path(output_dir)
     root = output_root(output_dir)

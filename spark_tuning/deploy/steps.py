@@ -12,13 +12,13 @@ import logging
 from typing import Optional
 
 from spark_tuning.config import Config
-from spark_tuning.packaging import ModelRecord
+from spark_tuning.deploy.packaging import ModelRecord
 
 log = logging.getLogger("spark_tuning.deploy")
 
 
 def package(cfg: Config, run_ref, folder: str, precision: str, lm: Optional[dict] = None) -> ModelRecord:
-    from spark_tuning import packaging
+    from spark_tuning.deploy import packaging
 
     record = packaging.log_model(cfg, run_ref.run_id, run_ref.tracking_uri, folder, precision, lm)
     packaging.write_record(folder, record)
@@ -28,7 +28,8 @@ def package(cfg: Config, run_ref, folder: str, precision: str, lm: Optional[dict
 def serve_and_verify(cfg: Config, record: ModelRecord, out_dir: str):
     from mlflow import MlflowClient
 
-    from spark_tuning import serving, verify
+    from spark_tuning.deploy import serving
+    from spark_tuning.deploy import verify
     from spark_tuning.track import tracking
 
     server = serving.start(record.serving_uri, port=cfg.deploy.port, tracking_uri=record.tracking_uri)

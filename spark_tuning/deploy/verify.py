@@ -124,7 +124,7 @@ def percentiles(seconds: list[float]) -> dict:
 
 def score_endpoint(url: str, texts: list[str], batch_size: int, timeout: float = 300.0) -> tuple[pd.DataFrame, list[float]]:
     """Send `texts` in batches; returns the served predictions (in order) and each request's latency."""
-    from spark_tuning.serving import post_json
+    from spark_tuning.deploy.serving import post_json
 
     url = url.rstrip("/")
     url = url if url.endswith("/invocations") else url + "/invocations"
@@ -145,7 +145,7 @@ def tolerance_for(offline_metrics: Optional[dict], served: Optional[tuple[str, s
     """The probability tolerance for comparing a server with a run, and a line that says why. `served`:
     the server's (precision, device type); None: what a server on this machine would use."""
     from spark_tuning.train.precision import probability_tolerance
-    from spark_tuning.serving_model import serving_placement
+    from spark_tuning.deploy.serving_model import serving_placement
 
     m = offline_metrics or {}
     run = (m.get("train_precision", "fp32"), m.get("train_device", "cpu"))
@@ -161,7 +161,7 @@ def verify(url: str, data: str, batch_size: int = 32, atol: Optional[float] = No
     """`atol` None: the tolerance that follows the run's and the server's precisions (`tolerance_for`;
     `served` as there)."""
     from spark_tuning.evaluate.metrics import classification_metrics
-    from spark_tuning.serving import ping
+    from spark_tuning.deploy.serving import ping
 
     if not ping(url.rstrip("/").removesuffix("/invocations")):
         raise InputError(f"--endpoint {url} does not answer /ping: start it with `spark-tuning serve`")
