@@ -94,7 +94,7 @@ def run_lab(tmp: str, model_dir: str, texts: list[str], labels: list[int], batch
            "train_s": seconds, "steps": state.global_step, "train_tokens": seen["useful"], "precision": "fp32",
            "model_params": non_embedding_params(model)}
     if eval_shard is not None:
-        from spark_tuning.loader import plan_eval_batches
+        from spark_tuning.loader.batches import plan_eval_batches
         from spark_tuning.train.loop import predict
 
         out = predict(model, eval_shard, plan_eval_batches(eval_shard, 32), tok.pad_token_id, "cpu", "fp32")

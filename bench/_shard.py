@@ -20,13 +20,13 @@ def tokenized(n: int, max_length: int, seed: int = 0):
 
 def stage(path: str, ids: list, labels, num_files: int = 2):
     """Write rows the way loader.stage does; returns a DataRef."""
-    from spark_tuning.loader import write_staged
+    from spark_tuning.loader.staging import write_staged
 
     return write_staged(path, ids, labels, num_files=num_files)
 
 
 def shard(ids: list, labels) -> "Shard":
-    from spark_tuning.loader import Shard
+    from spark_tuning.loader.staging import Shard
 
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)

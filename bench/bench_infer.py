@@ -21,7 +21,7 @@ def main() -> None:
     import torch
 
     from spark_tuning.config import ModelConfig
-    from spark_tuning.loader import plan_eval_batches
+    from spark_tuning.loader.batches import plan_eval_batches
     from spark_tuning.model.sources import build_classifier, resolve_model
     from spark_tuning.train.loop import predict
 

@@ -134,7 +134,7 @@ def reviews(n: int, per_row: int, texts: list[str], seed: int) -> tuple[list[str
 
 
 def stage_classification(work: str, tok, shape: dict, texts: list[str]) -> dict:
-    from spark_tuning.loader import write_staged
+    from spark_tuning.loader.staging import write_staged
 
     train_t, train_y = reviews(shape["rows"], shape["reviews_per_row"], texts, seed=1)
     eval_t, eval_y = reviews(shape["eval_rows"], shape["reviews_per_row"], texts, seed=2)
@@ -147,7 +147,7 @@ def stage_classification(work: str, tok, shape: dict, texts: list[str]) -> dict:
 
 def stage_sft(work: str, tok, shape: dict, texts: list[str]) -> dict:
     """Prompt (a review) -> response (its sentiment word): the loss counts the response tokens only."""
-    from spark_tuning.loader import IGNORE_INDEX, write_staged
+    from spark_tuning.loader.staging import IGNORE_INDEX, write_staged
 
     def rows(n: int, seed: int):
         t, y = reviews(n, max(1, shape["reviews_per_row"] // 2), texts, seed)

@@ -23,7 +23,7 @@ def main() -> None:
     from spark_tuning.model import lora
     from spark_tuning.config import LoraSettings, load_config
     from spark_tuning.text.lm_data import encode_chat
-    from spark_tuning.loader import IGNORE_INDEX
+    from spark_tuning.loader.staging import IGNORE_INDEX
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = sys.argv[1] if len(sys.argv) > 1 else sorted(glob.glob("outputs/.models/SmolLM2-*"))[0]

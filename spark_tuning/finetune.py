@@ -138,7 +138,7 @@ def preflight(cfg: Config, overwrite: bool, resume: bool = False):
         raise InputError(f"output_dir {out} cannot be written ({probe} is not a writable folder): "
                          "choose another output_dir")
     if cfg.loader.kind == "petastorm":
-        from spark_tuning.loader_petastorm import check_available
+        from spark_tuning.loader.petastorm import check_available
 
         check_available()  # pyarrow < 15 and petastorm importable, or a clear InputError
     src = resolve_model(cfg.model)
@@ -160,7 +160,8 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
     from spark_tuning.train import checkpoint
     from spark_tuning.data import dataset
     from spark_tuning.cluster.launch import check_cluster, check_resources, run_distributed
-    from spark_tuning.loader import check_training_shards, stage_as
+    from spark_tuning.loader.staging import check_training_shards
+    from spark_tuning.loader.backends import stage_as
     from spark_tuning.cluster.spark import get_spark
     from spark_tuning.text.tokenize import tokenize
     from spark_tuning.train.loop import train_fn

@@ -67,7 +67,7 @@ class Staged:
 def stage(spark, cfg: Config, src: ModelSource, info: dict, staging: str) -> Staged:
     """Spark: read, check, split, tokenize (sft: render + mask; causal_lm: pack), stage as Parquet."""
     from spark_tuning.text import lm_data
-    from spark_tuning.loader import stage as write_stage
+    from spark_tuning.loader.staging import stage as write_stage
 
     prepared = lm_data.prepare_lm(spark, cfg)
     n_files = 2 * cfg.distributed.num_processes

@@ -152,7 +152,7 @@ def test_fp16_training_on_cpu_uses_the_loss_scaler(tmp_path, tiny_bert_dir):
     import torch
 
     from spark_tuning.config import load_config
-    from spark_tuning.loader import write_staged
+    from spark_tuning.loader.staging import write_staged
     from spark_tuning.train.loop import train_fn
 
     rng = np.random.default_rng(0)

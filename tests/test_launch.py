@@ -145,7 +145,7 @@ def test_staging_does_not_depend_on_input_partitioning(spark, tmp_path):
     ranks would get other rows in another order."""
     import pyarrow.parquet as pq
 
-    from spark_tuning.loader import _files, stage
+    from spark_tuning.loader.staging import _files, stage
 
     rows = [(i % 2, [101, 1000 + i, *range(i % 17 + 1), 102], i % 17 + 4) for i in range(300)]  # all distinct
     df = spark.createDataFrame(rows, "label int, input_ids array<int>, length int")

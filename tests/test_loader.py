@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from spark_tuning import loader
+from spark_tuning.loader import batches, staging
 
 
 @pytest.fixture(scope="module")
@@ -16,13 +16,13 @@ def staged(spark, tmp_path_factory):
     rows = [(int(i % 3), [int(x) for x in rng.integers(5, 100, size=int(n))], int(n))
             for i, n in enumerate(rng.integers(1, 60, size=203))]
     df = spark.createDataFrame(rows, "label int, input_ids array<int>, length int")
-    return loader.stage(df, str(tmp_path_factory.mktemp("stage") / "train"), num_files=4), rows
+    return staging.stage(df, str(tmp_path_factory.mktemp("stage") / "train"), num_files=4), rows
 
 
 def test_ranks_read_disjoint_shares_of_every_row(staged):
     ref, rows = staged
     assert ref.num_rows == 203
-    shards = [loader.read_shard(ref, r, 2) for r in range(2)]
+    shards = [staging.read_shard(ref, r, 2) for r in range(2)]
     ids = np.concatenate([s.row_ids for s in shards])
     assert len(ids) == len(set(ids.tolist())) == 203
     assert shards[0].rows_per_rank == [len(shards[0]), len(shards[1])]
@@ -35,16 +35,16 @@ def test_ranks_read_disjoint_shares_of_every_row(staged):
 
 def _counts(shards, **kw):
     """What the training loop does: every rank plans, the largest count wins."""
-    return max(len(loader.plan_train_batches(s, **kw)) for s in shards)
+    return max(len(batches.plan_train_batches(s, **kw)) for s in shards)
 
 
 def test_same_number_of_batches_on_every_rank(staged):
     ref, _ = staged
-    shards = [loader.read_shard(ref, r, 2) for r in range(2)]
+    shards = [staging.read_shard(ref, r, 2) for r in range(2)]
     kw = dict(batch_size=8, seed=1, epoch=0, group_by_length=True)
     n = _counts(shards, **kw)
     assert n == -(-max(len(s) for s in shards) // 8)
-    plans = [loader.plan_train_batches(s, **kw, n_batches=n) for s in shards]
+    plans = [batches.plan_train_batches(s, **kw, n_batches=n) for s in shards]
     assert len(plans[0]) == len(plans[1]) == n
     # The rank with fewer rows halves some batches instead of repeating rows: every row exactly once.
     for s, plan in zip(shards, plans):
@@ -54,17 +54,17 @@ def test_same_number_of_batches_on_every_rank(staged):
 
 
 def test_a_rank_with_fewer_rows_than_batches_repeats_rows(staged):
-    s = loader.read_shard(staged[0], 0, 1)
-    tiny = loader.Shard(s.row_ids[:3], s.labels[:3], s.lengths[:3], s.offsets[:4], s.values, [3])
-    plan = loader.plan_train_batches(tiny, 8, seed=1, epoch=0, group_by_length=True, n_batches=5)
+    s = staging.read_shard(staged[0], 0, 1)
+    tiny = staging.Shard(s.row_ids[:3], s.labels[:3], s.lengths[:3], s.offsets[:4], s.values, [3])
+    plan = batches.plan_train_batches(tiny, 8, seed=1, epoch=0, group_by_length=True, n_batches=5)
     assert len(plan) == 5 and all(len(b) == 1 for b in plan)
     assert set(np.concatenate(plan).tolist()) == {0, 1, 2}
 
 
 def test_collate_pads_to_the_longest_row_in_the_batch(staged):
-    s = loader.read_shard(staged[0], 0, 1)
+    s = staging.read_shard(staged[0], 0, 1)
     index = np.array([0, 1, 2])
-    batch = loader.collate(s, index, pad_id=0)
+    batch = batches.collate(s, index, pad_id=0)
     width = int(s.lengths[index].max())
     assert batch["input_ids"].shape == (3, width)
     assert (batch["attention_mask"].sum(axis=1) == s.lengths[index]).all()
@@ -74,15 +74,15 @@ def test_collate_pads_to_the_longest_row_in_the_batch(staged):
 
 
 def test_grouping_by_length_cuts_padding(staged):
-    s = loader.read_shard(staged[0], 0, 1)
+    s = staging.read_shard(staged[0], 0, 1)
 
     def padding_share(plan):
         real = sum(int(s.lengths[b].sum()) for b in plan)
         padded = sum(int(s.lengths[b].max()) * len(b) for b in plan)
         return 1 - real / padded
 
-    grouped = padding_share(loader.plan_train_batches(s, 8, 1, 0, group_by_length=True))
-    random = padding_share(loader.plan_train_batches(s, 8, 1, 0, group_by_length=False))
+    grouped = padding_share(batches.plan_train_batches(s, 8, 1, 0, group_by_length=True))
+    random = padding_share(batches.plan_train_batches(s, 8, 1, 0, group_by_length=False))
     assert grouped < random / 2
 
 
@@ -91,17 +91,17 @@ def test_fewer_row_groups_than_processes_is_refused(spark, tmp_path):
     from spark_tuning.errors import InputError
 
     df = spark.createDataFrame([(1, [5, 6, 7], 3)], "label int, input_ids array<int>, length int")
-    ref = loader.stage(df, str(tmp_path / "train"), num_files=4)
-    loader.check_training_shards(ref, 1)
+    ref = staging.stage(df, str(tmp_path / "train"), num_files=4)
+    staging.check_training_shards(ref, 1)
     with pytest.raises(InputError) as err:
-        loader.check_training_shards(ref, 2)
+        staging.check_training_shards(ref, 2)
     message = str(err.value)
     assert "1 training rows were staged as 1 row group(s)" in message
     assert "distributed.num_processes = 2" in message and "at most 1" in message
     # What the check prevents: rank 1 would have no batches while rank 0 steps.
-    shards = [loader.read_shard(ref, r, 2) for r in range(2)]
+    shards = [staging.read_shard(ref, r, 2) for r in range(2)]
     assert [len(s) for s in shards] == [1, 0]
-    assert loader.plan_train_batches(shards[1], 8, seed=1, epoch=0, group_by_length=False) == []
+    assert batches.plan_train_batches(shards[1], 8, seed=1, epoch=0, group_by_length=False) == []
 
 
 def test_job_with_too_few_training_rows_for_its_processes_stops_before_training(spark, tmp_path, tiny_bert_dir):
@@ -137,14 +137,14 @@ def spark_buckets(spark):
     import pandas as pd
 
     lengths = np.concatenate([np.arange(0, 601), realistic_lengths(3000)])
-    df = loader.with_length_buckets(spark.createDataFrame(pd.DataFrame({"length": lengths.astype("int32")})))
+    df = staging.with_length_buckets(spark.createDataFrame(pd.DataFrame({"length": lengths.astype("int32")})))
     got = df.toPandas()
     return got["length"].to_numpy().astype(np.int64), got["bucket"].to_numpy().astype(np.int64)
 
 
 def test_spark_buckets_match_numpy_and_hold_similar_lengths(spark_buckets):
     lengths, buckets = spark_buckets
-    assert (buckets == loader.length_buckets(lengths)).all()  # the loader's fallback gives the same
+    assert (buckets == staging.length_buckets(lengths)).all()  # the loader's fallback gives the same
     assert (np.diff(buckets[np.argsort(lengths)]) >= 0).all()  # buckets are ordered by length
     for b in np.unique(buckets[lengths >= 10]):
         inside = lengths[buckets == b]
@@ -152,14 +152,14 @@ def test_spark_buckets_match_numpy_and_hold_similar_lengths(spark_buckets):
 
 
 def test_staged_rows_carry_the_spark_bucket(staged):
-    s = loader.read_shard(staged[0], 0, 1)
-    assert s.buckets is not None and (s.buckets == loader.length_buckets(s.lengths)).all()
+    s = staging.read_shard(staged[0], 0, 1)
+    assert s.buckets is not None and (s.buckets == staging.length_buckets(s.lengths)).all()
 
 
-def _shard(lengths, buckets=None) -> loader.Shard:
+def _shard(lengths, buckets=None) -> staging.Shard:
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     n = len(lengths)
-    return loader.Shard(np.arange(n), np.zeros(n, np.int64), lengths, offsets, np.zeros(offsets[-1], np.int32),
+    return staging.Shard(np.arange(n), np.zeros(n, np.int64), lengths, offsets, np.zeros(offsets[-1], np.int32),
                         [n], buckets=buckets)
 
 
@@ -173,10 +173,10 @@ def test_bucketed_batches_pad_under_ten_percent_on_realistic_lengths(spark_bucke
     keep = slice(601, None)  # the realistic rows
     s = _shard(lengths[keep], buckets[keep])
     for epoch in range(3):
-        plan = loader.plan_train_batches(s, 16, seed=5, epoch=epoch, group_by_length=True)
+        plan = batches.plan_train_batches(s, 16, seed=5, epoch=epoch, group_by_length=True)
         assert _padding_share(s, plan) < 0.10
         assert sorted(np.concatenate(plan).tolist()) == list(range(len(s)))
-    random = loader.plan_train_batches(s, 16, seed=5, epoch=0, group_by_length=False)
+    random = batches.plan_train_batches(s, 16, seed=5, epoch=0, group_by_length=False)
     assert _padding_share(s, random) > 0.3
 
 
@@ -184,7 +184,7 @@ def test_bucketed_batches_stay_random(spark_buckets):
     """Which rows share a batch, and the order of the batches, change from epoch to epoch."""
     lengths, buckets = spark_buckets
     s = _shard(lengths[601:], buckets[601:])
-    a, b = (loader.plan_train_batches(s, 16, seed=5, epoch=e, group_by_length=True) for e in (0, 1))
+    a, b = (batches.plan_train_batches(s, 16, seed=5, epoch=e, group_by_length=True) for e in (0, 1))
     pairs = [{frozenset(x.tolist()) for x in plan} for plan in (a, b)]
     assert len(pairs[0] & pairs[1]) < len(a) // 10  # few batches hold the same rows in both epochs
     first_lengths = [int(s.lengths[x].max()) for x in a[:20]]
@@ -200,11 +200,11 @@ def test_token_budget_batches_fit_the_budget_and_use_every_row_once(spark_bucket
     s = _shard(lengths[601:], buckets[601:])
     budget = 4096
     for group in (True, False):
-        plan = loader.plan_train_batches(s, 16, seed=2, epoch=0, group_by_length=group, max_tokens=budget)
+        plan = batches.plan_train_batches(s, 16, seed=2, epoch=0, group_by_length=group, max_tokens=budget)
         assert all(len(b) * int(s.lengths[b].max()) <= budget for b in plan)
         assert sorted(np.concatenate(plan).tolist()) == list(range(len(s)))
     # Bucketed: short rows travel in big batches, long ones in small; little padding either way.
-    plan = loader.plan_train_batches(s, 16, seed=2, epoch=0, group_by_length=True, max_tokens=budget)
+    plan = batches.plan_train_batches(s, 16, seed=2, epoch=0, group_by_length=True, max_tokens=budget)
     assert _padding_share(s, plan) < 0.10
     sizes = {int(s.lengths[b].max()): len(b) for b in plan}
     assert sizes[min(sizes)] > sizes[max(sizes)]
@@ -215,16 +215,16 @@ def test_token_budget_batches_fit_the_budget_and_use_every_row_once(spark_bucket
 
 def test_token_budget_keeps_ranks_in_step_and_never_makes_empty_batches(staged):
     ref, _ = staged
-    shards = [loader.read_shard(ref, r, 2) for r in range(2)]
+    shards = [staging.read_shard(ref, r, 2) for r in range(2)]
     kw = dict(batch_size=8, seed=3, epoch=1, group_by_length=True, max_tokens=100)
     n = _counts(shards, **kw)
-    plans = [loader.plan_train_batches(s, **kw, n_batches=n) for s in shards]
+    plans = [batches.plan_train_batches(s, **kw, n_batches=n) for s in shards]
     assert len(plans[0]) == len(plans[1]) == n
     for s, plan in zip(shards, plans):
         assert all(len(b) >= 1 and len(b) * int(s.lengths[b].max()) <= 100 for b in plan)
         assert sorted(np.concatenate(plan).tolist()) == list(range(len(s)))
     # A row longer than the budget (config refuses such budgets; the planner still copes): a batch alone.
     s = shards[0]
-    plan = loader.plan_train_batches(s, 8, seed=3, epoch=0, group_by_length=True, max_tokens=int(s.lengths.max()) - 1)
+    plan = batches.plan_train_batches(s, 8, seed=3, epoch=0, group_by_length=True, max_tokens=int(s.lengths.max()) - 1)
     longest = int(np.argmax(s.lengths))
     assert [b.tolist() for b in plan if longest in b] == [[longest]]

@@ -77,7 +77,7 @@ def _tokenized(spark, n: int = 203, seed: int = 3):
 @pytest.fixture(scope="module")
 def staged_both(spark, tmp_path_factory):
     """The same DataFrame staged by both backends, as train_fn would see them (plain dict refs)."""
-    from spark_tuning.loader import stage_as
+    from spark_tuning.loader.backends import stage_as
 
     tmp = tmp_path_factory.mktemp("staged")
     df, rows = _tokenized(spark)
@@ -88,7 +88,7 @@ def staged_both(spark, tmp_path_factory):
 @needs_petastorm
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_both_backends_give_the_same_shards(staged_both, world):
-    from spark_tuning.loader import read_shard_as
+    from spark_tuning.loader.backends import read_shard_as
 
     refs, rows = staged_both
     assert refs["petastorm"]["num_rows"] == refs["parquet"]["num_rows"] == len(rows)
@@ -109,7 +109,8 @@ def test_both_backends_give_the_same_shards(staged_both, world):
 @needs_petastorm
 @pytest.mark.parametrize("group_by_length, max_tokens", [(True, None), (False, None), (True, 64)])
 def test_both_backends_give_the_same_batches_for_a_seed(staged_both, group_by_length, max_tokens):
-    from spark_tuning.loader import collate, plan_eval_batches, plan_train_batches, read_shard_as
+    from spark_tuning.loader.batches import collate, plan_eval_batches, plan_train_batches
+    from spark_tuning.loader.backends import read_shard_as
 
     refs, _ = staged_both
     for rank in range(2):
@@ -135,14 +136,16 @@ def test_fewer_row_groups_than_ranks(spark, tmp_path, world):
     """A tiny split (the validation rows of a small dataset) staged as fewer row groups than ranks:
     petastorm reads it (it used to raise NoDataAvailableError on the ranks that do own a group), with the
     same rows as the Parquet backend, and the ranks beyond the last group get none."""
-    from spark_tuning.loader import _row_groups, plan_eval_batches, read_shard_as, stage_as
+    from spark_tuning.loader.staging import row_groups
+    from spark_tuning.loader.batches import plan_eval_batches
+    from spark_tuning.loader.backends import read_shard_as, stage_as
 
     # Fewer rows than ranks, so fewer row groups than ranks whichever files the rows hash into.
     df, rows = _tokenized(spark, n=world - 1, seed=5)
     refs = {kind: vars(stage_as(kind, df, str(tmp_path / kind), 2 * world, MAX_LENGTH))
             for kind in ("parquet", "petastorm")}
-    groups = len(_row_groups(refs["petastorm"]["path"]))
-    assert groups == len(_row_groups(refs["parquet"]["path"])) and 1 <= groups < world
+    groups = len(row_groups(refs["petastorm"]["path"]))
+    assert groups == len(row_groups(refs["parquet"]["path"])) and 1 <= groups < world
     seen = []
     for rank in range(world):
         a = read_shard_as("parquet", refs["parquet"], rank, world)
@@ -161,7 +164,8 @@ def test_fewer_row_groups_than_ranks(spark, tmp_path, world):
 def test_petastorm_rows_are_trimmed_to_their_true_length(staged_both):
     """Fixed-length storage, dynamic padding: each row comes back as its own tokens, and each batch is only
     as wide as its longest row (with pad id 0 in the staged data, pad with -1 here to see any leak)."""
-    from spark_tuning.loader import collate, plan_train_batches, read_shard_as
+    from spark_tuning.loader.batches import collate, plan_train_batches
+    from spark_tuning.loader.backends import read_shard_as
 
     refs, rows = staged_both
     by_text = {t: ids for t, ids in zip(rows["text"], rows["input_ids"])}

@@ -82,7 +82,7 @@ def evaluate_shard(model, shard, plan, pad_id: int, device: str, precision: str,
     import torch
     import torch.nn.functional as F
 
-    from spark_tuning.loader import iterate
+    from spark_tuning.loader.batches import iterate
     from spark_tuning.train.precision import autocast
 
     model.eval()
@@ -114,7 +114,7 @@ def evaluate(model, eval_shard, cfg, lm: dict, tokenizer, ctx, precision: str, e
     """One evaluation on every rank; returns (the epoch record, per-row predictions) on every rank."""
     from spark_tuning.train import distributed
     from spark_tuning.evaluate.metrics import classification_metrics
-    from spark_tuning.loader import plan_eval_batches
+    from spark_tuning.loader.batches import plan_eval_batches
 
     width = int(eval_shard.lengths.max()) if len(eval_shard) else 1
     rows = eval_rows_per_batch(cfg, distributed.unwrap(model).config.vocab_size

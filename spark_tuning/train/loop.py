@@ -114,7 +114,7 @@ def ahead(items: Iterable, depth: int = 2) -> Iterator:
 
 def train_batches(shard, plan, pad_id: int, device: str) -> Iterator:
     """(index, host batch, tensors to copy) of each planned batch, collated ahead in a thread."""
-    from spark_tuning.loader import iterate
+    from spark_tuning.loader.batches import iterate
 
     return ahead((index, batch, pinned(batch, device)) for index, batch in iterate(shard, plan, pad_id))
 
@@ -123,7 +123,7 @@ def predict(model, shard, plan, pad_id: int, device: str, precision: str) -> dic
     """Logits for every row of `shard`, batched by `plan`; returns row ids, predictions, probabilities."""
     import torch
 
-    from spark_tuning.loader import iterate
+    from spark_tuning.loader.batches import iterate
     from spark_tuning.train.precision import autocast
 
     model.eval()
@@ -297,7 +297,8 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
     from spark_tuning.train import lm as lm_train
     from spark_tuning.train import precision as numerics
     from spark_tuning.model import lora
-    from spark_tuning.loader import plan_eval_batches, plan_train_batches, read_shard_as
+    from spark_tuning.loader.batches import plan_eval_batches, plan_train_batches
+    from spark_tuning.loader.backends import read_shard_as
     from spark_tuning.train.mfu import matmul_peak, mfu, training_flops_per_token
     from spark_tuning.model.sources import ModelSource, count_parameters, load_tokenizer
     from spark_tuning.track.tracking import RankZeroLogger

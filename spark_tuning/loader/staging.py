@@ -2,14 +2,10 @@
 
 Staging writes `world_size * k` similar-sized files, so row groups split evenly between ranks. A rank
 reads its groups with pyarrow (only the columns it needs) and cuts them into batches that are padded to
-their own longest row.
+their own longest row (batches.py).
 
-Length bucketing: staging adds a `bucket` column in Spark (`with_length_buckets`): lengths within ~10% of
-each other share a bucket. With `group_by_length`, each epoch every rank shuffles its rows (seeded by seed
-and epoch), groups them bucket by bucket (random order inside a bucket), cuts the batches, and shuffles the
-batches: training stays random (which rows meet, and in which order batches come, change every epoch) while
-a batch pads its rows by a few percent at most. Batches hold `batch_size` rows, or, with
-`train.max_tokens_per_batch`, as many rows as fit `rows x longest row <= budget`.
+Length buckets: staging adds a `bucket` column in Spark (`with_length_buckets`): lengths within ~10% of
+each other share a bucket, so that batches.py can cut batches that pad by a few percent at most.
 """
 
 from __future__ import annotations
@@ -17,7 +13,7 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -124,7 +120,7 @@ def check_training_shards(ref: DataRef, processes: int) -> None:
     staging writes 2 files per process, and files are filled by a hash of each row."""
     from spark_tuning.errors import InputError
 
-    groups = len(_row_groups(ref.path))
+    groups = len(row_groups(ref.path))
     if groups < processes:
         raise InputError(
             f"the {ref.num_rows} training rows were staged as {groups} row group(s), fewer than the {processes} "
@@ -137,7 +133,7 @@ def _files(path: str) -> list[str]:
     return sorted(glob.glob(os.path.join(path, "*.parquet")))
 
 
-def _row_groups(path: str) -> list[tuple[str, int, int]]:
+def row_groups(path: str) -> list[tuple[str, int, int]]:
     """Every (file, row group, rows) of a staged folder, in a fixed order that every rank agrees on."""
     import pyarrow.parquet as pq
 
@@ -176,7 +172,7 @@ def read_shard(ref: DataRef, rank: int, world_size: int, columns: Optional[list[
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    groups = _row_groups(ref.path)
+    groups = row_groups(ref.path)
     if columns is None and groups:
         columns = _columns_present(groups[0][0])
     rows_per_rank = [sum(n for _, _, n in groups[r::world_size]) for r in range(world_size)]
@@ -223,116 +219,3 @@ def _flat_token_labels(table, offsets: np.ndarray) -> Optional[np.ndarray]:
     if len(flat) != offsets[-1]:
         raise ValueError("staged labels and input_ids differ in length")
     return flat.astype(np.int64)
-
-
-def plan_train_batches(shard: Shard, batch_size: int, seed: int, epoch: int, group_by_length: bool,
-                       max_tokens: Optional[int] = None, n_batches: Optional[int] = None) -> list[np.ndarray]:
-    """Row indices of each training batch of one epoch. Seeded by (seed, epoch): the same on every run
-    and with either loader backend, different from one epoch to the next. Every row is used once.
-
-    `max_tokens`: instead of `batch_size` rows, a batch takes rows while rows x its longest row stays
-    within the budget (a row longer than the budget alone is a batch of one; config refuses budgets below
-    the longest possible row). `n_batches`: stretch the plan to this many batches (DDP needs the same
-    count on every rank: the training loop passes the largest count of any rank), by halving the batches
-    with the most rows; only a rank with fewer rows than batches repeats rows."""
-    if len(shard) == 0:
-        return []
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(shard))
-    if group_by_length:  # bucket by bucket, in random order inside each bucket
-        order = order[np.argsort(shard.bucket_keys()[order], kind="stable")]
-    if max_tokens is None:
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    else:
-        batches = _cut_by_tokens(order, shard.lengths, max_tokens)
-    batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches if n_batches is None else _stretch(batches, n_batches)
-
-
-def _cut_by_tokens(order: np.ndarray, lengths: np.ndarray, budget: int) -> list[np.ndarray]:
-    """Consecutive rows of `order` into batches with rows x longest <= budget (never empty)."""
-    batches, start, longest = [], 0, 0
-    for i, n in enumerate(lengths[order].tolist()):
-        wider = max(longest, n)
-        if i > start and (i - start + 1) * wider > budget:
-            batches.append(order[start:i])
-            start, wider = i, n
-        longest = wider
-    batches.append(order[start:])
-    return batches
-
-
-def _stretch(batches: list[np.ndarray], n_batches: int) -> list[np.ndarray]:
-    if len(batches) > n_batches:
-        raise ValueError(f"a plan of {len(batches)} batches cannot shrink to {n_batches}")
-    out = list(batches)
-    while len(out) < n_batches:
-        i = max(range(len(out)), key=lambda k: len(out[k]))  # the first of the largest batches
-        if len(out[i]) < 2:  # every batch is a single row: repeat rows, in plan order
-            out += out[:n_batches - len(out)]
-            continue
-        half = (len(out[i]) + 1) // 2
-        out[i:i + 1] = [out[i][:half], out[i][half:]]
-    return out
-
-
-def plan_eval_batches(shard: Shard, batch_size: int) -> list[np.ndarray]:
-    """Validation batches sorted by length: predictions do not depend on order, padding does."""
-    order = np.lexsort((shard.row_ids, shard.lengths))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def collate(shard: Shard, index: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
-    """Pad one batch to its own longest row (right padding), with an attention mask. LM rows get their
-    per-token labels, padded with -100 (never derived from pad ids: SmolLM2 pads with its EOS)."""
-    if shard.token_labels is not None:
-        return _collate_lm(shard, index, pad_id)
-    lengths = shard.lengths[index]
-    width = int(lengths.max())
-    input_ids = np.full((len(index), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(index), width), dtype=np.int64)
-    for row, i in enumerate(index):
-        n = lengths[row]
-        input_ids[row, :n] = shard.ids(i)
-        mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": shard.labels[index]}
-
-
-def _collate_lm(shard: Shard, index: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
-    lengths = shard.lengths[index]
-    width = int(lengths.max())
-    input_ids = np.full((len(index), width), pad_id, dtype=np.int64)
-    labels = np.full((len(index), width), IGNORE_INDEX, dtype=np.int64)
-    mask = np.zeros((len(index), width), dtype=np.int64)
-    for row, i in enumerate(index):
-        n, start = lengths[row], shard.offsets[i]
-        input_ids[row, :n] = shard.values[start:start + n]
-        labels[row, :n] = shard.token_labels[start:start + n]
-        mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
-def iterate(shard: Shard, plan: list[np.ndarray], pad_id: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    for index in plan:
-        yield index, collate(shard, index, pad_id)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Backends. `loader.kind` decides only how staged rows reach each rank's Shard; batch planning and
-# padding above are shared by all of them. The refs travel to the ranks as plain dicts.
-
-
-def stage_as(kind: str, df, path: str, num_files: int, max_length: int) -> DataRef:
-    if kind == "petastorm":
-        from spark_tuning import loader_petastorm
-
-        return loader_petastorm.stage(df, path, num_files, max_length)
-    return stage(df, path, num_files)
-
-
-def read_shard_as(kind: str, ref: dict, rank: int, world_size: int) -> Shard:
-    if kind == "petastorm":
-        from spark_tuning import loader_petastorm
-
-        return loader_petastorm.read_shard(loader_petastorm.PetastormRef(**ref), rank, world_size)
-    return read_shard(DataRef(**ref), rank, world_size)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from spark_tuning.errors import InputError, JobFailed
-from spark_tuning.loader import TRAIN_COLUMNS, DataRef, Shard, _row_groups, with_length_buckets, with_row_ids
+from spark_tuning.loader.staging import TRAIN_COLUMNS, DataRef, Shard, row_groups, with_length_buckets, with_row_ids
 
 NEEDS_PYARROW_BELOW = 15
 INSTALL_HINT = (
@@ -119,7 +119,7 @@ def read_shard(ref: PetastormRef, rank: int, world_size: int) -> Shard:
     from petastorm.pytorch import BatchedDataLoader
     from petastorm.spark import SparkDatasetConverter
 
-    groups = _row_groups(ref.path)
+    groups = row_groups(ref.path)
     rows_per_rank = [sum(n for _, _, n in groups[r::world_size]) for r in range(world_size)]
     # petastorm refuses to cut fewer row groups than ranks into world_size shards (NoDataAvailableError),
     # even for a rank that would get one. With fewer groups than ranks, rank r < len(groups) owns group r
