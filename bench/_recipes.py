@@ -95,7 +95,7 @@ def run_lab(tmp: str, model_dir: str, texts: list[str], labels: list[int], batch
            "model_params": non_embedding_params(model)}
     if eval_shard is not None:
         from spark_tuning.loader.batches import plan_eval_batches
-        from spark_tuning.train.loop import predict
+        from spark_tuning.tasks.classification import predict
 
         out = predict(model, eval_shard, plan_eval_batches(eval_shard, 32), tok.pad_token_id, "cpu", "fp32")
         preds = out["probs"].argmax(1)

@@ -23,7 +23,7 @@ def main() -> None:
     from spark_tuning.config import ModelConfig
     from spark_tuning.loader.batches import plan_eval_batches
     from spark_tuning.model.sources import build_classifier, resolve_model
-    from spark_tuning.train.loop import predict
+    from spark_tuning.tasks.classification import predict
 
     n, batch, rounds, max_length = (96, 32, 1, 512) if args.quick else (192, 32, 2, 512)
     df, ids, tok = _shard.tokenized(n, max_length, seed=1)

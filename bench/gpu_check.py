@@ -188,7 +188,7 @@ def leg_payload(work: str, name: str, model_dir: str, data: dict, sets: dict, cp
     return {"config": cfg.to_dict(),
             "model_source": {"location": model_dir, "is_local": True, "gguf_file": None},
             "id2label": id2label if id2label is not None else {"0": "negative", "1": "positive"},
-            "lm": lm, "train_ref": data["train"], "eval_ref": data["eval"], "events": None,
+            "task_extras": lm or {}, "train_ref": data["train"], "eval_ref": data["eval"], "events": None,
             "model_dir": os.path.join(folder, "model"), "resume_from": resume_from,
             "log_dir": os.path.join(folder, "logs"), "checkpoint": checkpoint}
 

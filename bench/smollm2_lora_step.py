@@ -42,7 +42,7 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = lora.apply(model, LoraSettings(enabled=True, r=8, alpha=16, dropout=0.05), "sft")
+        model = lora.apply(model, LoraSettings(enabled=True, r=8, alpha=16, dropout=0.05), "CAUSAL_LM")
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)

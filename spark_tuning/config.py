@@ -203,6 +203,21 @@ class Config:
     def resolved_run_name(self) -> str:
         return self.run_name or os.path.basename(os.path.normpath(self.output_dir))
 
+    @property
+    def sequence_length(self) -> int:
+        """The longest row a batch holds: data.max_length, or what the task uses instead (causal_lm:
+        data.block_size)."""
+        from spark_tuning.tasks import get_task
+
+        return get_task(self.task).sequence_length(self)
+
+    @property
+    def staging_root(self) -> str:
+        """Where tokenized data is staged: loader.staging_dir, else .staging beside the output folder."""
+        from spark_tuning.paths import output_root
+
+        return self.loader.staging_dir or os.path.join(output_root(self.output_dir), ".staging")
+
 
 # ----------------------------------------------------------------------------------------------------
 # Loading
@@ -382,13 +397,6 @@ def _check_values(cfg: Config) -> list[str]:
                         ("train.max_tokens_per_batch", cfg.train.max_tokens_per_batch),
                         ("checkpoint.every_steps", cfg.checkpoint.every_steps)]:
         positive(name, value, allow_none=True)
-    budget, longest = cfg.train.max_tokens_per_batch, cfg.data.max_length
-    longest_name = "data.max_length"
-    if cfg.task == "causal_lm":
-        longest, longest_name = cfg.data.block_size, "data.block_size"
-    if budget is not None and 0 < budget < longest:
-        p.append(f"train.max_tokens_per_batch = {budget} is less than {longest_name} = {longest}: a row that "
-                 f"long would not fit in a batch; set it to at least {longest} (or lower {longest_name})")
     if cfg.train.weight_decay < 0:
         p.append(f"train.weight_decay = {cfg.train.weight_decay} must be 0 or more")
     if cfg.train.max_grad_norm < 0:
@@ -416,9 +424,22 @@ def _check_values(cfg: Config) -> list[str]:
     if cfg.deploy.verify and not cfg.tracking.log_model:
         p.append("deploy.verify = true needs the logged MLflow model: set tracking.log_model: true")
     p.extend(_check_lm_values(cfg))
-    if cfg.task == "classification" and cfg.data.text_column == cfg.data.label_column:
-        p.append(f"data.text_column and data.label_column are both {cfg.data.text_column!r}: they must differ")
+    p.extend(_check_task_values(cfg))
     return p
+
+
+def _check_task_values(cfg: Config) -> list[str]:
+    """What the task adds (tasks/): its own rules, and the token budget against its longest row."""
+    if cfg.task not in TASKS:
+        return []  # reported above
+    from spark_tuning.tasks import get_task
+
+    task, p = get_task(cfg.task), []
+    budget, longest, name = cfg.train.max_tokens_per_batch, cfg.sequence_length, f"data.{task.length_key}"
+    if budget is not None and 0 < budget < longest:
+        p.append(f"train.max_tokens_per_batch = {budget} is less than {name} = {longest}: a row that "
+                 f"long would not fit in a batch; set it to at least {longest} (or lower {name})")
+    return p + task.config_problems(cfg)
 
 
 # Settings that do not change what is trained: a resumed run may differ from the original in these.
@@ -453,13 +474,6 @@ def _check_lm_values(cfg: Config) -> list[str]:
         p.append(f"data.sft_prompt = {d.sft_prompt!r} must contain {{text}}, where the row's text goes")
     if cfg.train.sample_max_new_tokens < 1:
         p.append(f"train.sample_max_new_tokens = {cfg.train.sample_max_new_tokens} must be at least 1")
-    if cfg.task != "classification" and cfg.loader.kind == "petastorm":
-        p.append(f"loader.kind = 'petastorm' supports task: classification only (task = {cfg.task!r}): "
-                 "use loader.kind: parquet")
-    if cfg.task != "classification" and cfg.deploy.verify:
-        p.append(f"deploy.verify = true checks a served model's labels and probabilities against the run's "
-                 f"offline predictions, which a {cfg.task} run does not make (its model is still logged and "
-                 "servable): set deploy.verify: false")
     if lo.r < 1:
         p.append(f"lora.r = {lo.r} must be at least 1")
     if lo.alpha < 1:

@@ -8,6 +8,7 @@ staging folder and any partial output are removed whatever happens, and a failed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -15,11 +16,12 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from spark_tuning.config import Config, to_yaml
 from spark_tuning.errors import InputError
 from spark_tuning.paths import holds_output, local_path, new_sibling, output_root, publish
+from spark_tuning.track import tracking
 
 log = logging.getLogger("spark_tuning")
 
@@ -124,9 +126,12 @@ def plan_output(cfg: Config, overwrite: bool, resume: bool) -> Plan:
     return Plan(resume_from=latest, earlier_run=earlier)
 
 
-def preflight(cfg: Config, overwrite: bool, resume: bool = False):
-    """Everything that can be checked before Spark starts. Returns the model source and the output plan."""
+def preflight(cfg: Config, overwrite: bool, resume: bool, task):
+    """Everything that can be checked before Spark starts: the output folder, the model (GGUF made
+    trainable, the task's and LoRA's settings against it), the processes. Returns the model source to
+    train from, the output plan, and what was resolved about the model."""
     from spark_tuning.cluster.launch import check_resources
+    from spark_tuning.model import llm
     from spark_tuning.model.sources import check_reachable, load_tokenizer, max_positions, resolve_model
 
     plan = plan_output(cfg, overwrite, resume)
@@ -149,173 +154,200 @@ def preflight(cfg: Config, overwrite: bool, resume: bool = False):
         raise InputError(f"data.max_length = {cfg.data.max_length} is more than the {positions} positions model "
                          f"{src.location} takes: set data.max_length to at most {positions}")
     check_resources(cfg.distributed)
-    return src, plan
+    src, info = llm.prepare(cfg, src, os.path.join(output_root(cfg.output_dir), ".models"), task)
+    return src, plan, info
+
+
+class RunFolders:
+    """The folders one run writes, and their cleanup in one place (a context manager):
+    - `out`: output_dir, where the finished model is published (and where an interrupted run's
+      run.json and checkpoints live while it trains);
+    - `partial`: a hidden sibling that the outputs are written into, then moved into place whole;
+    - `staging`: the tokenized data (and the rank logs), under the staging root.
+    On exit, whatever happened: the partial and staging folders are removed, a run that failed before its
+    first checkpoint leaves no output folder, and cached DataFrames (`hold`) are unpersisted."""
+
+    def __init__(self, cfg: Config):
+        self.out = local_path(cfg.output_dir)
+        self.staging = new_sibling(os.path.join(cfg.staging_root, "run"), "data")
+        self.partial = new_sibling(self.out, "partial")
+        self.logs = os.path.join(self.staging, "logs")  # rank logs (failure reports) and rank 0's events
+        self._held: list = []
+
+    def hold(self, staged):
+        self._held.append(staged)
+        return staged
+
+    def __enter__(self) -> "RunFolders":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from spark_tuning.train import checkpoint
+
+        shutil.rmtree(self.partial, ignore_errors=True)
+        if output_state(self.out) == "interrupted" and not checkpoint.latest(checkpoint.checkpoint_dir(self.out)):
+            shutil.rmtree(self.out, ignore_errors=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        for staged in self._held:
+            staged.release()
 
 
 def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) -> Summary:
-    from spark_tuning import lm_job
-    from spark_tuning.track import tracking
-    from spark_tuning.track import watchdog
-    from spark_tuning.evaluate import metrics as evaluate
-    from spark_tuning.train import checkpoint
-    from spark_tuning.data import dataset
-    from spark_tuning.cluster.launch import check_cluster, check_resources, run_distributed
-    from spark_tuning.loader.staging import check_training_shards
-    from spark_tuning.loader.backends import stage_as
-    from spark_tuning.cluster.spark import get_spark
-    from spark_tuning.text.tokenize import tokenize
-    from spark_tuning.train.loop import train_fn
+    """The job, as named steps: preflight, Spark, stage, tracking, train, outputs, deploy."""
+    from spark_tuning.tasks import get_task
 
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    t0, timings = time.perf_counter(), {}
     log.info("resolved config:\n%s", to_yaml(cfg))
     log.info("derived: %s", derived_figures(cfg))
     if cfg.model.trust_remote_code:
         log.warning("model.trust_remote_code is ON: the model's own Python code will run")
-    src, plan = preflight(cfg, overwrite, resume)
-    lm_info: dict = {}
-    if lm_job.needed(cfg, src):  # LM tasks, LoRA, GGUF models: more checks before Spark starts
-        src, lm_info = lm_job.preflight(cfg, src, os.path.join(output_root(cfg.output_dir), ".models"))
+    task = get_task(cfg.task)
+    src, plan, info = preflight(cfg, overwrite, resume, task)
+    spark = start_spark(cfg, spark)
+    timings["spark_start"] = time.perf_counter() - t0
+    with RunFolders(cfg) as folders:
+        t = time.perf_counter()
+        staged = folders.hold(stage(spark, cfg, task, src, info, folders))
+        timings["data"] = time.perf_counter() - t
+        with tracked_run(cfg, plan, staged.figures, folders) as run_ref:
+            t = time.perf_counter()
+            result = train(cfg, src, staged, plan, folders, run_ref)
+            timings["training"] = time.perf_counter() - t
+            t = time.perf_counter()
+            metrics = write_outputs(cfg, task, staged, result, folders.partial)
+            timings["evaluation"] = time.perf_counter() - t
+            deployed = deploy(cfg, task, staged, result, metrics, folders, run_ref, overwrite, timings)
+            timings["total"] = time.perf_counter() - t0
+            tracking.log_metrics(run_ref, {f"time_{k}_seconds": v for k, v in timings.items()})
+        return Summary(folders.out, run_ref.run_id, run_ref.tracking_uri, metrics, result, timings, deployed)
+
+
+def start_spark(cfg: Config, spark=None):
+    """The session (the caller's, or one built from cfg.spark), checked against the config's processes."""
+    from spark_tuning.cluster.launch import check_cluster, check_resources
+    from spark_tuning.cluster.spark import get_spark
 
     spark = spark or get_spark(cfg.spark)
     check_resources(cfg.distributed, spark)
     check_cluster(cfg, spark)
-    timings["spark_start"] = time.perf_counter() - t0
+    return spark
 
-    out_dir = local_path(cfg.output_dir)
-    root = output_root(cfg.output_dir)
-    staging = cfg.loader.staging_dir or os.path.join(root, ".staging")
-    staging = new_sibling(os.path.join(staging, "run"), "data")
-    partial = new_sibling(out_dir, "partial")
-    run_ref = None
-    prepared = None
-    deployed: dict[str, Any] = {}
+
+def stage(spark, cfg: Config, task, src, info: dict, folders: RunFolders):
+    """Spark: read, check, clean, split, sample, tokenize and stage as Parquet (the task's data stage)."""
+    from spark_tuning.loader.staging import check_training_shards
+
+    staged = task.stage(spark, cfg, src, info, folders.staging)
+    check_training_shards(staged.train_ref, cfg.distributed.num_processes)
+    staged.figures = {**derived_figures(cfg, staged.train_ref.num_rows, staged.figures.get("mean_tokens_per_row")),
+                      **staged.figures, "precision": _expected_precision(cfg)}
+    log.info("data ready: %s", json.dumps(staged.figures))
+    return staged
+
+
+@contextlib.contextmanager
+def tracked_run(cfg: Config, plan: Plan, figures: dict, folders: RunFolders) -> Iterator[Any]:
+    """The MLflow run: the driver owns it, rank 0 logs into it by id. FINISHED when the body returns,
+    FAILED when it raises (and, through the watchdog, when this process is killed)."""
+    from spark_tuning.track import watchdog
+
+    run_ref = tracking.start_run(cfg)
     try:
-        # 1. Data in Spark: read, check, clean, split, sample, tokenize, stage as Parquet.
-        t = time.perf_counter()
-        lm_payload, id2label = None, {}
-        if cfg.task == "classification":
-            prepared = dataset.prepare(spark, cfg.data, cfg.seed)
-            n_files = 2 * cfg.distributed.num_processes
-            kind, max_len = cfg.loader.kind, cfg.data.max_length
-            train_ref = stage_as(kind, tokenize(prepared.train, src, cfg.model, max_len).drop("text"),
-                                 os.path.join(staging, "train"), n_files, max_len)
-            eval_ref = stage_as(kind, tokenize(prepared.eval, src, cfg.model, max_len),
-                                os.path.join(staging, "eval"), n_files, max_len)
-            stats = _length_stats(spark, train_ref.path, cfg.data.max_length)
-            figures = derived_figures(cfg, train_ref.num_rows, stats["mean_length"])
-            figures.update(eval_rows=eval_ref.num_rows, truncated_share=stats["truncated_share"],
-                           classes=list(prepared.labels.names), **lm_info)
-            id2label = prepared.labels.id2label
-        else:  # causal_lm / sft: chats rendered and masked, or texts packed (lm_data.py)
-            staged = lm_job.stage(spark, cfg, src, lm_info, staging)
-            prepared, train_ref, eval_ref = staged.prepared, staged.train_ref, staged.eval_ref
-            figures = {**derived_figures(cfg, train_ref.num_rows), **staged.figures}
-            lm_payload, id2label = staged.payload, staged.id2label
-        check_training_shards(train_ref, cfg.distributed.num_processes)
-        timings["data"] = time.perf_counter() - t
-        figures["precision"] = _expected_precision(cfg)
-        log.info("data ready in %.1fs: %s", timings["data"], json.dumps(figures))
-
-        # 2. Tracking: the driver owns the run; rank 0 logs into it by id.
-        run_ref = tracking.start_run(cfg)
-        watchdog.start(run_ref.tracking_uri, run_ref.run_id)  # marks the run FAILED if this process is killed
+        watchdog.start(run_ref.tracking_uri, run_ref.run_id)
         tracking.log_params(run_ref, {**cfg.to_dict(), "derived": figures})
         if plan.earlier_run:
             tracking.close_stale_run(plan.earlier_run)  # a killed driver could not mark it FAILED
         if plan.resume_from:
             tracking.set_tag(run_ref, "spark_tuning.resumed_from", plan.resume_from)
-        _mark_run_in_progress(out_dir, cfg, run_ref, clear_first=plan.clear_first)
-
-        # 3. Train on every rank.
-        t = time.perf_counter()
-        os.makedirs(partial)
-        log_dir = os.path.join(staging, "logs")  # rank logs (failure reports) and rank 0's events
-        os.makedirs(log_dir, exist_ok=True)
-        payload = {
-            "config": cfg.to_dict(),
-            "model_source": {"location": src.location, "is_local": src.is_local, "gguf_file": src.gguf_file},
-            "id2label": {str(k): v for k, v in id2label.items()},
-            "lm": lm_payload,
-            "train_ref": vars(train_ref),
-            "eval_ref": vars(eval_ref),
-            "events": os.path.join(log_dir, "rank0-events.jsonl"),  # for tracking.relay
-            "model_dir": partial,
-            "resume_from": plan.resume_from,
-            "log_dir": log_dir,
-            "checkpoint": {"dir": checkpoint.checkpoint_dir(out_dir), "every_steps": cfg.checkpoint.every_steps,
-                           "keep_last": cfg.checkpoint.keep_last} if cfg.checkpoint.enabled else None,
-        }
-        with tracking.relay(run_ref, payload["events"]):
-            result = run_distributed(train_fn, payload, cfg.distributed)
-        timings["training"] = time.perf_counter() - t
-
-        # 4. Evaluate and write everything beside the model, then move the folder into place.
-        t = time.perf_counter()
-        if cfg.task == "classification":
-            names = list(prepared.labels.names)
-            ev = result["eval"]
-            metrics = evaluate.classification_metrics(ev["preds"], ev["labels"], names)
-            metrics.update(eval_loss=result["epochs"][-1]["eval_loss"], train_steps=result["steps"],
-                           train_tokens_per_second=result["tokens_per_second"],
-                           train_padding_share=result["padding_share"], train_precision=result["precision"],
-                           train_device=result["device"], train_tf32=result["tf32"],
-                           train_mfu=result["mfu"], train_matmul_peak_gflops=result["matmul_peak_gflops"],
-                           train_data_wait_share=result["data_wait_share"])
-            _write_outputs(partial, cfg, metrics, result, names, eval_ref.path)
-        else:
-            metrics = lm_job.metrics(result)
-            lm_job.write_outputs(partial, cfg, metrics, result)
-        timings["evaluation"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        tracking.log_metrics(run_ref, {f"final_{k}": v for k, v in metrics.items()
-                                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        for name in ("metrics.json", "config.yaml", "label_map.json", "confusion_matrix.png", "training_curves.png"):
-            if os.path.exists(os.path.join(partial, name)):
-                tracking.log_artifact(run_ref, os.path.join(partial, name))
-        # --- deploy (issue 6): MLflow pyfunc model + registry; optionally serve and verify it --------
-        record = None
-        if cfg.tracking.log_model:
-            from spark_tuning.deploy import steps as deploy
-
-            record = deploy.package(cfg, run_ref, partial, result["precision"], lm_payload)
-            if os.path.isdir(os.path.join(partial, "adapter")):  # LoRA: the small adapter, for reuse
-                tracking.log_artifacts(run_ref, os.path.join(partial, "adapter"), "adapter")
-        if cfg.checkpoint.keep_after_success and checkpoint.latest(checkpoint.checkpoint_dir(out_dir)):
-            last = checkpoint.latest(checkpoint.checkpoint_dir(out_dir))
-            os.makedirs(checkpoint.checkpoint_dir(partial))
-            os.rename(last, os.path.join(checkpoint.checkpoint_dir(partial), os.path.basename(last)))
-        # Our own interrupted-run folder (run.json + checkpoints) is replaced by the finished one.
-        publish(partial, out_dir, overwrite or output_state(out_dir) == "interrupted")
-        timings["logging"] = time.perf_counter() - t
-        if record is not None and cfg.deploy.verify:
-            t = time.perf_counter()
-            deployed["verify"] = deploy.serve_and_verify(cfg, record, out_dir).to_dict()
-            timings["verify"] = time.perf_counter() - t
-        if record is not None:
-            deployed.update(model_uri=record.model_uri, serving_uri=record.serving_uri, version=record.version)
-        # --- end deploy --------------------------------------------------------------------------------
-        timings["total"] = time.perf_counter() - t0
-        tracking.log_metrics(run_ref, {f"time_{k}_seconds": v for k, v in timings.items()})
-        tracking.end_run(run_ref, "FINISHED")
-        return Summary(out_dir, run_ref.run_id, run_ref.tracking_uri, metrics, result, timings, deployed)
+        _mark_run_in_progress(folders.out, cfg, run_ref, clear_first=plan.clear_first)
+        yield run_ref
     except BaseException:
-        if run_ref is not None:
-            try:
-                tracking.end_run(run_ref, "FAILED")
-            except Exception:  # noqa: BLE001 - report the original error, not this one
-                log.exception("could not mark MLflow run %s as FAILED", run_ref.run_id)
+        try:
+            tracking.end_run(run_ref, "FAILED")
+        except Exception:  # noqa: BLE001 - report the original error, not this one
+            log.exception("could not mark MLflow run %s as FAILED", run_ref.run_id)
         raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-        # A run that failed before its first checkpoint leaves nothing to resume: leave no folder either.
-        if output_state(out_dir) == "interrupted" and not checkpoint.latest(checkpoint.checkpoint_dir(out_dir)):
-            shutil.rmtree(out_dir, ignore_errors=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        if prepared is not None:
-            prepared.train.unpersist()
-            prepared.eval.unpersist()
+    tracking.end_run(run_ref, "FINISHED")
+
+
+def train(cfg: Config, src, staged, plan: Plan, folders: RunFolders, run_ref) -> dict:
+    """Every rank trains (TorchDistributor); rank 0's events reach MLflow through the relay."""
+    from spark_tuning.cluster.launch import run_distributed
+    from spark_tuning.train import checkpoint
+    from spark_tuning.train.loop import train_fn
+    from spark_tuning.train.payload import TrainPayload
+
+    os.makedirs(folders.partial)
+    os.makedirs(folders.logs, exist_ok=True)
+    ckpt = cfg.checkpoint
+    payload = TrainPayload(
+        config=cfg.to_dict(), train_ref=vars(staged.train_ref), eval_ref=vars(staged.eval_ref),
+        model_source={"location": src.location, "is_local": src.is_local, "gguf_file": src.gguf_file},
+        model_dir=folders.partial, id2label={str(k): v for k, v in staged.id2label.items()},
+        task_extras=staged.extras, events=os.path.join(folders.logs, "rank0-events.jsonl"), log_dir=folders.logs,
+        resume_from=plan.resume_from,
+        checkpoint={"dir": checkpoint.checkpoint_dir(folders.out), "every_steps": ckpt.every_steps,
+                    "keep_last": ckpt.keep_last} if ckpt.enabled else None)
+    with tracking.relay(run_ref, payload.events):
+        return run_distributed(train_fn, payload.to_dict(), cfg.distributed)
+
+
+def training_figures(result: dict) -> dict:
+    """What every task reports of its training: steps, speed, padding, precision, MFU, loader wait."""
+    return {"train_steps": result["steps"], "train_tokens_per_second": result["tokens_per_second"],
+            "train_padding_share": result["padding_share"], "train_precision": result["precision"],
+            "train_device": result["device"], "train_tf32": result["tf32"], "train_mfu": result["mfu"],
+            "train_matmul_peak_gflops": result["matmul_peak_gflops"], "train_data_wait_share": result["data_wait_share"]}
+
+
+def write_outputs(cfg: Config, task, staged, result: dict, folder: str) -> dict:
+    """metrics.json, config.yaml and the training curves, plus the task's own files; returns the metrics."""
+    from spark_tuning.evaluate.metrics import plot_curves
+
+    metrics = {**task.metrics(result, staged), **training_figures(result)}
+    task.write_outputs(folder, cfg, metrics, result, staged)
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        json.dump({**metrics, **task.metrics_file_extras(result)}, f, indent=2)
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        f.write(to_yaml(cfg))
+    if result["history"]:
+        plot_curves(result["history"], os.path.join(folder, "training_curves.png"))
+    return metrics
+
+
+def deploy(cfg: Config, task, staged, result: dict, metrics: dict, folders: RunFolders, run_ref, overwrite: bool,
+           timings: dict) -> dict:
+    """Log the outputs and the MLflow model (registered, aliased), publish the folder, and optionally serve
+    the model and check it against the offline predictions."""
+    from spark_tuning.deploy import steps
+    from spark_tuning.train import checkpoint
+
+    t, partial, out = time.perf_counter(), folders.partial, folders.out
+    tracking.log_metrics(run_ref, {f"final_{k}": v for k, v in metrics.items()
+                                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    for name in ("metrics.json", "config.yaml", "label_map.json", "confusion_matrix.png", "training_curves.png"):
+        if os.path.exists(os.path.join(partial, name)):
+            tracking.log_artifact(run_ref, os.path.join(partial, name))
+    record = None
+    if cfg.tracking.log_model:
+        record = steps.package(cfg, run_ref, partial, result["precision"], staged.extras)
+        if os.path.isdir(os.path.join(partial, "adapter")):  # LoRA: the small adapter, for reuse
+            tracking.log_artifacts(run_ref, os.path.join(partial, "adapter"), "adapter")
+    last = checkpoint.latest(checkpoint.checkpoint_dir(out))
+    if cfg.checkpoint.keep_after_success and last:
+        os.makedirs(checkpoint.checkpoint_dir(partial))
+        os.rename(last, os.path.join(checkpoint.checkpoint_dir(partial), os.path.basename(last)))
+    # Our own interrupted-run folder (run.json + checkpoints) is replaced by the finished one.
+    publish(partial, out, overwrite or output_state(out) == "interrupted")
+    timings["logging"] = time.perf_counter() - t
+    deployed: dict[str, Any] = {}
+    if record is not None and cfg.deploy.verify:
+        t = time.perf_counter()
+        deployed["verify"] = steps.serve_and_verify(cfg, record, out).to_dict()
+        timings["verify"] = time.perf_counter() - t
+    if record is not None:
+        deployed.update(model_uri=record.model_uri, serving_uri=record.serving_uri, version=record.version)
+    return deployed
 
 
 def _expected_precision(cfg: Config) -> str:
@@ -337,36 +369,3 @@ def _mark_run_in_progress(out_dir: str, cfg: Config, run_ref, clear_first: bool)
     with open(tmp, "w") as f:
         json.dump({"config": cfg.to_dict(), "run_id": run_ref.run_id, "tracking_uri": run_ref.tracking_uri}, f)
     os.replace(tmp, os.path.join(out_dir, RUN_MARKER))
-
-
-def _length_stats(spark, path: str, max_length: int) -> dict[str, float]:
-    from pyspark.sql import functions as F
-
-    row = spark.read.parquet(path).agg(
-        F.avg("length").alias("mean"), F.avg((F.col("length") >= max_length).cast("double")).alias("trunc")
-    ).first()
-    return {"mean_length": float(row["mean"] or 0), "truncated_share": round(float(row["trunc"] or 0), 4)}
-
-
-def _write_outputs(folder: str, cfg: Config, metrics: dict, result: dict, names: list[str], eval_path: str) -> None:
-    import pandas as pd
-
-    from spark_tuning.evaluate import metrics as evaluate
-
-    with open(os.path.join(folder, "metrics.json"), "w") as f:
-        json.dump({**metrics, "epochs": result["epochs"]}, f, indent=2)
-    with open(os.path.join(folder, "config.yaml"), "w") as f:
-        f.write(to_yaml(cfg))
-    with open(os.path.join(folder, "label_map.json"), "w") as f:
-        json.dump({"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}, f, indent=2)
-    evaluate.plot_confusion_matrix(metrics["confusion_matrix"], names, os.path.join(folder, "confusion_matrix.png"),
-                                   f"{cfg.resolved_run_name}: accuracy {metrics['accuracy']:.3f}")
-    if result["history"]:
-        evaluate.plot_curves(result["history"], os.path.join(folder, "training_curves.png"))
-    # Validation rows with their predictions: for error analysis, and for checking a served model later.
-    texts = pd.read_parquet(eval_path, columns=["row_id", "text"])
-    ev = result["eval"]
-    preds = pd.DataFrame({"row_id": ev["row_ids"], "label": ev["labels"], "prediction": ev["preds"],
-                          "probability": [max(p) for p in ev["probs"]], "probabilities": ev["probs"]})
-    preds = texts.merge(preds, on="row_id").sort_values("row_id")
-    preds.to_parquet(os.path.join(folder, "eval_predictions.parquet"), index=False)

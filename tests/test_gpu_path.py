@@ -88,7 +88,7 @@ def test_a_checkpoint_written_on_a_gpu_loads_on_a_cpu_host(tmp_path):
     import torch.serialization as ser
 
     from spark_tuning.train import checkpoint
-    from spark_tuning.train.loop import rng_state
+    from spark_tuning.train.state import rng_state
 
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -117,7 +117,7 @@ def test_a_checkpoint_written_on_a_gpu_loads_on_a_cpu_host(tmp_path):
 def test_rng_states_round_trip_and_old_checkpoints_still_resume():
     import torch
 
-    from spark_tuning.train.loop import rng_state, set_rng_state
+    from spark_tuning.train.state import rng_state, set_rng_state
 
     torch.manual_seed(5)
     saved = rng_state("cpu")
@@ -132,7 +132,7 @@ def test_fp16_gradients_are_unscaled_before_clipping():
     """With a loss scale of 1024, clipping the scaled gradients would shrink the step 1024-fold."""
     import torch
 
-    from spark_tuning.train.loop import optimizer_step
+    from spark_tuning.train.optim import optimizer_step
 
     model = torch.nn.Linear(8, 1, bias=False)
     before = model.weight.detach().clone()
@@ -163,7 +163,7 @@ def test_fp16_training_on_cpu_uses_the_loss_scaler(tmp_path, tiny_bert_dir):
     cfg = load_config(None, ["data.source=unused", f"model.source={tiny_bert_dir}", "train.precision=fp16",
                              "train.epochs=1", "train.batch_size=8", "train.log_every_steps=2",
                              "distributed.num_processes=1"])
-    result = train_fn({"config": cfg.to_dict(), "id2label": {"0": "a", "1": "b"}, "lm": None,
+    result = train_fn({"config": cfg.to_dict(), "id2label": {"0": "a", "1": "b"},
                        "model_source": {"location": tiny_bert_dir, "is_local": True, "gguf_file": None},
                        "train_ref": vars(train), "eval_ref": vars(evalr), "events": None, "resume_from": None,
                        "model_dir": str(tmp_path / "model"), "log_dir": None, "checkpoint": None})
@@ -177,7 +177,7 @@ def test_fp16_training_on_cpu_uses_the_loss_scaler(tmp_path, tiny_bert_dir):
 
 
 def test_prefetch_keeps_order_raises_errors_and_stops_early():
-    from spark_tuning.train.loop import ahead
+    from spark_tuning.train.feed import ahead
 
     assert list(ahead(iter(range(50)), depth=2)) == list(range(50))
 

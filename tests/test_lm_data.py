@@ -149,18 +149,22 @@ def test_chat_template_required_from_a_tokenizer_without_one(plain_tokenizer, ch
 
 def test_block_size_above_context_and_unknown_lora_targets_are_refused(tiny_gpt2_dir, tiny_llama_dir):
     from spark_tuning.config import load_config
-    from spark_tuning.model.llm import check_settings
-    from spark_tuning.model.sources import load_tokenizer, resolve_model
+    from spark_tuning.model.llm import prepare
+    from spark_tuning.model.sources import resolve_model
+    from spark_tuning.tasks import get_task
+
+    def check_settings(cfg, src, cache=str(tiny_gpt2_dir) + "-cache"):
+        return prepare(cfg, src, cache, get_task(cfg.task))[1]
 
     cfg = load_config(None, ["task=causal_lm", f"model.source={tiny_gpt2_dir}", "data.block_size=256"])
     src = resolve_model(cfg.model)
     with pytest.raises(InputError, match=r"data.block_size = 256 is above the context length .*128"):
-        check_settings(cfg, src, load_tokenizer(src, cfg.model))
+        check_settings(cfg, src)
 
     cfg = load_config(None, ["task=sft", f"model.source={tiny_llama_dir}", "lora.enabled=true",
                              "lora.target_modules=[q_proj, query]"])
     src = resolve_model(cfg.model)
     with pytest.raises(InputError, match=r"\['query'\] match no layer.*'k_proj'.*'q_proj'"):
-        check_settings(cfg, src, load_tokenizer(src, cfg.model))
+        check_settings(cfg, src)
     ok = load_config(None, ["task=sft", f"model.source={tiny_llama_dir}", "lora.enabled=true"])
-    assert check_settings(ok, src, load_tokenizer(src, ok.model))["lora_targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert check_settings(ok, src)["lora_targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]

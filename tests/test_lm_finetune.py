@@ -93,9 +93,8 @@ def test_logged_generation_model_answers_like_the_saved_model(sft_run):
     from mlflow.models import Model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spark_tuning import lm_job
-    from spark_tuning.train import lm as lm_train
     from spark_tuning.model.sources import resolve_model
+    from spark_tuning.tasks import sft
 
     cfg, s = sft_run
     record = json.load(open(os.path.join(s.output_dir, "mlflow_model.json")))
@@ -131,13 +130,13 @@ def test_logged_generation_model_answers_like_the_saved_model(sft_run):
     tok = AutoTokenizer.from_pretrained(s.output_dir)
     lm = {"chat_template": True, "sft_classification": True}
     ask = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sample_prompts=prompts))
-    expected = lm_train.generate_samples(model, tok, ask, lm, "cpu")
+    expected = sft.TASK.generate_samples(model, tok, ask, lm, "cpu")
     assert list(served["generated_text"]) == [e["generated"] for e in expected]
     labels = served_cfg["label_names"]
-    firsts = lm_job.label_first_tokens(resolve_model(cfg.model), cfg, labels, True)
+    firsts = sft.label_first_tokens(resolve_model(cfg.model), cfg, labels, True)
     assert sorted(labels) == ["negative", "positive"] and served_cfg["label_first_tokens"] == firsts
     for prompt, (_, row) in zip(prompts, served.iterrows()):
-        ids = torch.tensor([lm_train.sample_prompt_ids(tok, prompt, cfg, lm)])
+        ids = torch.tensor([sft.TASK.prompt_ids(tok, prompt, cfg, lm)])
         with torch.inference_mode():
             probs = torch.softmax(model(input_ids=ids).logits[0, -1, firsts], dim=-1).numpy()
         assert row["label"] == labels[int(probs.argmax())] and row["label_id"] == int(probs.argmax())
@@ -175,8 +174,8 @@ def test_served_causal_lm_generates_and_verify_and_score_refuse_it(causal_run, s
     from spark_tuning.deploy import score
     from spark_tuning.deploy import serving
     from spark_tuning.deploy import verify
-    from spark_tuning.train import lm as lm_train
     from spark_tuning.errors import InputError
+    from spark_tuning.tasks import causal_lm
 
     cfg, s = causal_run
     assert s.deploy["serving_uri"] == s.deploy["model_uri"] and s.deploy["version"] is None  # not registered
@@ -193,7 +192,7 @@ def test_served_causal_lm_generates_and_verify_and_score_refuse_it(causal_run, s
     model = AutoModelForCausalLM.from_pretrained(s.output_dir).eval()
     tok = AutoTokenizer.from_pretrained(s.output_dir)
     ask = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sample_prompts=["the film was", "awful boring"]))
-    expected = lm_train.generate_samples(model, tok, ask, {}, "cpu")
+    expected = causal_lm.TASK.generate_samples(model, tok, ask, {}, "cpu")
     assert [p["generated_text"] for p in body["predictions"]] == [e["generated"] for e in expected]
     with pytest.raises(InputError, match="not label and probabilities"):
         score.localize(spark, s.deploy["model_uri"], s.tracking_uri, str(tmp_path / "m"))

@@ -35,7 +35,7 @@ def test_adapter_and_merged_model_reload_with_the_same_outputs(tmp_path, which, 
     source = tiny_llama_dir if which == "llama" else tiny_gpt2_dir
     tok = AutoTokenizer.from_pretrained(source)
     tok.pad_token = tok.pad_token or tok.eos_token  # GPT-2 has no pad token (spark-tuning pads with EOS)
-    model = _trained_like(lora.apply(AutoModelForCausalLM.from_pretrained(source), LoraSettings(enabled=True), "sft"))
+    model = _trained_like(lora.apply(AutoModelForCausalLM.from_pretrained(source), LoraSettings(enabled=True), "CAUSAL_LM"))
     model.eval()
     ids = tok(["the film was great", "awful boring plot and the cast"], return_tensors="pt", padding=True)
     with torch.inference_mode():
@@ -65,7 +65,7 @@ def test_default_targets_per_architecture_and_unknown_targets(tiny_llama_dir):
     assert lora.target_modules("llama", LoraSettings()) == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert lora.target_modules("gpt2", LoraSettings()) == ["c_attn", "c_proj"]
     with pytest.raises(InputError, match=r"\['c_attn'\] match no layer .*'down_proj'.*'q_proj'"):
-        lora.apply(model, LoraSettings(enabled=True, target_modules=["c_attn"]), "sft")
+        lora.apply(model, LoraSettings(enabled=True, target_modules=["c_attn"]), "CAUSAL_LM")
     with pytest.raises(InputError, match="no default for model type 'weird'"):
         lora.target_modules("weird", LoraSettings())
 
@@ -76,7 +76,7 @@ def test_lora_classifier_on_a_decoder_trains_the_head_and_adapters(tiny_llama_di
     from spark_tuning.model import lora
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=2)
-    peft_model = lora.apply(model, LoraSettings(enabled=True), "classification")
+    peft_model = lora.apply(model, LoraSettings(enabled=True), "SEQ_CLS")
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert any("lora_A" in n for n in trainable) and any("score" in n for n in trainable)
     assert not any("embed_tokens" in n for n in trainable)

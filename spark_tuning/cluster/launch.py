@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TYPE_CHECKING
 
-from spark_tuning.config import Config, DistributedConfig
 from spark_tuning.errors import InputError, JobFailed
+
+if TYPE_CHECKING:  # annotations only: config is a leaf that tasks/ sit above
+    from spark_tuning.config import Config, DistributedConfig
 
 
 def visible_gpus() -> int:
@@ -168,10 +170,7 @@ def check_shared_paths(cfg: Config, master: str) -> None:
     on storage that every node sees: rank 0 writes the model there, and every rank reads the data."""
     if cfg.distributed.local_mode or single_machine(master):
         return
-    from spark_tuning.paths import output_root
-
-    staging = cfg.loader.staging_dir or os.path.join(output_root(cfg.output_dir), ".staging")
-    for key, path in (("loader.staging_dir", staging), ("output_dir", cfg.output_dir)):
+    for key, path in (("loader.staging_dir", cfg.staging_root), ("output_dir", cfg.output_dir)):
         if not is_shared_path(path):
             raise InputError(
                 f"{key} = {path!r} is on a disk of this machine only ({filesystem_type(path) or 'local'} "

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from pyspark.sql import SparkSession
 
-from spark_tuning.config import SparkConfig
+if TYPE_CHECKING:  # annotations only: config is a leaf that tasks/ sit above
+    from spark_tuning.config import SparkConfig
 
 
 def get_spark(cfg: SparkConfig) -> SparkSession:

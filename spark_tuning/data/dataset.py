@@ -10,15 +10,17 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from spark_tuning.config import DataConfig
 from spark_tuning.errors import InputError
 from spark_tuning.paths import PACKAGE_PREFIX, resolve_package_path
+
+if TYPE_CHECKING:  # annotations only: config is a leaf that tasks/ sit above
+    from spark_tuning.config import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,12 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, TYPE_CHECKING
 
-from spark_tuning.config import Config
 from spark_tuning.errors import InputError
+
+if TYPE_CHECKING:  # annotations only: config is a leaf that tasks/ sit above
+    from spark_tuning.config import Config
 
 log = logging.getLogger("spark_tuning")
 
@@ -73,7 +75,7 @@ def export(cfg: Config, out_dir: str, overwrite: bool = False, spark=None) -> di
     tokenizer = load_tokenizer(src, cfg.model)
     sft = dataclasses.replace(cfg, task="sft")
     spark = spark or get_spark(cfg.spark)
-    prepared = lm_data.prepare_lm(spark, sft)
+    prepared = lm_data.prepare_chats(spark, sft)
     tmp = new_sibling(out, "partial")
     os.makedirs(tmp)
     try:

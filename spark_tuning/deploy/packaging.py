@@ -18,10 +18,12 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
-from spark_tuning.config import Config
 from spark_tuning.errors import InputError
+
+if TYPE_CHECKING:  # annotations only: config is a leaf that tasks/ sit above
+    from spark_tuning.config import Config
 
 log = logging.getLogger("spark_tuning.packaging")
 
@@ -84,28 +86,22 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def model_config(cfg: Config, precision: str, lm: Optional[dict] = None) -> dict:
-    """`lm`: the LM run's data-stage facts (finetune's payload["lm"]): chat template use, label names and
-    the label names' first tokens (sft on classification data)."""
-    out = {
+def model_config(cfg: Config, precision: str, extras: Optional[dict] = None) -> dict:
+    """The served model's settings: the common ones, and what the task adds (`task.serving_config`, from
+    `extras`, what its data stage found: chat template use, label names and their first tokens)."""
+    from spark_tuning.tasks import get_task
+
+    task = get_task(cfg.task)
+    return {
         "task": cfg.task,
-        "max_length": cfg.data.block_size if cfg.task == "causal_lm" else cfg.data.max_length,
+        "max_length": cfg.sequence_length,
         "batch_size": cfg.train.eval_batch_size,
         "precision": precision,
         "device": "auto",  # a GPU where the server has one (serving_model.serving_placement)
         "max_chars": cfg.deploy.max_text_chars,
         "text_column": INPUT_COLUMN,
+        **task.serving_config(cfg, extras or {}),
     }
-    if cfg.task != "classification":
-        lm = lm or {}
-        out["max_new_tokens"] = cfg.train.sample_max_new_tokens
-        if cfg.task == "sft":
-            out["chat_template"] = bool(lm.get("chat_template"))
-            if lm.get("sft_classification"):
-                out["prompt_template"] = cfg.data.sft_prompt
-            if lm.get("label_first_tokens"):
-                out.update(label_names=list(lm["label_names"]), label_first_tokens=list(lm["label_first_tokens"]))
-    return out
 
 
 def _model_folder(output_dir: str, into: str) -> str:
@@ -128,28 +124,28 @@ def _model_folder(output_dir: str, into: str) -> str:
 def _input_example(output_dir: str, cfg: Config):
     import pandas as pd
 
-    preds = os.path.join(output_dir, "eval_predictions.parquet")
-    texts = pd.read_parquet(preds, columns=["text"])["text"].head(2).tolist() if os.path.isfile(preds) else []
-    if cfg.task != "classification":  # the prompts the run generated samples for
-        texts = list(cfg.train.sample_prompts[:2])
+    from spark_tuning.tasks import get_task
+
+    texts = get_task(cfg.task).input_examples(cfg, output_dir)
     return pd.DataFrame({INPUT_COLUMN: texts or ["a film worth seeing", "a dull, tedious film"]})
 
 
 def log_model(cfg: Config, run_id: str, tracking_uri: str, output_dir: str, precision: str,
-              lm: Optional[dict] = None) -> ModelRecord:
+              extras: Optional[dict] = None) -> ModelRecord:
     """Log `output_dir` (a run's model folder) into run `run_id` as a pyfunc model; register and alias it.
-    `lm`: see model_config (LM tasks)."""
+    `extras`: see model_config."""
     import mlflow
     import mlflow.pyfunc
 
     from spark_tuning.deploy import serving_model
+    from spark_tuning.tasks import get_task
 
     d = cfg.deploy
     name = (d.registered_model_name or cfg.resolved_run_name) if d.register else None
     mlflow.set_tracking_uri(tracking_uri)
     if d.registry_uri:
         mlflow.set_registry_uri(d.registry_uri)
-    config = model_config(cfg, precision, lm)
+    config = model_config(cfg, precision, extras)
     with tempfile.TemporaryDirectory(prefix="spark-tuning-package-") as tmp:
         folder = _model_folder(output_dir, os.path.join(tmp, "hf"))
         with mlflow.start_run(run_id=run_id):
@@ -158,8 +154,8 @@ def log_model(cfg: Config, run_id: str, tracking_uri: str, output_dir: str, prec
                 python_model=serving_model.__file__,  # logged as code: no pickled classes
                 artifacts={"model": folder},
                 model_config=config,
-                signature=signature(generated_text=cfg.task != "classification",
-                                    labels=cfg.task == "classification" or "label_names" in config),
+                signature=signature(generated_text=get_task(cfg.task).generates_text,
+                                    labels=not get_task(cfg.task).generates_text or "label_names" in config),
                 input_example=_input_example(output_dir, cfg),
                 pip_requirements=pip_requirements(),
                 registered_model_name=name,

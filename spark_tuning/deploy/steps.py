@@ -9,18 +9,20 @@ offline predictions and metrics, logs the result into the run, and always stops 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
-from spark_tuning.config import Config
 from spark_tuning.deploy.packaging import ModelRecord
+
+if TYPE_CHECKING:  # annotations only: config is a leaf that tasks/ sit above
+    from spark_tuning.config import Config
 
 log = logging.getLogger("spark_tuning.deploy")
 
 
-def package(cfg: Config, run_ref, folder: str, precision: str, lm: Optional[dict] = None) -> ModelRecord:
+def package(cfg: Config, run_ref, folder: str, precision: str, extras: Optional[dict] = None) -> ModelRecord:
     from spark_tuning.deploy import packaging
 
-    record = packaging.log_model(cfg, run_ref.run_id, run_ref.tracking_uri, folder, precision, lm)
+    record = packaging.log_model(cfg, run_ref.run_id, run_ref.tracking_uri, folder, precision, extras)
     packaging.write_record(folder, record)
     return record
 

@@ -13,10 +13,12 @@ import logging
 import os
 import shutil
 import uuid
+from typing import TYPE_CHECKING
 
-from spark_tuning.config import Config, ModelConfig
-from spark_tuning.errors import InputError
 from spark_tuning.model.sources import ModelSource
+
+if TYPE_CHECKING:  # annotations only: config is a leaf that tasks/ sit above
+    from spark_tuning.config import Config, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,27 +83,40 @@ def context_length(config) -> int | None:
     return None
 
 
-def check_settings(cfg: Config, src: ModelSource, tokenizer) -> dict:
-    """Refuse LM/LoRA settings the model cannot take, before Spark does any work. Returns what was
-    resolved (chat template use, LoRA targets, context length) for the logs."""
+def prepare(cfg: Config, src: ModelSource, cache_root: str, task) -> tuple[ModelSource, dict]:
+    """Before Spark works: a GGUF source made trainable (cached), and the settings checked against the
+    model: the task's own checks (`task.check_model`), LoRA targets, and the parameter counts of the
+    model as it will train. Returns the source to train from and what was resolved (for the logs)."""
     from transformers import AutoConfig
 
     from spark_tuning.model import lora
-    from spark_tuning.text import lm_data
+    from spark_tuning.model.sources import load_tokenizer
 
+    src = dequantize_gguf(src, cfg.model, cache_root)
+    tokenizer = load_tokenizer(src, cfg.model)
     config = AutoConfig.from_pretrained(src.location, **src.load_kwargs(cfg.model))
-    ctx = context_length(config)
-    out: dict = {"model_type": config.model_type, "context_length": ctx}
-    if cfg.task == "causal_lm" and ctx and cfg.data.block_size > ctx:
-        raise InputError(f"data.block_size = {cfg.data.block_size} is above the context length of "
-                         f"{src.location} ({ctx} tokens): set data.block_size to at most {ctx}")
-    if cfg.task == "sft" and ctx and cfg.data.max_length > ctx:
-        raise InputError(f"data.max_length = {cfg.data.max_length} is above the context length of "
-                         f"{src.location} ({ctx} tokens): set data.max_length to at most {ctx}")
-    if cfg.task == "sft":
-        out["chat_template"] = lm_data.use_chat_template(tokenizer, cfg.data.chat_template, src.location)
-    if cfg.task != "classification" and tokenizer.eos_token_id is None:
-        raise InputError(f"the tokenizer of {src.location} has no EOS token, which {cfg.task} needs to end texts")
+    info: dict = {"model_type": config.model_type, "context_length": context_length(config),
+                  **task.check_model(cfg, src, tokenizer, config)}
     if cfg.lora.enabled:
-        out["lora_targets"] = lora.check_targets_from_config(config, cfg.lora, cfg.task)
-    return out
+        info["lora_targets"] = lora.check_targets_from_config(config, cfg.lora, task.auto_model)
+    total, trainable = count_trainable(cfg, config, task)
+    info.update(parameters=total, trainable_parameters=trainable,
+                trainable_percent=round(100 * trainable / max(1, total), 3))
+    log.info("model %s: %d parameters, %d trainable (%.3f%%)%s", src.location, total, trainable,
+             info["trainable_percent"], f", LoRA on {info['lora_targets']}" if cfg.lora.enabled else "")
+    return src, info
+
+
+def count_trainable(cfg: Config, config, task) -> tuple[int, int]:
+    """Parameter counts of the model as it will train, built on the meta device (no weights loaded)."""
+    import torch
+    import transformers
+
+    from spark_tuning.model import lora
+
+    with torch.device("meta"):
+        model = getattr(transformers, task.auto_model).from_config(config)
+        if cfg.lora.enabled:
+            model = lora.apply(model, cfg.lora, task.peft_task_type)
+    total = sum(p.numel() for p in model.parameters())
+    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)

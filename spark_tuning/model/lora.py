@@ -8,10 +8,12 @@ Hugging Face model that loads without peft.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
-from spark_tuning.config import LoraSettings
 from spark_tuning.errors import InputError
+
+if TYPE_CHECKING:  # annotations only: config is a leaf that tasks/ sit above
+    from spark_tuning.config import LoraSettings
 
 # Attention projections by model family: the usual LoRA targets (small, and most of the gain).
 DEFAULT_TARGETS = {
@@ -62,27 +64,26 @@ def check_targets(model, targets: list[str]) -> None:
         )
 
 
-def check_targets_from_config(config, settings: LoraSettings, task: str) -> list[str]:
+def check_targets_from_config(config, settings: LoraSettings, auto_model: str) -> list[str]:
     """The same check without loading weights: the model is built on the meta device (no memory)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    import transformers
 
-    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    with torch.device("meta"):
-        model = auto.from_config(config)
+    with torch.device("meta"):  # auto_model: the task's transformers class, e.g. AutoModelForCausalLM
+        model = getattr(transformers, auto_model).from_config(config)
     targets = target_modules(config.model_type, settings)
     check_targets(model, targets)
     return targets
 
 
-def apply(model, settings: LoraSettings, task: str):
+def apply(model, settings: LoraSettings, task_type: str):
     """Wrap `model` in a LoRA PeftModel: only the adapters (and a new classification head) train."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = target_modules(model.config.model_type, settings)
     check_targets(model, targets)
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
+        task_type=getattr(TaskType, task_type),  # the task's peft_task_type: SEQ_CLS, CAUSAL_LM
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets,
         # GPT-2 stores its projections as Conv1D with transposed weights.
         fan_in_fan_out=model.config.model_type == "gpt2",

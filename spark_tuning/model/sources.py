@@ -11,11 +11,13 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, TYPE_CHECKING
 
-from spark_tuning.config import ModelConfig
 from spark_tuning.errors import InputError
 from spark_tuning.paths import PACKAGE_PREFIX, resolve_package_path
+
+if TYPE_CHECKING:  # annotations only: config is a leaf that tasks/ sit above
+    from spark_tuning.config import ModelConfig
 
 # Attention-dropout settings by architecture family: BERT-like, GPT-2, Llama/Mistral/Qwen.
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout")

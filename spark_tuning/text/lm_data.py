@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -32,8 +32,10 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from spark_tuning.config import Config, DataConfig, ModelConfig
 from spark_tuning.errors import InputError
+
+if TYPE_CHECKING:  # annotations only: config is a leaf that tasks/ sit above
+    from spark_tuning.config import Config, DataConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -159,34 +161,47 @@ def find_bad_chats(df: DataFrame, setting: str) -> None:
 # The whole LM data stage (before tokenization)
 
 
-def prepare_lm(spark: SparkSession, cfg: Config) -> LmPrepared:
-    """Source -> checked, split and sampled rows for causal_lm or sft."""
+def prepare_chats(spark: SparkSession, cfg: Config) -> LmPrepared:
+    """Source -> checked, split and sampled chats for sft (from messages, prompt/response pairs, or
+    classification rows cast as prompt = text, response = label name)."""
     from spark_tuning.data import dataset
 
     d = cfg.data
-    if cfg.task == "sft":
-        raw, _ = dataset.read_source(spark, d.source, d.format, d.train_split)
-        fmt = sft_format(d, raw.columns)
-        if fmt == "classification":
-            prepared = dataset.prepare(spark, d, cfg.seed)
-            names = prepared.labels.names
-            train = to_chats(prepared.train, d, fmt, names)
-            evaluation = to_chats(prepared.eval, d, fmt, names)
-            return LmPrepared(train.cache(), evaluation.cache(), tuple(names), prepared.counts)
-        df = to_chats(raw, d, fmt)
-        find_bad_chats(df, _setting(d, fmt))
-        eval_df = None
-        if d.eval_source or d.eval_split:
-            raw_eval, _ = dataset.read_source(spark, d.eval_source or d.source, d.format, d.eval_split)
-            eval_df = to_chats(raw_eval, d, fmt)
-            find_bad_chats(eval_df, _setting(d, fmt) + " (validation data)")
-    else:
-        raw, _ = dataset.read_source(spark, d.source, d.format, d.train_split)
-        df = _texts(raw, d.text_column)
-        eval_df = None
-        if d.eval_source or d.eval_split:
-            raw_eval, _ = dataset.read_source(spark, d.eval_source or d.source, d.format, d.eval_split)
-            eval_df = _texts(raw_eval, d.text_column)
+    raw, _ = dataset.read_source(spark, d.source, d.format, d.train_split)
+    fmt = sft_format(d, raw.columns)
+    if fmt == "classification":
+        prepared = dataset.prepare(spark, d, cfg.seed)
+        names = prepared.labels.names
+        train = to_chats(prepared.train, d, fmt, names)
+        evaluation = to_chats(prepared.eval, d, fmt, names)
+        return LmPrepared(train.cache(), evaluation.cache(), tuple(names), prepared.counts)
+    df = to_chats(raw, d, fmt)
+    find_bad_chats(df, _setting(d, fmt))
+    eval_df = None
+    if d.eval_source or d.eval_split:
+        raw_eval, _ = dataset.read_source(spark, d.eval_source or d.source, d.format, d.eval_split)
+        eval_df = to_chats(raw_eval, d, fmt)
+        find_bad_chats(eval_df, _setting(d, fmt) + " (validation data)")
+    return _split_and_sample(df, eval_df, cfg)
+
+
+def prepare_texts(spark: SparkSession, cfg: Config) -> LmPrepared:
+    """Source -> split and sampled texts for causal_lm."""
+    from spark_tuning.data import dataset
+
+    d = cfg.data
+    raw, _ = dataset.read_source(spark, d.source, d.format, d.train_split)
+    eval_df = None
+    if d.eval_source or d.eval_split:
+        raw_eval, _ = dataset.read_source(spark, d.eval_source or d.source, d.format, d.eval_split)
+        eval_df = _texts(raw_eval, d.text_column)
+    return _split_and_sample(_texts(raw, d.text_column), eval_df, cfg)
+
+
+def _split_and_sample(df: DataFrame, eval_df: Optional[DataFrame], cfg: Config) -> LmPrepared:
+    from spark_tuning.data import dataset
+
+    d = cfg.data
     if eval_df is None:
         train, evaluation = dataset.split(df, d.validation_fraction, cfg.seed)
     else:

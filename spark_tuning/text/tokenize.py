@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterator, Optional
+from typing import Iterator, Optional, TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -26,10 +26,12 @@ import pyarrow as pa
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from spark_tuning.config import ModelConfig
 from spark_tuning.model.sources import ModelSource
 # What Spark tasks run lives in a module of its own, so that they import neither pandas nor transformers.
 from spark_tuning.text.rust_tokenizer import CUT_CHARS_PER_TOKEN, MAX_CHARS_PER_TOKEN, RustEncoder, arrow_ids
+
+if TYPE_CHECKING:  # annotations only: config is a leaf that tasks/ sit above
+    from spark_tuning.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

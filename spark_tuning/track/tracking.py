@@ -15,11 +15,13 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, TYPE_CHECKING
 
-from spark_tuning.config import Config
 from spark_tuning.paths import on_databricks, output_root
 from spark_tuning.secrets import scrub
+
+if TYPE_CHECKING:  # annotations only: config is a leaf that tasks/ sit above
+    from spark_tuning.config import Config
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,14 @@
-"""The training loop: one picklable function that TorchDistributor runs on every rank.
+"""The rank's training loop: one picklable function that TorchDistributor runs on every rank.
 
-`train_fn(payload)` gets plain data only (the config as a dict, where the staged data lives, the MLflow
-run id) and imports what it needs inside, so it pickles by reference and captures no SparkSession. Every
-rank trains on its own share of the data; DDP averages gradients. Rank 0 alone logs and saves. Every rank
-returns rank 0's (small) result, because TorchDistributor may hand back any rank's value.
+`train_fn(payload)` gets plain data only (a `TrainPayload` as a dict: the config, where the staged data
+lives, where to save) and imports what it needs inside, so it pickles by reference and captures no
+SparkSession. Every rank trains on its own share of the data; DDP averages gradients. Rank 0 alone logs
+and saves. Every rank returns rank 0's (small) result, because TorchDistributor may hand back any rank's.
+
+The steps, top to bottom: setup_rank -> build (model, shards, schedule, optimizer) -> restore (a checkpoint's
+TrainState) -> probe_peak -> train: per epoch train_epoch (micro_step, optimizer step, log_window,
+checkpoints) then evaluate and checkpoint -> save the model -> result. The task (tasks/) supplies the head,
+the evaluation and the before-training evaluation; nothing here knows which task runs.
 """
 
 from __future__ import annotations
@@ -12,175 +17,73 @@ import contextlib
 import logging
 import math
 import os
-import queue
-import threading
 import time
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import numpy as np
 
 log = logging.getLogger("spark_tuning.train")
 
 
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and normalisation weights (the usual AdamW recipe)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+@dataclass
+class Schedule:
+    """Batches per epoch (the same on every rank: DDP steps together) and optimizer steps."""
+
+    micro_per_epoch: list[int]
+    total_steps: int
+    warmup: int
 
 
-def adamw(groups: list[dict], lr: float, device: str):
-    """AdamW with the fused kernel (one pass over each parameter instead of several: the step takes a
-    quarter of the time on CPU, ~2% of a MiniLM step) where torch has it for the device; else foreach."""
-    import torch
+@dataclass
+class Window:
+    """One logging window's running sums. The loss stays on the device until a log step: reading it
+    every micro-step would wait for the GPU to finish that step before the next batch could be queued."""
 
-    try:
-        return torch.optim.AdamW(groups, lr=lr, fused=device.split(":")[0] in ("cpu", "cuda"))
-    except (RuntimeError, TypeError):  # a torch or device without the fused kernel
-        return torch.optim.AdamW(groups, lr=lr)
-
-
-def linear_schedule(warmup_steps: int, total_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return factor
+    loss: Any = 0.0
+    micro: int = 0
+    tokens: int = 0
+    padded: int = 0
+    t0: float = field(default_factory=time.perf_counter)
 
 
-def to_device(batch: dict, device: str) -> dict:
-    """Host batch -> device. On CUDA from pinned memory and non-blocking: the copy overlaps the work
-    already queued on the GPU (`pinned` below pins in the prefetch thread, off the training thread)."""
-    import torch
+@dataclass
+class Rank:
+    """What one rank trains with, set up once by `build`; progress lives in TrainState."""
 
-    cuda = device.startswith("cuda")
-    out = {}
-    for k, v in batch.items():
-        t = torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-        out[k] = t.to(device, non_blocking=cuda and t.is_pinned())
-    return out
+    cfg: Any
+    task: Any
+    ctx: Any
+    payload: Any  # TrainPayload
+    src: Any
+    tokenizer: Any
+    precision: str
+    tf32: bool
+    tracker: Any
+    model: Any = None
+    ddp_model: Any = None
+    train_shard: Any = None
+    eval_shard: Any = None
+    read_seconds: float = 0.0
+    schedule: Optional[Schedule] = None
+    optimizer: Any = None
+    scheduler: Any = None
+    scaler: Any = None
+    peak: float = 0.0
+    flops_per_token: int = 0
+    window: Window = field(default_factory=Window)
+    clock: dict = field(default_factory=lambda: {"data": 0.0, "train": 0.0})
 
+    @property
+    def id2label(self) -> dict[int, str]:
+        return {int(k): v for k, v in self.payload.id2label.items()}
 
-def pinned(batch: dict[str, np.ndarray], device: str) -> dict:
-    """Tensors of `batch`, in page-locked memory where the copy goes to a GPU."""
-    import torch
+    def plan_epoch(self, epoch: int, n_batches: Optional[int] = None) -> list:
+        from spark_tuning.loader.batches import plan_train_batches
 
-    tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
-    return {k: t.pin_memory() for k, t in tensors.items()} if device.startswith("cuda") else tensors
-
-
-def ahead(items: Iterable, depth: int = 2) -> Iterator:
-    """Yield from `items`, producing up to `depth` items ahead in a thread: the next batch is collated
-    (and pinned) while the current one trains. An error in the thread is raised here; leaving early
-    stops the thread."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop, done = threading.Event(), object()
-
-    def put(entry) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in items:
-                if not put((None, item)):
-                    return
-            put((None, done))
-        except BaseException as e:  # noqa: BLE001 - handed to the training thread, raised there
-            put((e, None))
-
-    thread = threading.Thread(target=work, name="spark-tuning-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            error, item = q.get()
-            if error is not None:
-                raise error
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-
-
-def train_batches(shard, plan, pad_id: int, device: str) -> Iterator:
-    """(index, host batch, tensors to copy) of each planned batch, collated ahead in a thread."""
-    from spark_tuning.loader.batches import iterate
-
-    return ahead((index, batch, pinned(batch, device)) for index, batch in iterate(shard, plan, pad_id))
-
-
-def predict(model, shard, plan, pad_id: int, device: str, precision: str) -> dict[str, np.ndarray]:
-    """Logits for every row of `shard`, batched by `plan`; returns row ids, predictions, probabilities."""
-    import torch
-
-    from spark_tuning.loader.batches import iterate
-    from spark_tuning.train.precision import autocast
-
-    model.eval()
-    row_ids, probs, loss_sum = [], [], 0.0
-    with torch.inference_mode(), autocast(precision, device):
-        for index, batch in iterate(shard, plan, pad_id):
-            out = model(**to_device(batch, device))
-            loss_sum += float(out.loss) * len(index)
-            probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
-            row_ids.append(shard.row_ids[index])
-    if not probs:
-        return {"row_ids": np.zeros(0, np.int64), "probs": np.zeros((0, 0)), "labels": np.zeros(0, np.int64),
-                "loss_sum": 0.0}
-    ids = np.concatenate(row_ids)
-    labels = shard.labels[np.concatenate(plan)]
-    return {"row_ids": ids, "probs": np.concatenate(probs), "labels": labels, "loss_sum": loss_sum}
-
-
-def _resume(path, model, optimizer, scheduler, scaler, ctx) -> dict:
-    """Load a checkpoint into the model, optimizer, loss scaler and RNGs (before DDP wraps the model); {}
-    when starting fresh. Optimizer states load onto the CPU first and go to the parameters' device."""
-    if not path:
-        return {}
-    from spark_tuning.train import checkpoint
-
-    state = checkpoint.load_state(path)
-    if state["world_size"] != ctx.world_size:
-        raise RuntimeError(f"checkpoint {path} was written by {state['world_size']} processes, not {ctx.world_size}")
-    checkpoint.load_weights(path, model)
-    training = checkpoint.load_training_state(path)
-    optimizer.load_state_dict(training["optimizer"])
-    scheduler.load_state_dict(training["scheduler"])
-    if training.get("scaler"):
-        scaler.load_state_dict(training["scaler"])
-    set_rng_state(training["rng"][ctx.rank], ctx.device)
-    if ctx.is_rank_zero:
-        log.info("resumed from %s: step %d, epoch %d, %d batches of that epoch already done",
-                 path, state["step"], state["epoch"], state["micro"])
-    return state
-
-
-def rng_state(device: str) -> dict:
-    """This rank's random state: the CPU generator, and the GPU's (dropout masks on a GPU come from it)."""
-    import torch
-
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
-
-
-def set_rng_state(state, device: str) -> None:
-    import torch
-
-    if isinstance(state, torch.Tensor):  # a checkpoint written before GPU states were kept
-        state = {"cpu": state, "cuda": None}
-    torch.set_rng_state(state["cpu"])
-    if state.get("cuda") is not None and device.startswith("cuda"):
-        torch.cuda.set_rng_state(state["cuda"], device)
+        tc = self.cfg.train
+        return plan_train_batches(self.train_shard, tc.batch_size, self.cfg.seed, epoch, tc.group_by_length,
+                                  max_tokens=tc.max_tokens_per_batch, n_batches=n_batches)
 
 
 def out_of_memory_message(ctx, cfg, batch_shape: tuple[int, int], step: int, memory: dict) -> str:
@@ -213,46 +116,14 @@ def device_memory(device: str) -> dict:
             "peak": torch.cuda.max_memory_allocated(device)}
 
 
-def _timed(batches, clock: dict[str, float]):
-    """Yield from `batches`, adding the time spent waiting for each one to clock["data"]: the loader's
-    share of a training step, comparable between loader backends. Closing this closes `batches`."""
-    it = iter(batches)
-    try:
-        while True:
-            t = time.perf_counter()
-            try:
-                item = next(it)
-            except StopIteration:
-                return
-            clock["data"] += time.perf_counter() - t
-            yield item
-    finally:
-        if hasattr(it, "close"):
-            it.close()
-
-
-def optimizer_step(model, optimizer, scheduler, scaler, max_grad_norm: float) -> None:
-    """One optimizer step. With fp16 the gradients are unscaled before clipping (the norm is of the true
-    gradients), and a step whose gradients overflowed is skipped by the scaler, which lowers its scale."""
-    import torch
-
-    if max_grad_norm > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 @contextlib.contextmanager
-def _paused(window: dict):
+def paused(run: Rank):
     """Leave the time spent inside (evaluation, checkpoints) out of the window's tokens/s and MFU."""
     t = time.perf_counter()
     try:
         yield
     finally:
-        window["t0"] += time.perf_counter() - t
+        run.window.t0 += time.perf_counter() - t
 
 
 def _quiet_libraries(rank_zero: bool) -> None:
@@ -286,264 +157,28 @@ def train_fn(payload: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _train(payload: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    from spark_tuning.train import checkpoint
-    from spark_tuning.train import distributed
+def _train(raw: dict[str, Any]) -> dict[str, Any]:
+    from spark_tuning.cluster.faults import teardown_skipped
     from spark_tuning.config import config_from_dict
-    from spark_tuning.cluster.faults import rank_only, teardown_skipped
-    from spark_tuning.evaluate.metrics import classification_metrics
-    from spark_tuning.train import lm as lm_train
-    from spark_tuning.train import precision as numerics
-    from spark_tuning.model import lora
-    from spark_tuning.loader.batches import plan_eval_batches, plan_train_batches
-    from spark_tuning.loader.backends import read_shard_as
-    from spark_tuning.train.mfu import matmul_peak, mfu, training_flops_per_token
-    from spark_tuning.model.sources import ModelSource, count_parameters, load_tokenizer
-    from spark_tuning.track.tracking import RankZeroLogger
+    from spark_tuning.tasks import get_task
+    from spark_tuning.train import distributed
+    from spark_tuning.train.payload import TrainPayload
+    from spark_tuning.train.state import restore
 
-    cfg = config_from_dict(payload["config"])
-    tc = cfg.train
-    ctx = distributed.init(cfg.distributed.use_gpu, cfg.distributed.timeout_minutes)
-    _quiet_libraries(ctx.is_rank_zero)
+    payload = TrainPayload.from_dict(raw)
+    cfg = config_from_dict(payload.config)
+    run = setup_rank(cfg, get_task(cfg.task), payload)
     try:
-        torch.set_num_threads(distributed.threads_per_process(ctx))
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        tracker = RankZeroLogger(payload.get("events"), ctx.is_rank_zero)  # the driver relays it to MLflow
-        precision = numerics.resolve_precision(tc.precision, ctx.device)
-        tf32 = numerics.enable_tf32(ctx.device)
-        warning = numerics.emulated_warning(precision, ctx.device)
-        if warning and ctx.is_rank_zero:
-            log.warning("%s", warning)
-        if ctx.device_type == "cuda":
-            torch.cuda.reset_peak_memory_stats(ctx.device)
-
-        # Model, built straight onto this rank's device (no full copy in host memory per rank). Every
-        # rank builds it from the same seed; DDP also broadcasts rank 0's weights.
-        src = ModelSource(**payload["model_source"])
-        tokenizer = load_tokenizer(src, cfg.model)
-        id2label = {int(k): v for k, v in payload["id2label"].items()}
-        # The model for the task (classification head or causal LM), with LoRA / checkpointing if set.
-        model = lm_train.build_model(cfg, src, tokenizer, id2label, ctx.device,
-                                     numerics.weights_dtype(precision, frozen_base=cfg.lora.enabled))
-        lm = payload.get("lm") or {}
-        total_params, trainable = count_parameters(model)
-
-        # Data: each rank reads only its own row groups of the staged data (loader.kind picks the reader).
-        t_read = time.perf_counter()
-        train_shard = read_shard_as(cfg.loader.kind, payload["train_ref"], ctx.rank, ctx.world_size)
-        eval_shard = read_shard_as(cfg.loader.kind, payload["eval_ref"], ctx.rank, ctx.world_size)
-        read_seconds = time.perf_counter() - t_read
-
-        def plan_epoch(epoch: int, n_batches=None) -> list:
-            return plan_train_batches(train_shard, tc.batch_size, cfg.seed, epoch, tc.group_by_length,
-                                      max_tokens=tc.max_tokens_per_batch, n_batches=n_batches)
-
-        # DDP: every rank runs the same number of batches in an epoch; ranks with fewer stretch their plan.
-        micro_per_epoch = distributed.maximum([len(plan_epoch(e)) for e in range(tc.epochs)], ctx)
-        steps_per_epoch = [math.ceil(n / tc.grad_accum_steps) for n in micro_per_epoch]
-        total_steps = sum(steps_per_epoch)
-        rank_only.info("rank %d: %d training rows, %d validation rows, %d-%d batches per epoch (read in %.1fs)",
-                       ctx.rank, len(train_shard), len(eval_shard), min(micro_per_epoch), max(micro_per_epoch),
-                       read_seconds)
-        if tc.max_steps:
-            total_steps = min(total_steps, tc.max_steps)
-        warmup = int(tc.warmup_ratio * total_steps)
-
-        optimizer = adamw(param_groups(model, tc.weight_decay), tc.learning_rate, ctx.device)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total_steps))
-        scaler = numerics.grad_scaler(precision, ctx.device)  # fp16 only; passes through otherwise
-
+        build(run)
         # Resume: same weights, optimizer, schedule and RNG as when the checkpoint was written; the
         # batches of the interrupted epoch that were already seen are skipped (plans are seeded).
-        resume = _resume(payload.get("resume_from"), model, optimizer, scheduler, scaler, ctx)
-        ddp_model = distributed.wrap(model, ctx)
-        if tc.compile:
-            # Only the training forward/backward is compiled; evaluation, checkpoints and saving use `model`.
-            # dynamic=True: batch widths change every step, which would otherwise recompile once more.
-            ddp_model = torch.compile(ddp_model, dynamic=True)
-
-        # MFU: rank 0 measures one process's matmul peak in the precision used, while the other ranks wait
-        # (DDP's set-up above has just lined them up), so that no rank's work slows the probe.
-        flops_per_token = training_flops_per_token(model)
-        # With TF32 on, an fp32 probe measures the TF32 tensor-core path that fp32 training takes.
-        probe = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        peak = distributed.broadcast(matmul_peak(probe, ctx.device, seconds=0.25) if ctx.is_rank_zero else None, ctx)
-        peak_precision = "tf32" if tf32 and precision == "fp32" else precision
-        tracker.params({"mfu.peak_gflops_per_process": round(peak, 2), "mfu.peak_precision": peak_precision,
-                        "mfu.flops_per_token": flops_per_token,
-                        "mfu.formula": "6 x non-embedding parameters (all, trainable or not) x useful tokens/s "
-                                       "/ (matmul peak per process x processes); attention FLOPs not counted"})
-        tracker.metrics({"matmul_peak_gflops": peak}, 0)
-        if ctx.is_rank_zero:
-            log.info("training %s: %d parameters (%d trainable, %.1f%%), %d processes, precision %s%s, "
-                     "%d steps (%d in the first epoch), warm-up %d", src.location, total_params, trainable,
-                     100 * trainable / total_params, ctx.world_size, precision, " (TF32 matmuls)" if tf32 else "",
-                     total_steps, steps_per_epoch[0], warmup)
-            log.info("spark_tuning code from %s, device %s", __file__, ctx.device)
-
-        history: list[dict] = resume.get("history", [])
-        epochs: list[dict] = resume.get("epochs", [])
-        step = resume.get("step", 0)
-        start_epoch, skip = resume.get("epoch", 0), resume.get("micro", 0)
-        ckpt = payload.get("checkpoint")  # {"dir", "every_steps", "keep_last"} or None
-
-        def save_checkpoint(epoch: int, micro: int) -> None:
-            # Every rank hands over its RNG states (dropout masks differ per rank); rank 0 writes.
-            rng = distributed.gather(rng_state(ctx.device), ctx)
-            if ctx.is_rank_zero:
-                state = {"step": step, "epoch": epoch, "micro": micro, "history": history, "epochs": epochs,
-                         "totals": totals, "world_size": ctx.world_size}
-                path = checkpoint.save(ckpt["dir"], step, model, optimizer, scheduler, rng, state, ckpt["keep_last"],
-                                       scaler=scaler.state_dict() if scaler.is_enabled() else None)
-                log.info("checkpoint written: %s", path)
-
-        def evaluate_now(epoch_done: int, train_seconds: float) -> dict:
-            """Every rank predicts its share of the validation rows; every rank gets the whole picture."""
-            local = predict(model, eval_shard, plan_eval_batches(eval_shard, tc.eval_batch_size),
-                            tokenizer.pad_token_id, ctx.device, precision)
-            parts = distributed.gather(local, ctx)
-            row_ids = np.concatenate([p["row_ids"] for p in parts])
-            probs = np.concatenate([p["probs"] for p in parts if len(p["probs"])])
-            labels = np.concatenate([p["labels"] for p in parts])
-            preds = probs.argmax(axis=1)
-            metrics = classification_metrics(preds, labels, list(id2label.values()))
-            eval_loss = sum(p["loss_sum"] for p in parts) / max(1, len(labels))
-            epoch_rec = {"epoch": epoch_done, "step": step, "eval_loss": eval_loss, "eval_accuracy": metrics["accuracy"],
-                         "eval_f1": metrics["f1"], "epoch_train_seconds": train_seconds}
-            epochs.append(epoch_rec)
-            tracker.metrics({k: v for k, v in epoch_rec.items() if k not in ("step", "epoch")}, step)
-            if ctx.is_rank_zero:
-                log.info("epoch %d: eval loss %.4f accuracy %.4f f1 %.4f", epoch_done, eval_loss,
-                         metrics["accuracy"], metrics["f1"])
-            order = np.argsort(row_ids)
-            return {"row_ids": row_ids[order].tolist(), "preds": preds[order].tolist(),
-                    "labels": labels[order].tolist(), "probs": probs[order].round(6).tolist()}
-        window = {"loss": 0.0, "micro": 0, "tokens": 0, "padded": 0, "t0": time.perf_counter()}
-        totals = resume.get("totals", {"tokens": 0, "padded": 0, "seconds": 0.0})
-        clock = {"data": 0.0, "train": 0.0}
-        eval_out: dict = {}
-        if cfg.task != "classification" and tc.eval_before_training and not resume:
-            # causal_lm / sft: the untrained model's loss, so that the run reports before and after.
-            with _paused(window):
-                rec, eval_out = lm_train.evaluate(model, eval_shard, cfg, lm, tokenizer, ctx, precision, 0, 0,
-                                                  tracker)
-            epochs.append(rec)
-        for epoch in range(start_epoch, tc.epochs):
-            if step >= total_steps:
-                break
-            ddp_model.train()
-            plan = plan_epoch(epoch, micro_per_epoch[epoch])
-            if epoch == start_epoch and skip:
-                plan_skipped, plan = plan[:skip], plan[skip:]
-            else:
-                plan_skipped = []
-            t_epoch = time.perf_counter()
-            batches = _timed(train_batches(train_shard, plan, tokenizer.pad_token_id, ctx.device), clock)
-            for micro, (index, batch, tensors) in enumerate(batches, start=len(plan_skipped)):
-                sync = (micro + 1) % tc.grad_accum_steps == 0 or micro + 1 == len(plan) + len(plan_skipped)
-                try:
-                    # Skip the gradient all-reduce on accumulation micro-steps: it is only needed on the last.
-                    with (contextlib.nullcontext() if sync or not ctx.is_distributed else ddp_model.no_sync()):
-                        with numerics.autocast(precision, ctx.device):
-                            loss = ddp_model(**to_device(tensors, ctx.device)).loss
-                        scaler.scale(loss / tc.grad_accum_steps).backward()
-                    if sync:
-                        optimizer_step(model, optimizer, scheduler, scaler, tc.max_grad_norm)
-                except torch.cuda.OutOfMemoryError as e:
-                    raise RuntimeError(out_of_memory_message(ctx, cfg, batch["input_ids"].shape, step,
-                                                             device_memory(ctx.device))) from e
-                # The loss stays on the device until a log step: reading it here would wait for the GPU
-                # to finish this step before the next batch could be queued.
-                window["loss"] = window["loss"] + loss.detach().float()
-                window["micro"] += 1
-                window["tokens"] += int(batch["attention_mask"].sum())
-                window["padded"] += int(batch["attention_mask"].size)
-                if not sync:
-                    continue
-                step += 1
-                if step % tc.log_every_steps == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - window["t0"]
-                    own_loss = float(window["loss"]) / window["micro"]
-                    # Every rank's own progress, into its own log file: the last lines shown if it dies.
-                    rank_only.info("rank %d: step %d/%d, own loss %.4f", ctx.rank, step, total_steps, own_loss)
-                    loss_avg, tokens, padded = distributed.total([own_loss, window["tokens"], window["padded"]], ctx)
-                    loss_avg /= ctx.world_size
-                    rec = {"step": step, "epoch": epoch + (micro + 1) / micro_per_epoch[epoch],
-                           "train_loss": loss_avg, "learning_rate": scheduler.get_last_lr()[0],
-                           "tokens_per_second": tokens / elapsed, "padding_share": 1 - tokens / max(1, padded),
-                           "mfu": mfu(tokens / elapsed, flops_per_token, peak, ctx.world_size)}
-                    history.append(rec)
-                    totals["tokens"] += tokens
-                    totals["padded"] += padded
-                    totals["seconds"] += elapsed
-                    tracker.metrics({k: v for k, v in rec.items() if k != "step"}, step)
-                    if ctx.is_rank_zero:
-                        log.info("step %d/%d epoch %.2f loss %.4f lr %.2e %.0f tok/s padding %.0f%% MFU %.1f%%",
-                                 step, total_steps, rec["epoch"], loss_avg, rec["learning_rate"],
-                                 rec["tokens_per_second"], 100 * rec["padding_share"], 100 * rec["mfu"])
-                    window = {"loss": 0.0, "micro": 0, "tokens": 0, "padded": 0, "t0": time.perf_counter()}
-                if ckpt and ckpt["every_steps"] and step % ckpt["every_steps"] == 0 and step < total_steps:
-                    with _paused(window):
-                        save_checkpoint(epoch, micro + 1)
-                if step >= total_steps:
-                    break
-            batches.close()  # stops the prefetch thread when the epoch ended early (max_steps)
-            train_seconds = time.perf_counter() - t_epoch
-            clock["train"] += train_seconds
-
-            with _paused(window):
-                if cfg.task != "classification":
-                    rec, eval_out = lm_train.evaluate(model, eval_shard, cfg, lm, tokenizer, ctx, precision,
-                                                      epoch + 1, step, tracker)
-                    epochs.append({**rec, "epoch_train_seconds": train_seconds})
-                else:
-                    eval_out = evaluate_now(epoch + 1, train_seconds)
-                if ckpt:
-                    save_checkpoint(epoch + 1, 0)
-
-        if not eval_out:  # resumed from the last checkpoint of a finished training: evaluate once more
-            if epochs and epochs[-1]["step"] == step:
-                epochs.pop()
-            if cfg.task == "classification":
-                eval_out = evaluate_now(tc.epochs, 0.0)
-            else:
-                rec, eval_out = lm_train.evaluate(model, eval_shard, cfg, lm, tokenizer, ctx, precision,
-                                                  tc.epochs, step, tracker)
-                epochs.append(rec)
-        if ctx.is_rank_zero:
-            # Weights in fp32 safetensors, with the tokenizer and the label names in config.json. LoRA:
-            # the adapter alone in adapter/, and the merged model beside it.
-            lora.save(lm_train.export_model(model, cfg, src, tokenizer, id2label), tokenizer, payload["model_dir"])
-        result = {
-            "history": history,
-            "epochs": epochs,
-            "eval": eval_out,
-            "steps": step,
-            "precision": precision,
-            "device": ctx.device_type,
-            "tf32": tf32,
-            "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
-            "world_size": ctx.world_size,
-            "parameters": total_params,
-            "trainable_parameters": trainable,
-            "train_tokens": totals["tokens"],
-            "tokens_per_second": totals["tokens"] / max(1e-9, totals["seconds"]),
-            "padding_share": 1 - totals["tokens"] / max(1, totals["padded"]),
-            "mfu": mfu(totals["tokens"] / max(1e-9, totals["seconds"]), flops_per_token, peak, ctx.world_size),
-            "matmul_peak_gflops": peak,
-            "flops_per_token": flops_per_token,
-            "train_seconds": totals["seconds"],
-            # Loader overhead: reading this rank's shard once, and waiting for batches during training.
-            "shard_read_seconds": read_seconds,
-            "data_wait_seconds": clock["data"],
-            "data_wait_share": clock["data"] / max(1e-9, clock["train"]),
-            "peak_gpu_memory_bytes": device_memory(ctx.device).get("peak"),
-            "peak_rss_mb": max(distributed.gather(lm_train.peak_rss_mb(), ctx)),
-        }
-        return distributed.broadcast(result if ctx.is_rank_zero else None, ctx)
+        state = restore(payload.resume_from, run.model, run.optimizer, run.scheduler, run.scaler, run.ctx.rank,
+                        run.ctx.world_size, run.ctx.device)
+        wrap(run)
+        probe_peak(run)
+        eval_out = train(run, state)
+        save_model(run)
+        return distributed.broadcast(result(run, state, eval_out), run.ctx)  # (every rank gathers in it)
     finally:
         # A torchrun process ends with os._exit right after this: the process group goes with it. Destroying
         # it here would drop the group's registry reference while DDP's reducer holds the last one, and the
@@ -551,4 +186,271 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
         # held while that thread waits for the GIL to free its last work's tensors: a deadlock seen here
         # under load, one rank in ~10 hanging after "FINISHED" on the other.
         if not teardown_skipped():
-            distributed.shutdown(ctx)
+            distributed.shutdown(run.ctx)
+
+
+def setup_rank(cfg, task, payload) -> Rank:
+    """Join the group, pick threads, seeds, precision (and TF32), and the tracker of rank 0's events."""
+    import torch
+
+    from spark_tuning.model.sources import ModelSource, load_tokenizer
+    from spark_tuning.track.tracking import RankZeroLogger
+    from spark_tuning.train import distributed, precision as numerics
+
+    ctx = distributed.init(cfg.distributed.use_gpu, cfg.distributed.timeout_minutes)
+    _quiet_libraries(ctx.is_rank_zero)
+    torch.set_num_threads(distributed.threads_per_process(ctx))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    precision = numerics.resolve_precision(cfg.train.precision, ctx.device)
+    warning = numerics.emulated_warning(precision, ctx.device)
+    if warning and ctx.is_rank_zero:
+        log.warning("%s", warning)
+    if ctx.device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    src = ModelSource(**payload.model_source)
+    return Rank(cfg, task, ctx, payload, src, load_tokenizer(src, cfg.model), precision,
+                numerics.enable_tf32(ctx.device), RankZeroLogger(payload.events, ctx.is_rank_zero))
+
+
+def build(run: Rank) -> None:
+    """The model (straight onto this rank's device: no full copy in host memory per rank; every rank from
+    the same seed, and DDP broadcasts rank 0's weights too), this rank's shards, the schedule, the optimizer."""
+    import torch
+
+    from spark_tuning.cluster.faults import rank_only
+    from spark_tuning.loader.backends import read_shard_as
+    from spark_tuning.model.build import build_model
+    from spark_tuning.train import distributed, precision as numerics
+    from spark_tuning.train.optim import adamw, linear_schedule, param_groups
+
+    cfg, ctx, tc = run.cfg, run.ctx, run.cfg.train
+    run.model = build_model(run.task, cfg, run.src, run.tokenizer, run.id2label, ctx.device,
+                            numerics.weights_dtype(run.precision, frozen_base=cfg.lora.enabled))
+    t = time.perf_counter()  # each rank reads only its own row groups (loader.kind picks the reader)
+    run.train_shard = read_shard_as(cfg.loader.kind, run.payload.train_ref, ctx.rank, ctx.world_size)
+    run.eval_shard = read_shard_as(cfg.loader.kind, run.payload.eval_ref, ctx.rank, ctx.world_size)
+    run.read_seconds = time.perf_counter() - t
+    # DDP: every rank runs the same number of batches in an epoch; ranks with fewer stretch their plan.
+    micro = distributed.maximum([len(run.plan_epoch(e)) for e in range(tc.epochs)], ctx)
+    total = sum(math.ceil(n / tc.grad_accum_steps) for n in micro)
+    total = min(total, tc.max_steps) if tc.max_steps else total
+    run.schedule = Schedule(micro, total, int(tc.warmup_ratio * total))
+    rank_only.info("rank %d: %d training rows, %d validation rows, %d-%d batches per epoch (read in %.1fs)",
+                   ctx.rank, len(run.train_shard), len(run.eval_shard), min(micro), max(micro), run.read_seconds)
+    run.optimizer = adamw(param_groups(run.model, tc.weight_decay), tc.learning_rate, ctx.device)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, linear_schedule(run.schedule.warmup, total))
+    run.scaler = numerics.grad_scaler(run.precision, ctx.device)  # fp16 only; passes through otherwise
+
+
+def wrap(run: Rank) -> None:
+    import torch
+
+    from spark_tuning.train import distributed
+
+    run.ddp_model = distributed.wrap(run.model, run.ctx)
+    if run.cfg.train.compile:
+        # Only the training forward/backward is compiled; evaluation, checkpoints and saving use `model`.
+        # dynamic=True: batch widths change every step, which would otherwise recompile once more.
+        run.ddp_model = torch.compile(run.ddp_model, dynamic=True)
+
+
+def probe_peak(run: Rank) -> None:
+    """MFU: rank 0 measures one process's matmul peak in the precision used (with TF32 on, an fp32 probe
+    measures the TF32 path fp32 training takes) while the others wait (DDP's set-up has just lined them
+    up), so that no rank's work slows the probe."""
+    import torch
+
+    from spark_tuning.model.sources import count_parameters
+    from spark_tuning.train import distributed
+    from spark_tuning.train.mfu import matmul_peak, training_flops_per_token
+
+    ctx = run.ctx
+    run.flops_per_token = training_flops_per_token(run.model)
+    probe = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision, torch.float32)
+    run.peak = distributed.broadcast(matmul_peak(probe, ctx.device, seconds=0.25) if ctx.is_rank_zero else None, ctx)
+    run.tracker.params({"mfu.peak_gflops_per_process": round(run.peak, 2),
+                        "mfu.peak_precision": "tf32" if run.tf32 and run.precision == "fp32" else run.precision,
+                        "mfu.flops_per_token": run.flops_per_token,
+                        "mfu.formula": "6 x non-embedding parameters (all, trainable or not) x useful tokens/s "
+                                       "/ (matmul peak per process x processes); attention FLOPs not counted"})
+    run.tracker.metrics({"matmul_peak_gflops": run.peak}, 0)
+    if ctx.is_rank_zero:
+        total, trainable = count_parameters(run.model)
+        s = run.schedule
+        log.info("training %s (%s): %d parameters (%d trainable, %.1f%%), %d processes, precision %s%s, "
+                 "%d steps (%d batches in the first epoch), warm-up %d", run.src.location, run.task.name, total,
+                 trainable, 100 * trainable / total, ctx.world_size, run.precision,
+                 " (TF32 matmuls)" if run.tf32 else "", s.total_steps, s.micro_per_epoch[0], s.warmup)
+        log.info("spark_tuning code from %s, device %s", __file__, ctx.device)
+
+
+def train(run: Rank, state) -> dict:
+    """Every epoch, then an evaluation and a checkpoint; returns the last evaluation's per-row output."""
+    tc, eval_out = run.cfg.train, {}
+    if run.task.eval_before_training and tc.eval_before_training and not state.resumed:
+        eval_out = evaluate(run, state, 0)  # the untrained model, so that the run reports before and after
+    start_epoch, skip = state.epoch, state.micro
+    for epoch in range(start_epoch, tc.epochs):
+        if state.step >= run.schedule.total_steps:
+            break
+        seconds = train_epoch(run, state, epoch, skip if epoch == start_epoch else 0)
+        eval_out = evaluate(run, state, epoch + 1, seconds)
+        checkpoint(run, state, epoch + 1, 0)
+    if not eval_out:  # resumed from the last checkpoint of a finished training: evaluate once more
+        if state.epochs and state.epochs[-1]["step"] == state.step:
+            state.epochs.pop()
+        eval_out = evaluate(run, state, tc.epochs, 0.0)
+    return eval_out
+
+
+def train_epoch(run: Rank, state, epoch: int, skip: int) -> float:
+    """One epoch's batches from `skip` on (a resumed epoch skips those already seen); its seconds."""
+    from spark_tuning.train.feed import timed, train_batches
+
+    tc, s, every = run.cfg.train, run.schedule, (run.payload.checkpoint or {}).get("every_steps")
+    run.ddp_model.train()
+    plan = run.plan_epoch(epoch, s.micro_per_epoch[epoch])
+    t = time.perf_counter()
+    batches = timed(train_batches(run.train_shard, plan[skip:], run.tokenizer.pad_token_id, run.ctx.device), run.clock)
+    for micro, (_, batch, tensors) in enumerate(batches, start=skip):
+        sync = (micro + 1) % tc.grad_accum_steps == 0 or micro + 1 == len(plan)
+        loss = micro_step(run, batch, tensors, sync, state.step)
+        w = run.window
+        w.loss, w.micro = w.loss + loss.detach().float(), w.micro + 1
+        w.tokens += int(batch["attention_mask"].sum())
+        w.padded += int(batch["attention_mask"].size)
+        if not sync:
+            continue
+        state.step += 1
+        if state.step % tc.log_every_steps == 0 or state.step == s.total_steps:
+            log_window(run, state, epoch + (micro + 1) / s.micro_per_epoch[epoch])
+        if every and state.step % every == 0 and state.step < s.total_steps:
+            checkpoint(run, state, epoch, micro + 1)
+        if state.step >= s.total_steps:
+            break
+    batches.close()  # stops the prefetch thread when the epoch ended early (max_steps)
+    seconds = time.perf_counter() - t
+    run.clock["train"] += seconds
+    return seconds
+
+
+def micro_step(run: Rank, batch: dict, tensors: dict, sync: bool, step: int):
+    """Forward and backward of one batch, and the optimizer step on the last of an accumulation."""
+    import torch
+
+    from spark_tuning.train import precision as numerics
+    from spark_tuning.train.feed import to_device
+    from spark_tuning.train.optim import optimizer_step
+
+    ctx, tc = run.ctx, run.cfg.train
+    try:
+        # Skip the gradient all-reduce on accumulation micro-steps: it is only needed on the last.
+        with (contextlib.nullcontext() if sync or not ctx.is_distributed else run.ddp_model.no_sync()):
+            with numerics.autocast(run.precision, ctx.device):
+                loss = run.ddp_model(**to_device(tensors, ctx.device)).loss
+            run.scaler.scale(loss / tc.grad_accum_steps).backward()
+        if sync:
+            optimizer_step(run.model, run.optimizer, run.scheduler, run.scaler, tc.max_grad_norm)
+    except torch.cuda.OutOfMemoryError as e:
+        raise RuntimeError(out_of_memory_message(ctx, run.cfg, batch["input_ids"].shape, step,
+                                                 device_memory(ctx.device))) from e
+    return loss
+
+
+def log_window(run: Rank, state, epoch: float) -> None:
+    """The window's loss, speed, padding and MFU over every rank; into the history and rank 0's events."""
+    from spark_tuning.cluster.faults import rank_only
+    from spark_tuning.train import distributed
+    from spark_tuning.train.mfu import mfu
+
+    ctx, w, total = run.ctx, run.window, run.schedule.total_steps
+    elapsed = time.perf_counter() - w.t0
+    own_loss = float(w.loss) / w.micro
+    # Every rank's own progress, into its own log file: the last lines shown if it dies.
+    rank_only.info("rank %d: step %d/%d, own loss %.4f", ctx.rank, state.step, total, own_loss)
+    loss_sum, tokens, padded = distributed.total([own_loss, w.tokens, w.padded], ctx)
+    rec = {"step": state.step, "epoch": epoch, "train_loss": loss_sum / ctx.world_size,
+           "learning_rate": run.scheduler.get_last_lr()[0], "tokens_per_second": tokens / elapsed,
+           "padding_share": 1 - tokens / max(1, padded),
+           "mfu": mfu(tokens / elapsed, run.flops_per_token, run.peak, ctx.world_size)}
+    state.history.append(rec)
+    state.totals["tokens"] += tokens
+    state.totals["padded"] += padded
+    state.totals["seconds"] += elapsed
+    run.tracker.metrics({k: v for k, v in rec.items() if k != "step"}, state.step)
+    if ctx.is_rank_zero:
+        log.info("step %d/%d epoch %.2f loss %.4f lr %.2e %.0f tok/s padding %.0f%% MFU %.1f%%", state.step, total,
+                 epoch, rec["train_loss"], rec["learning_rate"], rec["tokens_per_second"],
+                 100 * rec["padding_share"], 100 * rec["mfu"])
+    run.window = Window()
+
+
+def evaluate(run: Rank, state, epoch: int, seconds: Optional[float] = None) -> dict:
+    """The task's evaluation on every rank; its record joins state.epochs and rank 0's events."""
+    with paused(run):
+        rec, out = run.task.evaluate(run.model, run.eval_shard, run.cfg, run.payload.task_extras, run.tokenizer,
+                                     run.ctx, run.precision, state.step, run.tracker, run.id2label)
+    rec = {"epoch": epoch, **rec}
+    if seconds is not None:
+        rec["epoch_train_seconds"] = seconds
+    state.epochs.append(rec)
+    figures = {k: v for k, v in rec.items() if k not in ("step", "epoch") and isinstance(v, (int, float))}
+    run.tracker.metrics(figures, state.step)
+    if run.ctx.is_rank_zero:
+        log.info("evaluation after epoch %d (step %d): %s", epoch, state.step,
+                 ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in figures.items() if k.startswith("eval_")))
+    return out
+
+
+def checkpoint(run: Rank, state, epoch: int, micro: int) -> None:
+    """Every rank hands over its RNG states (dropout masks differ per rank); rank 0 writes the TrainState,
+    the weights and the optimizer. Positioned at (epoch, micro): where a resume starts."""
+    from spark_tuning.train import distributed
+    from spark_tuning.train.state import rng_state, save
+
+    ckpt = run.payload.checkpoint
+    if not ckpt:
+        return
+    with paused(run):
+        state.epoch, state.micro = epoch, micro
+        rng = distributed.gather(rng_state(run.ctx.device), run.ctx)
+        if run.ctx.is_rank_zero:
+            path = save(ckpt["dir"], state, run.model, run.optimizer, run.scheduler, run.scaler, rng, ckpt["keep_last"])
+            log.info("checkpoint written: %s", path)
+
+
+def save_model(run: Rank) -> None:
+    """Rank 0: weights in fp32 safetensors, with the tokenizer and the label names in config.json. LoRA:
+    the adapter alone in adapter/, and the merged model beside it."""
+    from spark_tuning.model import lora
+    from spark_tuning.model.build import export_model
+
+    if run.ctx.is_rank_zero:
+        model = export_model(run.model, run.task, run.cfg, run.src, run.tokenizer, run.id2label)
+        lora.save(model, run.tokenizer, run.payload.model_dir)
+
+
+def result(run: Rank, state, eval_out: dict) -> dict:
+    from spark_tuning.model.build import peak_rss_mb
+    from spark_tuning.model.sources import count_parameters
+    from spark_tuning.train import distributed
+    from spark_tuning.train.mfu import mfu
+
+    t, ctx = state.totals, run.ctx
+    total, trainable = count_parameters(run.model)
+    tps = t["tokens"] / max(1e-9, t["seconds"])
+    return {
+        "history": state.history, "epochs": state.epochs, "eval": eval_out, "steps": state.step,
+        "precision": run.precision, "device": ctx.device_type, "tf32": run.tf32,
+        "loss_scale": run.scaler.get_scale() if run.scaler.is_enabled() else None, "world_size": ctx.world_size,
+        "parameters": total, "trainable_parameters": trainable, "train_tokens": t["tokens"],
+        "tokens_per_second": tps, "padding_share": 1 - t["tokens"] / max(1, t["padded"]),
+        "mfu": mfu(tps, run.flops_per_token, run.peak, ctx.world_size), "matmul_peak_gflops": run.peak,
+        "flops_per_token": run.flops_per_token, "train_seconds": t["seconds"],
+        # Loader overhead: reading this rank's shard once, and waiting for batches during training.
+        "shard_read_seconds": run.read_seconds, "data_wait_seconds": run.clock["data"],
+        "data_wait_share": run.clock["data"] / max(1e-9, run.clock["train"]),
+        "peak_gpu_memory_bytes": device_memory(ctx.device).get("peak"),
+        "peak_rss_mb": max(distributed.gather(peak_rss_mb(), ctx)),
+    }

@@ -1,0 +1,51 @@
+"""The model a run trains: the task's head on the pretrained body, with gradient checkpointing and LoRA
+where configured, on the rank's device; and the model a run saves. No distributed code, no task names:
+the task object says which head (`task.load_model`) and which peft task type."""
+
+from __future__ import annotations
+
+import resource
+
+
+def build_model(task, cfg, src, tokenizer, id2label: dict, device: str = "cpu", dtype=None):
+    """The model for `task` on `device`, its weights in `dtype` (None: fp32). Whatever trains is fp32: a
+    half-precision base (LoRA) keeps its adapters and any new head in fp32, which the fp16 loss scaler
+    needs and bf16 updates want."""
+    import torch
+
+    from spark_tuning.model import lora
+
+    model = task.load_model(cfg, src, tokenizer, id2label, device, dtype)
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora.enabled:
+        model = lora.apply(model, cfg.lora, task.peft_task_type)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
+def export_model(model, task, cfg, src, tokenizer, id2label: dict):
+    """The model to save. A LoRA run whose frozen base was held in bf16/fp16 trained its adapters on that
+    copy: they are put back on the base as it was published (fp32, on the CPU), so that the merged model
+    equals the adapter applied to the original base. Anything else is saved as it trained."""
+    import torch
+
+    if not any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
+        return model
+    export = build_model(task, cfg, src, tokenizer, id2label, "cpu", torch.float32)
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params = dict(export.named_parameters())
+    if set(trained) - set(params):
+        raise RuntimeError(f"the fp32 rebuild of the model lacks trained parameters {sorted(set(trained) - set(params))[:5]}")
+    with torch.no_grad():
+        for name, p in trained.items():
+            params[name].copy_(p.detach().to("cpu", torch.float32))
+    return export
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

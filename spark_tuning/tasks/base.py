@@ -1,0 +1,87 @@
+"""The Task interface: everything that differs between classification, causal_lm and sft.
+
+The job (finetune.py), the rank's loop (train/loop.py), packaging and serving ask the task; none of them
+branches on the task's name. A task object is stateless: its methods take the config and what earlier
+steps produced. Defaults here are those of classification-like tasks; a task overrides what differs.
+
+  on the driver, before Spark   sequence_length, config_problems, check_model
+  in Spark                      stage -> Staged (staged Parquet, figures, extras for the ranks)
+  on every rank                 load_model (the head), eval_before_training, evaluate, prompt_ids
+  on the driver, after          metrics, write_outputs
+  packaging and serving         generates_text, serving_config, input_examples
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Staged:
+    """What a task's data stage hands on: the staged splits, figures for the logs, and extras that go to
+    every rank (payload "task_extras") and to the served model's config."""
+
+    train_ref: Any  # loader DataRef (or PetastormRef)
+    eval_ref: Any
+    figures: dict
+    extras: dict = field(default_factory=dict)
+    id2label: dict = field(default_factory=dict)
+    frames: list = field(default_factory=list)  # cached DataFrames, unpersisted at the end
+
+    def release(self) -> None:
+        for df in self.frames:
+            df.unpersist()
+
+
+class Task:
+    name = ""
+    auto_model = "AutoModelForSequenceClassification"  # the transformers class that builds its head
+    peft_task_type = "SEQ_CLS"
+    generates_text = False  # the served model answers generated text (and maybe labels) instead of labels
+    eval_before_training = False  # evaluate the untrained model too (before/after figures)
+    verifiable = True  # deploy.verify can compare its served answers with offline predictions
+    length_key = "max_length"  # the data setting that bounds a row (sequence_length)
+
+    def sequence_length(self, cfg) -> int:
+        """The longest row a batch can hold (data.max_length; causal_lm: data.block_size)."""
+        return cfg.data.max_length
+
+    def config_problems(self, cfg) -> list[str]:
+        return []
+
+    def check_model(self, cfg, src, tokenizer, model_config) -> dict:
+        """Refuse settings the model cannot take, before Spark works; returns what was resolved."""
+        return {}
+
+    def stage(self, spark, cfg, src, info: dict, staging: str) -> Staged:
+        raise NotImplementedError
+
+    def load_model(self, cfg, src, tokenizer, id2label: dict, device: str, dtype):
+        raise NotImplementedError
+
+    def evaluate(self, model, shard, cfg, extras: dict, tokenizer, ctx, precision: str, step: int, tracker,
+                 id2label: dict) -> tuple[dict, dict]:
+        """On every rank: (the record for this evaluation, per-row predictions), the same on every rank."""
+        raise NotImplementedError
+
+    def prompt_ids(self, tokenizer, prompt: str, cfg, extras: dict) -> list[int]:
+        """A sample prompt's token ids as training shaped them (generating tasks only)."""
+        raise NotImplementedError
+
+    def metrics(self, result: dict, staged: Staged) -> dict:
+        raise NotImplementedError
+
+    def write_outputs(self, folder: str, cfg, metrics: dict, result: dict, staged: Staged) -> None:
+        """Task-specific files beside the model (metrics.json and config.yaml are the job's)."""
+
+    def serving_config(self, cfg, extras: dict) -> dict:
+        """What the served model needs beyond the common keys (packaging.model_config)."""
+        return {}
+
+    def input_examples(self, cfg, folder: str) -> list[str]:
+        return []
+
+    def metrics_file_extras(self, result: dict) -> dict:
+        """What metrics.json holds beside the metrics (per-epoch records; LM: generated samples)."""
+        return {"epochs": result["epochs"]}

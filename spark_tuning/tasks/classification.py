@@ -1,0 +1,138 @@
+"""Sequence classification: text -> one of N labels, a new classification head on the pretrained body.
+
+Spark reads and checks the text and label columns, splits, tokenizes and stages the rows; every rank
+trains with the model's own cross-entropy loss and evaluates its share of the validation rows (softmax
+probabilities); the job writes accuracy, precision, recall, F1, the confusion matrix and every validation
+row's prediction (eval_predictions.parquet, which verify compares a served model with).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from spark_tuning.tasks.base import Staged, Task
+
+PREDICTIONS = "eval_predictions.parquet"
+
+
+def predict(model, shard, plan, pad_id: int, device: str, precision: str) -> dict[str, np.ndarray]:
+    """Logits for every row of `shard`, batched by `plan`; returns row ids, probabilities, labels, loss sum."""
+    import torch
+
+    from spark_tuning.loader.batches import iterate
+    from spark_tuning.train.feed import to_device
+    from spark_tuning.train.precision import autocast
+
+    model.eval()
+    row_ids, probs, loss_sum = [], [], 0.0
+    with torch.inference_mode(), autocast(precision, device):
+        for index, batch in iterate(shard, plan, pad_id):
+            out = model(**to_device(batch, device))
+            loss_sum += float(out.loss) * len(index)
+            probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
+            row_ids.append(shard.row_ids[index])
+    if not probs:
+        return {"row_ids": np.zeros(0, np.int64), "probs": np.zeros((0, 0)), "labels": np.zeros(0, np.int64),
+                "loss_sum": 0.0}
+    labels = shard.labels[np.concatenate(plan)]
+    return {"row_ids": np.concatenate(row_ids), "probs": np.concatenate(probs), "labels": labels,
+            "loss_sum": loss_sum}
+
+
+class Classification(Task):
+    name = "classification"
+
+    def config_problems(self, cfg) -> list[str]:
+        if cfg.data.text_column == cfg.data.label_column:
+            return [f"data.text_column and data.label_column are both {cfg.data.text_column!r}: they must differ"]
+        return []
+
+    def stage(self, spark, cfg, src, info: dict, staging: str) -> Staged:
+        from spark_tuning.data import dataset
+        from spark_tuning.loader.backends import stage_as
+        from spark_tuning.text.tokenize import tokenize
+
+        prepared = dataset.prepare(spark, cfg.data, cfg.seed)
+        n_files, kind, max_len = 2 * cfg.distributed.num_processes, cfg.loader.kind, cfg.data.max_length
+        train_ref = stage_as(kind, tokenize(prepared.train, src, cfg.model, max_len).drop("text"),
+                             os.path.join(staging, "train"), n_files, max_len)
+        eval_ref = stage_as(kind, tokenize(prepared.eval, src, cfg.model, max_len),
+                            os.path.join(staging, "eval"), n_files, max_len)
+        stats = _length_stats(spark, train_ref.path, max_len)
+        figures = {"train_rows": train_ref.num_rows, "mean_tokens_per_row": round(stats["mean_length"], 1),
+                   "eval_rows": eval_ref.num_rows, "truncated_share": stats["truncated_share"],
+                   "classes": list(prepared.labels.names), **info}
+        return Staged(train_ref, eval_ref, figures, id2label=dict(prepared.labels.id2label),
+                      frames=[prepared.train, prepared.eval])
+
+    def load_model(self, cfg, src, tokenizer, id2label: dict, device: str, dtype):
+        from spark_tuning.model.sources import build_classifier
+
+        return build_classifier(src, cfg.model, id2label, tokenizer.pad_token_id, device, dtype)
+
+    def evaluate(self, model, shard, cfg, extras: dict, tokenizer, ctx, precision: str, step: int, tracker,
+                 id2label: dict) -> tuple[dict, dict]:
+        """Every rank predicts its share of the validation rows; every rank gets the whole picture."""
+        from spark_tuning.evaluate.metrics import classification_metrics
+        from spark_tuning.loader.batches import plan_eval_batches
+        from spark_tuning.train import distributed
+
+        local = predict(model, shard, plan_eval_batches(shard, cfg.train.eval_batch_size), tokenizer.pad_token_id,
+                        ctx.device, precision)
+        parts = distributed.gather(local, ctx)
+        row_ids = np.concatenate([p["row_ids"] for p in parts])
+        probs = np.concatenate([p["probs"] for p in parts if len(p["probs"])])
+        labels = np.concatenate([p["labels"] for p in parts])
+        preds = probs.argmax(axis=1)
+        m = classification_metrics(preds, labels, list(id2label.values()))
+        rec = {"step": step, "eval_loss": sum(p["loss_sum"] for p in parts) / max(1, len(labels)),
+               "eval_accuracy": m["accuracy"], "eval_f1": m["f1"]}
+        order = np.argsort(row_ids)
+        return rec, {"row_ids": row_ids[order].tolist(), "preds": preds[order].tolist(),
+                     "labels": labels[order].tolist(), "probs": probs[order].round(6).tolist()}
+
+    def metrics(self, result: dict, staged: Staged) -> dict:
+        from spark_tuning.evaluate.metrics import classification_metrics
+
+        ev = result["eval"]
+        m = classification_metrics(ev["preds"], ev["labels"], list(staged.id2label.values()))
+        m.update(eval_loss=result["epochs"][-1]["eval_loss"], train_data_wait_share=result["data_wait_share"])
+        return m
+
+    def write_outputs(self, folder: str, cfg, metrics: dict, result: dict, staged: Staged) -> None:
+        import pandas as pd
+
+        from spark_tuning.evaluate.metrics import plot_confusion_matrix
+
+        names = list(staged.id2label.values())
+        with open(os.path.join(folder, "label_map.json"), "w") as f:
+            json.dump({"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}, f, indent=2)
+        plot_confusion_matrix(metrics["confusion_matrix"], names, os.path.join(folder, "confusion_matrix.png"),
+                              f"{cfg.resolved_run_name}: accuracy {metrics['accuracy']:.3f}")
+        # Validation rows with their predictions: for error analysis, and for checking a served model later.
+        texts = pd.read_parquet(staged.eval_ref.path, columns=["row_id", "text"])
+        ev = result["eval"]
+        preds = pd.DataFrame({"row_id": ev["row_ids"], "label": ev["labels"], "prediction": ev["preds"],
+                              "probability": [max(p) for p in ev["probs"]], "probabilities": ev["probs"]})
+        texts.merge(preds, on="row_id").sort_values("row_id").to_parquet(os.path.join(folder, PREDICTIONS), index=False)
+
+    def input_examples(self, cfg, folder: str) -> list[str]:
+        import pandas as pd
+
+        path = os.path.join(folder, PREDICTIONS)
+        return pd.read_parquet(path, columns=["text"])["text"].head(2).tolist() if os.path.isfile(path) else []
+
+
+def _length_stats(spark, path: str, max_length: int) -> dict[str, float]:
+    from pyspark.sql import functions as F
+
+    row = spark.read.parquet(path).agg(
+        F.avg("length").alias("mean"), F.avg((F.col("length") >= max_length).cast("double")).alias("trunc")
+    ).first()
+    return {"mean_length": float(row["mean"] or 0), "truncated_share": round(float(row["trunc"] or 0), 4)}
+
+
+TASK = Classification()

@@ -1,0 +1,84 @@
+"""What a checkpoint saves and a resume restores, whole: the loop's progress (`TrainState`), the weights,
+the optimizer, schedule and loss-scale states, and every rank's RNG states. No distributed code: the
+loop gathers the RNG states and rank 0 calls `save`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+log = logging.getLogger("spark_tuning.train")
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch under way
+    micro: int = 0  # batches of that epoch already done
+    history: list = field(default_factory=list)  # one record per log window
+    epochs: list = field(default_factory=list)  # one record per evaluation
+    totals: dict = field(default_factory=lambda: {"tokens": 0, "padded": 0, "seconds": 0.0})
+    world_size: int = 1
+    resumed: bool = False  # not saved: whether this run began from a checkpoint
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("resumed")
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TrainState":
+        names = {f.name for f in dataclasses.fields(cls)} - {"resumed"}
+        return cls(**{k: v for k, v in raw.items() if k in names}, resumed=True)
+
+
+def rng_state(device: str) -> dict:
+    """This rank's random state: the CPU generator, and the GPU's (dropout masks on a GPU come from it)."""
+    import torch
+
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
+
+
+def set_rng_state(state, device: str) -> None:
+    import torch
+
+    if isinstance(state, torch.Tensor):  # a checkpoint written before GPU states were kept
+        state = {"cpu": state, "cuda": None}
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and device.startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save(folder: str, state: TrainState, model, optimizer, scheduler, scaler, rng: list, keep_last: int) -> str:
+    from spark_tuning.train import checkpoint
+
+    return checkpoint.save(folder, state.step, model, optimizer, scheduler, rng, state.to_dict(), keep_last,
+                           scaler=scaler.state_dict() if scaler.is_enabled() else None)
+
+
+def restore(path: Optional[str], model, optimizer, scheduler, scaler, rank: int, world_size: int,
+            device: str) -> TrainState:
+    """The state of checkpoint `path` loaded into the model, optimizer, scaler and this rank's RNGs (before
+    DDP wraps the model); a fresh TrainState when `path` is None. Optimizer states load onto the CPU first
+    and go to the parameters' device."""
+    from spark_tuning.train import checkpoint
+
+    if not path:
+        return TrainState(world_size=world_size)
+    state = TrainState.from_dict(checkpoint.load_state(path))
+    if state.world_size != world_size:
+        raise RuntimeError(f"checkpoint {path} was written by {state.world_size} processes, not {world_size}")
+    checkpoint.load_weights(path, model)
+    training = checkpoint.load_training_state(path)
+    optimizer.load_state_dict(training["optimizer"])
+    scheduler.load_state_dict(training["scheduler"])
+    if training.get("scaler"):
+        scaler.load_state_dict(training["scaler"])
+    set_rng_state(training["rng"][rank], device)
+    if rank == 0:
+        log.info("resumed from %s: step %d, epoch %d, %d batches of that epoch already done",
+                 path, state.step, state.epoch, state.micro)
+    return state
