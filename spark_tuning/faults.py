@@ -54,6 +54,14 @@ def start_rank_log(log_dir: Optional[str], rank: int) -> None:
     logger.info("rank %d started, pid %d", rank, os.getpid())
 
 
+_SKIPS_TEARDOWN = []  # set once exit_without_teardown is armed in this process
+
+
+def teardown_skipped() -> bool:
+    """Whether this process ends with os._exit (exit_without_teardown armed): then nothing needs tearing down."""
+    return bool(_SKIPS_TEARDOWN)
+
+
 def exit_without_teardown() -> None:
     """At exit, end this training process with os._exit instead of tearing the interpreter down.
 
@@ -83,6 +91,7 @@ def exit_without_teardown() -> None:
 
     sys.excepthook = note_failure
     atexit.register(finish)
+    _SKIPS_TEARDOWN.append(True)
 
 
 def describe_failure(log_dir: Optional[str], settle_s: float = 0.0) -> Optional[str]:

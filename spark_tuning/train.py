@@ -291,7 +291,7 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
 
     from spark_tuning import checkpoint, distributed
     from spark_tuning.config import config_from_dict
-    from spark_tuning.faults import rank_only
+    from spark_tuning.faults import rank_only, teardown_skipped
     from spark_tuning.evaluate import classification_metrics
     from spark_tuning import lm_train, lora, precision as numerics
     from spark_tuning.loader import plan_eval_batches, plan_train_batches, read_shard_as
@@ -541,4 +541,10 @@ def _train(payload: dict[str, Any]) -> dict[str, Any]:
         }
         return distributed.broadcast(result if ctx.is_rank_zero else None, ctx)
     finally:
-        distributed.shutdown(ctx)
+        # A torchrun process ends with os._exit right after this: the process group goes with it. Destroying
+        # it here would drop the group's registry reference while DDP's reducer holds the last one, and the
+        # reducer's release (when this frame's locals go) would then join gloo's worker thread with the GIL
+        # held while that thread waits for the GIL to free its last work's tensors: a deadlock seen here
+        # under load, one rank in ~10 hanging after "FINISHED" on the other.
+        if not teardown_skipped():
+            distributed.shutdown(ctx)
