@@ -1,6 +1,6 @@
 """The two training recipes the benchmarks compare, on the same rows, model and optimiser settings.
 
-- `run_ours`: spark-tuning's training loop itself (`spark_tuning.train.train_fn`), one process, reading
+- `run_ours`: spark-tuning's training loop itself (`spark_tuning.train.loop.train_fn`), one process, reading
   staged Parquet like a rank does: length buckets, dynamic padding, the config's attention dropout.
 - `run_lab`: the lab's recipe: `transformers.Trainer` on a `datasets.Dataset` tokenized with
   padding="max_length", the model's own dropouts.

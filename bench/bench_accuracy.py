@@ -12,7 +12,7 @@ the same optimiser settings and seed (bench/_recipes.py), through:
   - spark-tuning as shipped: length buckets, dynamic padding, attention dropout 0;
   - spark-tuning keeping attention dropout (0.1): what dropping it buys and costs;
   - spark-tuning with random batches (no buckets), attention dropout 0: what bucketing buys and costs.
-Every model is scored on the same 500 held-out reviews by the same function (`spark_tuning.train.predict`,
+Every model is scored on the same 500 held-out reviews by the same function (`spark_tuning.tasks.classification.predict`,
 in eval mode). Differences from the lab are paired (the same rows), with a 95% interval from the rows
 on which the two disagree.
 """

@@ -3,7 +3,7 @@
     PYTHONPATH=. /work/main/.venv/bin/python bench/bench_infer.py [--quick]
 
 all-MiniLM-L6-v2 (with a new classification head) scores the same IMDB reviews through
-`spark_tuning.train.predict`, the function validation uses, once with `loader.plan_eval_batches` (sorted
+`spark_tuning.tasks.classification.predict`, the function validation uses, once with `loader.plan_eval_batches` (sorted
 by length, each batch padded to its own longest row) and once with the same batches in random order
 (what scoring rows as they come gives). Interleaved, repeated; the predictions must agree.
 """

@@ -6,7 +6,7 @@ data-parallel scaling (1 vs 2 processes through TorchDistributor) on the same jo
 Runs `finetune.run` on conf/quickstart.yaml (240 short reviews, all-MiniLM-L6-v2, local[*]), outputs and
 the MLflow store in a temporary folder. The first run starts Spark itself (its start-up is part of the
 quickstart's wall time); the scaling runs reuse that session and alternate 1 and 2 processes. Threads per
-process come from spark_tuning.distributed.threads_per_process (cores / processes on one machine).
+process come from spark_tuning.train.distributed.threads_per_process (cores / processes on one machine).
 --quick: one epoch and no MLflow model packaging; full: the quickstart as shipped (4 epochs, model logged).
 """
 

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. /work/main/.venv/bin/python bench/bench_tokenize.py [--quick]
 
-The same IMDB reviews through: (a) spark_tuning.tokenize (an iterator Arrow UDF running the tokenizer's
+The same IMDB reviews through: (a) spark_tuning.text.tokenize (an iterator Arrow UDF running the tokenizer's
 Rust backend without transformers, local[*], one task per core, no padding), (b) the lab's recipe,
 `Dataset.map(tok(..., padding="max_length", truncation=True), batched=True)` in one process, (c) the fast tokenizer's own batch encode in one process (its Rust thread
 pool on, as in a notebook): the limit. Alternatives are interleaved within each size. "Useful tokens" are

@@ -3,7 +3,7 @@
     PYTHONPATH=. /work/main/.venv/bin/python bench/bench_train.py [--quick]
 
 The same IMDB rows, model, batch size and number of steps through the two recipes of bench/_recipes.py:
-  - spark-tuning: `spark_tuning.train.train_fn` itself, one process, reading staged Parquet like a rank
+  - spark-tuning: `spark_tuning.train.loop.train_fn` itself, one process, reading staged Parquet like a rank
     does (dynamic padding, length-bucketed batches, attention dropout 0, precision auto);
   - the lab's recipe: `transformers.Trainer` on a `datasets.Dataset` tokenized with padding="max_length".
 Useful tokens are non-pad tokens. MFU = 6 x non-embedding parameters x useful tokens/s over the matmul peak

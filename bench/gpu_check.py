@@ -4,7 +4,7 @@
     python bench/gpu_check.py OUT_DIR --cpu    # the same legs on CPU: gloo, 2 processes, tiny shapes
 
 It stages small data sets with pyarrow in the layout the job stages them (loader.write_staged), builds
-randomly initialised models of real shapes (nothing is downloaded), and runs `spark_tuning.train.train_fn`
+randomly initialised models of real shapes (nothing is downloaded), and runs `spark_tuning.train.loop.train_fn`
 under torchrun, as TorchDistributor does. The legs:
   classify   GPT-2 124M shape, sequence classification, precision auto (bf16 on GPUs >= 8.0), with a
              checkpoint half way

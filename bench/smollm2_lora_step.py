@@ -16,7 +16,7 @@ import time
 import pandas as pd
 import torch
 
-from spark_tuning.train.lm import peak_rss_mb  # the figure training runs report
+from spark_tuning.model.build import peak_rss_mb  # the figure training runs report
 
 
 def main() -> None:

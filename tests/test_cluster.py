@@ -128,7 +128,7 @@ def test_standalone_cluster_matches_local_mode(cluster, spark, tmp_path, reviews
     assert f"--master {cluster.url}" in out_cluster
     assert "--py-files" in out_cluster and "--files" in out_cluster
     # The training processes on the executors imported spark_tuning from the --py-files archive.
-    assert "spark_tuning.zip/spark_tuning/train.py" in out_cluster + cluster.logs(tail=400)
+    assert "spark_tuning.zip/spark_tuning/train/loop.py" in out_cluster + cluster.logs(tail=400)
 
     local = json.load(open(tmp_path / "local" / "model" / "metrics.json"))
     remote = json.load(open(tmp_path / "cluster" / "model" / "metrics.json"))

@@ -249,7 +249,7 @@ def test_training_process_exit_skips_teardown_but_keeps_the_code(tmp_path, torch
         "class Module:  # a module global's finaliser runs at interpreter teardown\n"
         f"    def __del__(self, open=open): open({str(tmp_path / 'teardown')!r}, 'w').close()\n"
         "kept = Module()\n"
-        "from spark_tuning.faults import exit_without_teardown\n"
+        "from spark_tuning.cluster.faults import exit_without_teardown\n"
         "exit_without_teardown()\n"
         f"atexit.register(lambda: open({str(tmp_path / 'later-handler')!r}, 'w').close())\n"
         f"logging.basicConfig(filename={str(log_file)!r}, level=logging.INFO)\n"

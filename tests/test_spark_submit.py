@@ -60,7 +60,7 @@ def test_cluster_master_ships_package_and_config_and_passes_options_through(tmp_
     assert job_args == ["--config", str(cfg), "--set", "train.epochs=1", "--overwrite"]
     with zipfile.ZipFile(zip_path) as z:
         names = z.namelist()
-    assert "spark_tuning/train.py" in names and "spark_tuning/resources/quickstart_reviews.jsonl" in names
+    assert "spark_tuning/train/loop.py" in names and "spark_tuning/resources/quickstart_reviews.jsonl" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     # Unchanged sources: the archive is reused, not rebuilt.
     again = run(str(cfg), "--master", "spark://10.0.0.1:7077", "--dry-run")

@@ -6,7 +6,7 @@ and runs it on load, so it must stay self-contained. It imports only torch, tran
 and mlflow, never spark_tuning, so the logged model loads wherever those are installed (a scoring
 server, a Spark executor, Databricks Model Serving, Azure ML) without this package.
 
-What the model does is set by its `model_config` (written by spark_tuning.packaging; a key can be overridden
+What the model does is set by its `model_config` (written by spark_tuning.deploy.packaging; a key can be overridden
 at load time: mlflow.pyfunc.load_model(uri, model_config={"max_new_tokens": 64})):
   task          "classification" -> TextClassifier; "causal_lm" or "sft" -> TextGenerator
   max_length    tokens kept per text (classification, sft: data.max_length; causal_lm: data.block_size), so
@@ -209,7 +209,7 @@ class TextGenerator:
     probability and probabilities by the rule of the run's own evaluation: the label whose first response
     token the model scores highest right after the prompt (probabilities: softmax over those tokens).
     causal_lm: the text is continued as it is. Prompts are cut to leave room for max_new_tokens within
-    max_length, as lm_train.sample_prompt_ids cuts the run's own samples: causal_lm keeps the text's end; sft
+    max_length, as the LM tasks' prompt_ids (tasks/) cut the run's own samples: causal_lm keeps the text's end; sft
     keeps the prompt's first third and its end, as training cut its prompts (lm_data.truncate_pair)."""
 
     def __init__(self, folder: str, cfg: dict):

@@ -11,7 +11,7 @@ a batch pads its rows by a few percent at most. Batches hold `batch_size` rows, 
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -105,6 +105,7 @@ def _collate_lm(shard: Shard, index: np.ndarray, pad_id: int) -> dict[str, np.nd
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def iterate(shard: Shard, plan: list[np.ndarray], pad_id: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+def iterate(shard: Shard, plan: list[np.ndarray], pad_id: int,
+            collate_fn: Callable[[Shard, np.ndarray, int], dict] = collate) -> Iterator[tuple[np.ndarray, dict]]:
     for index in plan:
-        yield index, collate(shard, index, pad_id)
+        yield index, collate_fn(shard, index, pad_id)

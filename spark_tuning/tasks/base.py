@@ -6,7 +6,8 @@ steps produced. Defaults here are those of classification-like tasks; a task ove
 
   on the driver, before Spark   sequence_length, config_problems, check_model
   in Spark                      stage -> Staged (staged Parquet, figures, extras for the ranks)
-  on every rank                 load_model (the head), eval_before_training, evaluate, prompt_ids
+  on every rank                 load_model (the head), collate (a batch), loss, eval_before_training,
+                                evaluate, prompt_ids
   on the driver, after          metrics, write_outputs
   packaging and serving         generates_text, serving_config, input_examples
 """
@@ -59,6 +60,17 @@ class Task:
 
     def load_model(self, cfg, src, tokenizer, id2label: dict, device: str, dtype):
         raise NotImplementedError
+
+    def collate(self, shard, index, pad_id: int) -> dict:
+        """One training batch's host arrays from the rank's shard (rows `index`, padded to the longest)."""
+        from spark_tuning.loader.batches import collate
+
+        return collate(shard, index, pad_id)
+
+    def loss(self, model, batch: dict):
+        """The training loss of one batch on the device; by default the head's own loss from `labels`
+        (cross-entropy over classes, or over next tokens for the LM tasks)."""
+        return model(**batch).loss
 
     def evaluate(self, model, shard, cfg, extras: dict, tokenizer, ctx, precision: str, step: int, tracker,
                  id2label: dict) -> tuple[dict, dict]:

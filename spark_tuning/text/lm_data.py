@@ -58,6 +58,11 @@ class LmPrepared:
 # Rows -> chats (pure transforms)
 
 
+# The sft data format of labelled rows (text + label), rendered as prompt = text, response = label name.
+# It is a data format, not the classification task: the task stays sft.
+LABELLED_ROWS = "classification"
+
+
 def sft_format(cfg: DataConfig, columns: Sequence[str]) -> str:
     """Which kind of SFT data this is; 'auto' picks by the columns present."""
     if cfg.sft_format != "auto":
@@ -67,7 +72,7 @@ def sft_format(cfg: DataConfig, columns: Sequence[str]) -> str:
     if cfg.prompt_column in columns and cfg.response_column in columns:
         return "prompt_response"
     if cfg.text_column in columns and cfg.label_column in columns:
-        return "classification"
+        return LABELLED_ROWS
     raise InputError(
         f"task sft: the data has none of a {cfg.messages_column!r} column (data.messages_column), "
         f"{cfg.prompt_column!r} + {cfg.response_column!r} columns (data.prompt_column / data.response_column), "
@@ -109,7 +114,7 @@ def to_chats(df: DataFrame, cfg: DataConfig, fmt: str, label_names: Optional[Seq
             F.struct(F.lit("user").alias("role"), F.col(cfg.prompt_column).cast("string").alias("content")),
             F.struct(F.lit("assistant").alias("role"), F.col(cfg.response_column).cast("string").alias("content")),
         ).alias(MESSAGES), F.lit(-1).alias("label"))
-    elif fmt == "classification":
+    elif fmt == LABELLED_ROWS:
         # `df` is the classification stage's output: `text` and an integer `label`.
         names = F.array(*[F.lit(n) for n in label_names or ()])
         before, _, after = cfg.sft_prompt.partition("{text}")
@@ -169,7 +174,7 @@ def prepare_chats(spark: SparkSession, cfg: Config) -> LmPrepared:
     d = cfg.data
     raw, _ = dataset.read_source(spark, d.source, d.format, d.train_split)
     fmt = sft_format(d, raw.columns)
-    if fmt == "classification":
+    if fmt == LABELLED_ROWS:
         prepared = dataset.prepare(spark, d, cfg.seed)
         names = prepared.labels.names
         train = to_chats(prepared.train, d, fmt, names)

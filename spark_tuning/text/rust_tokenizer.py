@@ -1,7 +1,7 @@
 """The worker side of Spark tokenization: the model tokenizer's Rust backend, rebuilt from its JSON, and
 its ids as flat Arrow arrays. Spark tasks import only this module (numpy, pyarrow, tokenizers): not
 transformers, not pandas, nothing else of spark_tuning, so a fresh Python worker starts in a blink.
-The driver side, which takes the backend from transformers and checks it, is spark_tuning.tokenize.
+The driver side, which takes the backend from transformers and checks it, is spark_tuning.text.tokenize.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class RustEncoder:
         regex that takes punctuation together with the new lines after it). So the cut text's ids count
         only when it overflows max_length by CUT_MARGIN_TOKENS or more; any other cut text is tokenized
         again, whole. The driver checks all this on its probe texts before it trusts it
-        (spark_tuning.tokenize.rust_encoder). Every text is first capped at max_length x
+        (spark_tuning.text.tokenize.rust_encoder). Every text is first capped at max_length x
         MAX_CHARS_PER_TOKEN characters, on the side truncation keeps."""
         tok = self.load()
         if self.max_length is None:

@@ -4,7 +4,7 @@ The driver starts this as a detached process (its own session, so it outlives th
 second; when the driver's process is gone and the run is still RUNNING, it marks the run FAILED. It exits
 as soon as the run has ended in any way, so a finished job leaves nothing behind.
 
-    python -m spark_tuning.watchdog DRIVER_PID TRACKING_URI RUN_ID
+    python -m spark_tuning.track.watchdog DRIVER_PID TRACKING_URI RUN_ID
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 
 
 def start(tracking_uri: str, run_id: str) -> None:
-    subprocess.Popen([sys.executable, "-m", "spark_tuning.watchdog", str(os.getpid()), tracking_uri, run_id],
+    subprocess.Popen([sys.executable, "-m", "spark_tuning.track.watchdog", str(os.getpid()), tracking_uri, run_id],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True)
 

@@ -71,11 +71,11 @@ def ahead(items: Iterable, depth: int = 2) -> Iterator:
         stop.set()
 
 
-def train_batches(shard, plan, pad_id: int, device: str) -> Iterator:
-    """(index, host batch, tensors to copy) of each planned batch, collated ahead in a thread."""
+def train_batches(shard, plan, pad_id: int, device: str, collate_fn) -> Iterator:
+    """(index, host batch, tensors to copy) of each planned batch, collated (by the task) ahead in a thread."""
     from spark_tuning.loader.batches import iterate
 
-    return ahead((index, batch, pinned(batch, device)) for index, batch in iterate(shard, plan, pad_id))
+    return ahead((index, batch, pinned(batch, device)) for index, batch in iterate(shard, plan, pad_id, collate_fn))
 
 
 def timed(batches, clock: dict[str, float]):

@@ -312,7 +312,8 @@ def train_epoch(run: Rank, state, epoch: int, skip: int) -> float:
     run.ddp_model.train()
     plan = run.plan_epoch(epoch, s.micro_per_epoch[epoch])
     t = time.perf_counter()
-    batches = timed(train_batches(run.train_shard, plan[skip:], run.tokenizer.pad_token_id, run.ctx.device), run.clock)
+    batches = timed(train_batches(run.train_shard, plan[skip:], run.tokenizer.pad_token_id, run.ctx.device,
+                                  run.task.collate), run.clock)
     for micro, (_, batch, tensors) in enumerate(batches, start=skip):
         sync = (micro + 1) % tc.grad_accum_steps == 0 or micro + 1 == len(plan)
         loss = micro_step(run, batch, tensors, sync, state.step)
@@ -348,7 +349,7 @@ def micro_step(run: Rank, batch: dict, tensors: dict, sync: bool, step: int):
         # Skip the gradient all-reduce on accumulation micro-steps: it is only needed on the last.
         with (contextlib.nullcontext() if sync or not ctx.is_distributed else run.ddp_model.no_sync()):
             with numerics.autocast(run.precision, ctx.device):
-                loss = run.ddp_model(**to_device(tensors, ctx.device)).loss
+                loss = run.task.loss(run.ddp_model, to_device(tensors, ctx.device))
             run.scaler.scale(loss / tc.grad_accum_steps).backward()
         if sync:
             optimizer_step(run.model, run.optimizer, run.scheduler, run.scaler, tc.max_grad_norm)
