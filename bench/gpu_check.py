@@ -314,7 +314,7 @@ def serve_leg(model_dir: str, run: dict, texts: list[str], shape: dict, cpu: boo
 
     from spark_tuning.train.precision import probability_tolerance
     from spark_tuning.deploy.serving_model import TextClassifier
-    from spark_tuning.deploy.verify import compare_probabilities
+    from spark_tuning.evaluate.agreement import compare_probabilities
 
     t = time.perf_counter()
     served = TextClassifier(model_dir, {"max_length": shape["max_length"], "batch_size": 64,

@@ -39,7 +39,8 @@ serving ask the task; nothing outside tasks/ branches on a task's name (tests/te
 and that there is no import cycle and no function over 80 lines).
 
 Where new things go:
-  a new task      tasks/<name>.py with a TASK object, its name in config.TASKS and tasks.get_task; its tests
+  a new task      tasks/<name>.py with a TASK object (found by tasks.all_tasks) and its tests; the served
+                  model's answer for it in deploy/serving_model.py (self-contained, so it keeps its own table)
   a new loader    loader/<name>.py reading into a staging.Shard; its `kind` in loader/backends.py
   a model source  model/sources.py (resolve_model, where a source becomes a local folder)
 The config reaches the ranks as a typed `train.payload.TrainPayload` (to_dict / from_dict), never as

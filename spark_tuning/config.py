@@ -19,7 +19,6 @@ import yaml
 from spark_tuning.errors import InputError
 from spark_tuning.secrets import config_problems as secret_problems
 
-TASKS = ("classification", "causal_lm", "sft")
 CHAT_TEMPLATE_MODES = ("auto", "require", "none")
 SFT_FORMATS = ("auto", "messages", "prompt_response", "classification")
 FORMATS = ("auto", "parquet", "csv", "json", "table", "delta", "hf_disk", "hf_hub")
@@ -373,7 +372,7 @@ def _check_values(cfg: Config) -> list[str]:
         if value is None or value <= 0:
             p.append(f"{name} = {value!r} must be greater than 0")
 
-    one_of("task", cfg.task, TASKS)
+    one_of("task", cfg.task, task_names())
     one_of("data.format", cfg.data.format, FORMATS)
     one_of("train.precision", cfg.train.precision, PRECISIONS)
     one_of("loader.kind", cfg.loader.kind, LOADERS)
@@ -428,9 +427,16 @@ def _check_values(cfg: Config) -> list[str]:
     return p
 
 
+def task_names() -> tuple[str, ...]:
+    """The tasks `task:` accepts: one per file in spark_tuning/tasks/."""
+    from spark_tuning.tasks import all_tasks
+
+    return tuple(all_tasks())
+
+
 def _check_task_values(cfg: Config) -> list[str]:
     """What the task adds (tasks/): its own rules, and the token budget against its longest row."""
-    if cfg.task not in TASKS:
+    if cfg.task not in task_names():
         return []  # reported above
     from spark_tuning.tasks import get_task
 

@@ -236,7 +236,8 @@ def test_the_served_model_keeps_half_precision_only_where_the_device_has_it():
 
 
 def test_verify_tolerance_follows_the_precisions_and_allows_near_ties():
-    from spark_tuning.deploy.verify import compare_probabilities, tolerance_for
+    from spark_tuning.deploy.verify import tolerance_for
+    from spark_tuning.evaluate.agreement import compare_probabilities
 
     assert probability_tolerance(("fp32", "cpu"), ("fp32", "cpu")) == 1e-5
     assert probability_tolerance(("fp32", "cuda"), ("fp32", "cpu")) == 5e-3  # TF32 on the GPU

@@ -149,7 +149,7 @@ def _readme(t: Target) -> str:
             f"Serves registered model `{t.registered_model_name}` version {t.version} (a Unity Catalog name is "
             "catalog.schema.model).", "",
             "```", "databricks serving-endpoints create --json @databricks/serving_endpoint.json",
-            f"curl -X POST -H \"Authorization: Bearer $DATABRICKS_TOKEN\" -H 'Content-Type: application/json' \\",
+            "curl -X POST -H \"Authorization: Bearer $DATABRICKS_TOKEN\" -H 'Content-Type: application/json' \\",
             f"  \"$DATABRICKS_HOST/serving-endpoints/{t.endpoint_name}/invocations\" -d '{request}'", "```", "",
         ]
     lines += [

@@ -56,20 +56,18 @@ class ModelRecord:
         return self.model_uri
 
 
-def signature(generated_text: bool = False, labels: bool = True):
+def signature(outputs: list[tuple[str, str]]):
     """Input: the text column, typed Any and optional on purpose: MLflow's scoring server converts values to
     a `string` column's type before the model sees them ({"inputs": [5]} became the text "5", null became
     "None") and answers a missing column with an error that repeats the request. The model checks every
-    row itself (serving_model.texts_from) and answers a short 400."""
+    row itself (serving_model.texts_from) and answers a short 400. Outputs: the task's (column, type)
+    pairs (`Task.output_columns`); "double[]" is a list of doubles."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, Array, ColSpec, Schema
 
     inputs = Schema([ColSpec(AnyType(), INPUT_COLUMN, required=False)])
-    outputs = [ColSpec("string", "generated_text")] if generated_text else []
-    if labels:
-        outputs += [ColSpec("string", "label"), ColSpec("long", "label_id"), ColSpec("double", "probability"),
-                    ColSpec(Array("double"), "probabilities")]
-    return ModelSignature(inputs=inputs, outputs=Schema(outputs))
+    specs = [ColSpec(Array(kind[:-2]) if kind.endswith("[]") else kind, name) for name, kind in outputs]
+    return ModelSignature(inputs=inputs, outputs=Schema(specs))
 
 
 def pip_requirements() -> list[str]:
@@ -154,8 +152,7 @@ def log_model(cfg: Config, run_id: str, tracking_uri: str, output_dir: str, prec
                 python_model=serving_model.__file__,  # logged as code: no pickled classes
                 artifacts={"model": folder},
                 model_config=config,
-                signature=signature(generated_text=get_task(cfg.task).generates_text,
-                                    labels=not get_task(cfg.task).generates_text or "label_names" in config),
+                signature=signature(get_task(cfg.task).output_columns(config)),
                 input_example=_input_example(output_dir, cfg),
                 pip_requirements=pip_requirements(),
                 registered_model_name=name,

@@ -1,9 +1,10 @@
 """Check a served model against the run's offline numbers, and measure it.
 
 `verify(url, data)` sends held-out rows through the endpoint in batches (in order, one request at a time,
-so latencies are per request without queueing), recomputes accuracy, precision, recall and F1 from the
-answers, and compares them with the run's offline predictions row by row: the same inputs must give the
-same label; probabilities must agree to `atol`. The tolerance follows the precisions of the two sides
+so latencies are per request without queueing) and hands the answers to the run's task
+(`Task.compare_served`), which says what must agree: for the tasks that answer labels
+(evaluate/agreement.py), accuracy, precision, recall and F1 recomputed from the answers, and row by row the
+same label, probabilities equal to `atol`. The tolerance follows the precisions of the two sides
 (precision.probability_tolerance): 1e-5 when the run evaluated in fp32 on a CPU and the server does the
 same (batches of different make-up move only the last float bits), up to 3e-2 where one side computes in
 bf16; TF32 and fp16 sit between. A label that flips where the run's own top two probabilities were within
@@ -13,8 +14,9 @@ It also reports latency percentiles per request and rows per second.
 Held-out data: a run's output folder (its eval_predictions.parquet and metrics.json), that Parquet file
 itself, or any Parquet / JSON Lines / CSV file with a text column and (optionally) a label column.
 
-Only models that answer labels can be checked: an endpoint whose first answer has no label_id and
-probabilities (a causal_lm / sft model that generates text) is refused with a clear error. An sft model
+The task is the run's (config.yaml in its folder); a data file of its own is compared as labels. An endpoint
+whose first answer lacks the columns the task compares (a causal_lm / sft model that generates text has no
+label_id and probabilities) is refused with a clear error. An sft model
 trained on classification data answers labels too, and can be checked against a labelled data file (LM
 runs write no offline predictions to compare with).
 """
@@ -40,6 +42,7 @@ class HeldOut:
     rows: pd.DataFrame  # text, and where known: label (id), prediction (id), probabilities
     names: Optional[list[str]]  # class names by id, when known
     offline_metrics: Optional[dict]  # the run's metrics.json
+    task: Optional[str] = None  # the run's task (its config.yaml), None for a data file of its own
 
 
 @dataclass
@@ -111,7 +114,17 @@ def load_held_out(data: str, text_column: str = "text", label_column: str = "lab
                              "into the model's label ids: put the run's label_map.json there, or use label ids")
         index = {n: i for i, n in enumerate(names)}
         rows["label"] = rows["label"].map(index)
-    return HeldOut(rows.reset_index(drop=True), names, metrics)
+    return HeldOut(rows.reset_index(drop=True), names, metrics, _run_task(folder) if metrics else None)
+
+
+def _run_task(folder: str) -> Optional[str]:
+    import yaml
+
+    path = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return (yaml.safe_load(f) or {}).get("task")
 
 
 def percentiles(seconds: list[float]) -> dict:
@@ -160,8 +173,8 @@ def verify(url: str, data: str, batch_size: int = 32, atol: Optional[float] = No
            label_column: str = "label", served: Optional[tuple[str, str]] = None) -> Report:
     """`atol` None: the tolerance that follows the run's and the server's precisions (`tolerance_for`;
     `served` as there)."""
-    from spark_tuning.evaluate.metrics import classification_metrics
     from spark_tuning.deploy.serving import ping
+    from spark_tuning.tasks import Task, get_task
 
     if not ping(url.rstrip("/").removesuffix("/invocations")):
         raise InputError(f"--endpoint {url} does not answer /ping: start it with `spark-tuning serve`")
@@ -173,59 +186,25 @@ def verify(url: str, data: str, batch_size: int = 32, atol: Optional[float] = No
     texts = held.rows["text"].tolist()
     if not texts:
         raise InputError(f"--data {data!r} holds no rows to send")
+    task = get_task(held.task) if held.task else Task()  # a data file of its own: compared as labels
     # One row first: it pays for lazy initialisation (kept out of the percentiles) and shows what is served.
     probe, _ = score_endpoint(url, texts[:1], 1)
-    if not {"label_id", "probabilities"} <= set(probe.columns):
-        raise InputError(f"--endpoint {url} answers {sorted(map(str, probe.columns))}, not label_id and "
-                         "probabilities: it serves a text-generation model (causal_lm / sft), and verify compares "
-                         "classification labels and probabilities with the run's; try a generation model with "
-                         "a request of your own (README: Deploy and verify)")
+    if not set(task.answer_columns) <= set(probe.columns):
+        raise InputError(f"--endpoint {url} answers {sorted(map(str, probe.columns))}, not "
+                         f"{' and '.join(task.answer_columns)}: it serves a text-generation model (causal_lm / sft), "
+                         "and verify compares a run's labels and probabilities with the served ones; try a "
+                         "generation model with a request of your own (README: Deploy and verify)")
     t = time.perf_counter()
     served, latencies = score_endpoint(url, texts, batch_size)
     seconds = time.perf_counter() - t
     if len(served) != len(texts):
         raise JobFailed(f"the endpoint returned {len(served)} predictions for {len(texts)} rows")
-
-    metrics, offline, diffs = {}, {}, []
-    agreement = max_diff = None
-    near_ties = 0
-    if "label" in held.rows.columns and held.rows["label"].notna().all():
-        names = held.names or [str(i) for i in range(len(served["probabilities"].iloc[0]))]
-        m = classification_metrics(served["label_id"].to_numpy(), held.rows["label"].astype(int).to_numpy(), names)
-        metrics = {k: m[k] for k in ("accuracy", "precision", "recall", "f1")}
-    if held.offline_metrics:
-        offline = {k: held.offline_metrics[k] for k in ("accuracy", "precision", "recall", "f1")}
-    if "prediction" in held.rows.columns:
-        served_ids, offline_ids = served["label_id"].to_numpy(), held.rows["prediction"].to_numpy()
-        agreement = float((served_ids == offline_ids).mean())
-        offline_p = np.stack(held.rows["probabilities"].to_numpy()) if "probabilities" in held.rows.columns else None
-        diff, tie, differs = compare_probabilities(served_ids, np.stack(served["probabilities"].to_numpy()),
-                                                   offline_ids, offline_p, atol)
-        max_diff = float(diff.max()) if len(diff) else 0.0
-        near_ties = int(tie.sum())
-        for i in np.flatnonzero(differs):
-            diffs.append({"row": int(i), "row_id": int(held.rows["row_id"].iloc[i]) if "row_id" in held.rows else int(i),
-                          "text": texts[i][:80], "offline_label": int(held.rows["prediction"].iloc[i]),
-                          "served_label": int(served["label_id"].iloc[i]), "probability_diff": float(diff[i])})
-    return Report(rows=len(texts), agreement=agreement, max_probability_diff=max_diff, metrics=metrics,
-                  offline=offline, differences=diffs, latency_ms=percentiles(latencies),
+    a = task.compare_served(served, held, atol)
+    return Report(rows=len(texts), agreement=a.agreement, max_probability_diff=a.max_probability_diff,
+                  metrics=a.metrics, offline=a.offline, differences=a.differences, latency_ms=percentiles(latencies),
                   rows_per_second=len(texts) / seconds if seconds else 0.0, requests=len(latencies),
                   batch_size=batch_size, seconds=seconds, tolerance=atol, tolerance_basis=basis,
-                  near_ties=near_ties)
-
-
-def compare_probabilities(served_ids: np.ndarray, served_p: np.ndarray, offline_ids: np.ndarray,
-                          offline_p: Optional[np.ndarray], atol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row by row: the largest class-probability difference; whether the label flipped on a near tie (the
-    run's own top two probabilities within 2 x atol, so precision explains the flip); and whether the row
-    differs (a flip that is no near tie, or a probability difference above atol)."""
-    same = served_ids == offline_ids
-    diff = np.abs(served_p - offline_p).max(axis=1) if offline_p is not None else np.zeros(len(served_ids))
-    tie = np.zeros(len(same), dtype=bool)
-    if offline_p is not None and offline_p.shape[1] > 1:
-        top2 = np.sort(offline_p, axis=1)[:, -2:]
-        tie = ~same & (diff <= atol) & (top2[:, 1] - top2[:, 0] <= 2 * atol)
-    return diff, tie, (~same & ~tie) | (diff > atol)
+                  near_ties=a.near_ties)
 
 
 def render(report: Report) -> str:

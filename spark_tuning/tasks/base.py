@@ -9,13 +9,18 @@ steps produced. Defaults here are those of classification-like tasks; a task ove
   on every rank                 load_model (the head), collate (a batch), loss, eval_before_training,
                                 evaluate, prompt_ids
   on the driver, after          metrics, write_outputs
-  packaging and serving         generates_text, serving_config, input_examples
+  packaging and serving         generates_text, serving_config, output_columns (the signature), input_examples
+  verify                        answer_columns, compare_served (served answers against the run's)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+# The answer of a model that serves labels: (column, type) as the MLflow signature declares it.
+LABEL_OUTPUTS = (("label", "string"), ("label_id", "long"), ("probability", "double"),
+                 ("probabilities", "double[]"))
 
 
 @dataclass
@@ -43,6 +48,7 @@ class Task:
     eval_before_training = False  # evaluate the untrained model too (before/after figures)
     verifiable = True  # deploy.verify can compare its served answers with offline predictions
     length_key = "max_length"  # the data setting that bounds a row (sequence_length)
+    answer_columns = ("label_id", "probabilities")  # what verify needs in a served answer to compare
 
     def sequence_length(self, cfg) -> int:
         """The longest row a batch can hold (data.max_length; causal_lm: data.block_size)."""
@@ -91,8 +97,19 @@ class Task:
         """What the served model needs beyond the common keys (packaging.model_config)."""
         return {}
 
+    def output_columns(self, serving: dict) -> list[tuple[str, str]]:
+        """The served model's answer, (column, type) for the signature; `serving`: its model_config."""
+        return list(LABEL_OUTPUTS)
+
     def input_examples(self, cfg, folder: str) -> list[str]:
         return []
+
+    def compare_served(self, served, held, atol: float):
+        """The endpoint's answers (`served`, a DataFrame in row order) against the run's held-out rows
+        (`deploy.verify.HeldOut`): an `evaluate.agreement.Agreement`. Default: labels and probabilities."""
+        from spark_tuning.evaluate.agreement import compare_labels
+
+        return compare_labels(served, held.rows, held.names, held.offline_metrics, atol)
 
     def metrics_file_extras(self, result: dict) -> dict:
         """What metrics.json holds beside the metrics (per-epoch records; LM: generated samples)."""

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import numpy as np
 
 from spark_tuning.errors import InputError
-from spark_tuning.tasks.base import Staged, Task
+from spark_tuning.tasks.base import LABEL_OUTPUTS, Staged, Task
 
 log = logging.getLogger("spark_tuning.train")
 
@@ -180,6 +180,10 @@ class LanguageModelTask(Task):
 
     def serving_config(self, cfg, extras: dict) -> dict:
         return {"max_new_tokens": cfg.train.sample_max_new_tokens}
+
+    def output_columns(self, serving: dict) -> list[tuple[str, str]]:
+        """Generated text; label columns too where it learnt labels (sft on labelled rows)."""
+        return [("generated_text", "string"), *(LABEL_OUTPUTS if "label_names" in serving else ())]
 
     def input_examples(self, cfg, folder: str) -> list[str]:
         return list(cfg.train.sample_prompts[:2])  # the prompts the run generated samples for
