@@ -17,9 +17,11 @@ def _finetune(args: argparse.Namespace) -> int:
     from spark_tuning import finetune
     from spark_tuning.config import load_config
 
+    from spark_tuning.tasks import get_task
+
     cfg = load_config(args.config, args.set)
     summary = finetune.run(cfg, overwrite=args.overwrite, resume=args.resume)
-    print(render_summary(summary))
+    print(render_summary(summary, get_task(cfg.task)))
     return 0
 
 
@@ -31,23 +33,6 @@ def _export_openai(args: argparse.Namespace) -> int:
     report = openai_export.export(cfg, args.out, overwrite=args.overwrite)
     print(openai_export.render_report(report))
     return 0
-
-
-def _lm_rows(m: dict) -> list[tuple[str, str]]:
-    """causal_lm / sft: before -> after figures of the response (or all) tokens."""
-    rows = [("eval loss (before -> after)", f"{m['eval_loss_before']:.4f} -> {m['eval_loss']:.4f}"),
-            ("perplexity (before -> after)", f"{m['eval_perplexity_before']:.2f} -> {m['eval_perplexity']:.2f}")]
-    for key in ("accuracy", "precision", "recall", "f1"):
-        if key in m:
-            rows.append((f"label {key} (before -> after)", f"{m[key + '_before']:.4f} -> {m[key]:.4f}"))
-    rows.append(("trainable parameters", f"{m['trainable_parameters']:,} of {m['parameters']:,} "
-                                         f"({m['trainable_percent']:.2f}%)"))
-    if m.get("adapter_bytes"):
-        rows.append(("adapter size", f"{m['adapter_bytes'] / 2**20:.1f} MiB "
-                                     f"({100 * m['adapter_share_of_model']:.2f}% of the merged model)"))
-    if m.get("peak_rss_mb"):
-        rows.append(("peak memory (RSS, one process)", f"{m['peak_rss_mb']:.0f} MiB"))
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,19 +190,9 @@ def _add_deploy_commands(sub) -> None:
     p.set_defaults(func=_export)
 
 
-def render_summary(s) -> str:
-    m = s.metrics
-    if m.get("task_metrics") == "lm":
-        return _table(_lm_rows(m) + _common_rows(s) + _deploy_rows(s))
-    rows = [
-        ("accuracy", f"{m['accuracy']:.4f}"),
-        (f"precision ({m['average']})", f"{m['precision']:.4f}"),
-        (f"recall ({m['average']})", f"{m['recall']:.4f}"),
-        (f"f1 ({m['average']})", f"{m['f1']:.4f}"),
-        ("eval loss", f"{m['eval_loss']:.4f}"),
-        ("validation rows", str(m["num_examples"])),
-    ]
-    return _table(rows + _common_rows(s) + _deploy_rows(s))
+def render_summary(s, task) -> str:
+    """The table the job prints: the task's figures (`Task.summary_rows`), then training and deploy."""
+    return _table(task.summary_rows(s.metrics) + _common_rows(s) + _deploy_rows(s))
 
 
 def _deploy_rows(s) -> list[tuple[str, str]]:

@@ -23,6 +23,7 @@ CHAT_TEMPLATE_MODES = ("auto", "require", "none")
 SFT_FORMATS = ("auto", "messages", "prompt_response", "classification")
 FORMATS = ("auto", "parquet", "csv", "json", "table", "delta", "hf_disk", "hf_hub")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REGRESSION_LOSSES = ("mse", "huber")
 LOADERS = ("parquet", "petastorm")
 
 
@@ -61,6 +62,11 @@ class DataConfig:
     # sft from classification data: the user's turn; {text} is replaced by the row's text.
     sft_prompt: str = "Is the sentiment of this movie review positive or negative? Answer with one word.\n\n{text}"
     chat_template: str = "auto"  # auto: the tokenizer's chat template where it has one; require; none
+    # --- regression (tasks/regression.py) ---
+    # Train on (target - mean) / std of the training split: the head starts near the target's scale
+    # whatever its units. Saved with the model (regression.json, the served model's config) and undone
+    # at prediction: every figure and answer is in the target's own units.
+    standardize_target: bool = True
 
 
 @dataclass
@@ -92,6 +98,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
+    regression_loss: str = "mse"  # regression: mse, or huber (less pulled by outliers)
+    huber_delta: float = 1.0  # huber: where the loss turns linear, in standardized units if standardized
     # auto: bf16 where the hardware multiplies bf16 natively (GPUs of compute capability >= 8.0, CPUs with
     # avx512_bf16/AMX), fp16 with loss scaling on older GPUs (V100, T4), else fp32 (TF32 matmuls on GPUs).
     precision: str = "auto"
@@ -375,6 +383,8 @@ def _check_values(cfg: Config) -> list[str]:
     one_of("task", cfg.task, task_names())
     one_of("data.format", cfg.data.format, FORMATS)
     one_of("train.precision", cfg.train.precision, PRECISIONS)
+    one_of("train.regression_loss", cfg.train.regression_loss, REGRESSION_LOSSES)
+    positive("train.huber_delta", cfg.train.huber_delta)
     one_of("loader.kind", cfg.loader.kind, LOADERS)
     if not cfg.output_dir.strip():
         p.append("output_dir is empty: name a folder (or dbfs:/... on Databricks)")

@@ -325,7 +325,7 @@ def deploy(cfg: Config, task, staged, result: dict, metrics: dict, folders: RunF
     t, partial, out = time.perf_counter(), folders.partial, folders.out
     tracking.log_metrics(run_ref, {f"final_{k}": v for k, v in metrics.items()
                                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    for name in ("metrics.json", "config.yaml", "label_map.json", "confusion_matrix.png", "training_curves.png"):
+    for name in ("metrics.json", "config.yaml", "training_curves.png", *task.logged_files):
         if os.path.exists(os.path.join(partial, name)):
             tracking.log_artifact(run_ref, os.path.join(partial, name))
     record = None

@@ -194,5 +194,5 @@ def test_served_causal_lm_generates_and_verify_and_score_refuse_it(causal_run, s
     ask = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sample_prompts=["the film was", "awful boring"]))
     expected = causal_lm.TASK.generate_samples(model, tok, ask, {}, "cpu")
     assert [p["generated_text"] for p in body["predictions"]] == [e["generated"] for e in expected]
-    with pytest.raises(InputError, match="not label and probabilities"):
+    with pytest.raises(InputError, match="not labels or a number"):
         score.localize(spark, s.deploy["model_uri"], s.tracking_uri, str(tmp_path / "m"))

@@ -324,3 +324,75 @@ def _clean_and_count(df: DataFrame, what: str) -> DataFrame:
             "check data.text_column and data.label_column"
         )
     return cleaned
+
+
+# ----------------------------------------------------------------------------------------------------
+# Numeric targets (regression)
+
+
+@dataclass(frozen=True)
+class TargetScale:
+    """How targets were standardized for training: value = standardized x std + mean."""
+
+    mean: float
+    std: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "std": self.std}
+
+
+def check_targets(df: DataFrame, setting: str) -> DataFrame:
+    """`label` must be a number in every row: lists, strings, nulls, NaN and infinities are refused, with the
+    row count and an example. Returns `df` with `label` as double."""
+    dtype = df.schema[LABEL].dataType
+    if isinstance(dtype, T.ArrayType):
+        raise InputError(f"{setting} holds lists ({dtype.simpleString()}), but task regression takes one number "
+                         "per row: use task: multilabel_classification for lists of labels, or pick a numeric column")
+    if not isinstance(dtype, T.NumericType):
+        example = df.where(F.col(LABEL).isNotNull()).select(F.col(LABEL).cast("string")).first()
+        raise InputError(f"{setting} holds {dtype.simpleString()} values (e.g. {example[0] if example else None!r}), "
+                         "but task regression needs numbers: cast the column to a number, or use task: classification")
+    value = F.col(LABEL).cast("double")
+    bad = F.col(LABEL).isNull() | F.isnan(value) | (F.abs(value) == float("inf"))
+    row = df.agg(F.sum(bad.cast("int")).alias("bad"), F.count(F.lit(1)).alias("rows"),
+                 F.first(F.when(bad, F.coalesce(F.col(LABEL).cast("string"), F.lit("null"))), ignorenulls=True).alias("example")).first()
+    if row["bad"]:
+        raise InputError(f"{setting}: {row['bad']} of {row['rows']} rows have no usable target (null, NaN or "
+                         f"infinite; e.g. {row['example']!r}): drop or fix those rows before training")
+    return df.withColumn(LABEL, value)
+
+
+def target_scale(df: DataFrame, setting: str) -> TargetScale:
+    """Mean and standard deviation of the training targets; a constant target is refused."""
+    row = df.agg(F.avg(LABEL).alias("mean"), F.stddev_pop(LABEL).alias("std"), F.min(LABEL).alias("lo")).first()
+    if not row["std"] or row["std"] <= 1e-12:
+        raise InputError(f"{setting}: every training row has the same target ({row['lo']!r}): there is nothing to "
+                         "learn; check the column, or the data.train_limit sample")
+    return TargetScale(float(row["mean"]), float(row["std"]))
+
+
+def prepare_targets(spark: SparkSession, cfg: DataConfig, seed: int) -> tuple[Prepared, TargetScale]:
+    """Source -> checked `text` / `label` (double) DataFrames, split and sampled, and the training targets'
+    scale. Rows with empty text are dropped as for classification; a bad target is refused instead (a
+    dropped target would silently change what the model learns)."""
+    setting = f"data.label_column = {cfg.label_column!r}"
+    raw, _ = read_source(spark, cfg.source, cfg.format, cfg.train_split, cfg.encoding)
+    df = check_targets(select_columns(raw, cfg.text_column, cfg.label_column), setting)
+    df = _clean_and_count(df, "source")
+    if cfg.eval_source or cfg.eval_split:
+        raw_eval, _ = read_source(spark, cfg.eval_source or cfg.source, cfg.format, cfg.eval_split, cfg.encoding)
+        eval_df = _clean_and_count(check_targets(select_columns(raw_eval, cfg.text_column, cfg.label_column),
+                                                 setting + " (validation source)"), "validation source")
+        train_df = df
+    else:
+        train_df, eval_df = split(df, cfg.validation_fraction, seed)
+    train_df = sample(train_df, cfg.train_limit, seed).cache()
+    eval_df = sample(eval_df, cfg.eval_limit, seed).cache()
+    counts = {"train_rows": train_df.count(), "eval_rows": eval_df.count()}
+    if counts["train_rows"] == 0 or counts["eval_rows"] == 0:
+        raise InputError(f"after the split, train has {counts['train_rows']} rows and validation {counts['eval_rows']}: "
+                         "both need rows; use more data or change data.validation_fraction")
+    scale = target_scale(train_df, setting)
+    log.info("data: %d training rows, %d validation rows, target mean %.4g, std %.4g",
+             counts["train_rows"], counts["eval_rows"], scale.mean, scale.std)
+    return Prepared(train_df, eval_df, LabelInfo(("value",), False), counts), scale

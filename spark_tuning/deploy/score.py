@@ -1,7 +1,9 @@
 """Batch scoring in Spark with the logged MLflow model.
 
 `score(df, model_path)` is a pure DataFrame -> DataFrame transform: it adds `prediction` (the label),
-`probability` (of that label) and `probabilities` (every class, by label id) with an iterator pandas UDF.
+`probability` (of that label) and `probabilities` (every class, by label id) for a model that answers
+labels, or `prediction` (a double) for a regression model, with an iterator pandas UDF. Which, it reads
+from the model's signature.
 The UDF loads the model once per executor Python process (cached at module level; Spark reuses its Python
 workers between tasks) and scores each Arrow batch. `model_path` must be readable on every executor:
 `localize` downloads a models:/ or runs:/ URI once on the driver and ships it with SparkContext.addFile.
@@ -25,8 +27,11 @@ from spark_tuning.errors import InputError
 
 log = logging.getLogger("spark_tuning.score")
 
-RESULT_SCHEMA = "prediction string, probability double, probabilities array<double>"
-OUTPUT_COLUMNS = ("prediction", "probability", "probabilities")
+# What the model answers (its signature's outputs) -> the columns score adds: (Spark schema, served column
+# of each added column).
+LABELS = ("prediction string, probability double, probabilities array<double>",
+          {"prediction": "label", "probability": "probability", "probabilities": "probabilities"})
+NUMBER = ("prediction double", {"prediction": "prediction"})
 _MODELS: dict = {}  # per executor Python process: model location -> loaded pyfunc model
 
 
@@ -35,12 +40,7 @@ def _load_once(location: str):
     if location not in _MODELS:
         import mlflow.pyfunc
 
-        path = location
-        if location.startswith("sparkfiles:"):
-            from pyspark import SparkFiles
-
-            path = SparkFiles.get(location[len("sparkfiles:"):])
-        _MODELS[location] = mlflow.pyfunc.load_model(path)
+        _MODELS[location] = mlflow.pyfunc.load_model(_model_path(location))
     return _MODELS[location]
 
 
@@ -65,41 +65,53 @@ def localize(spark: SparkSession, model_uri: str, tracking_uri: Optional[str] = 
         local = download_artifacts(artifact_uri=model_uri, dst_path=target)
     if not os.path.isfile(os.path.join(local, "MLmodel")):
         raise InputError(f"{model_uri} is not an MLflow model (no MLmodel file in {local})")
-    check_answers_labels(local, model_uri)
+    answer_kind(local, model_uri)
     spark.sparkContext.addFile(local, recursive=True)
     return "sparkfiles:" + os.path.basename(local.rstrip("/"))
 
 
-def check_answers_labels(local: str, model_uri: str) -> None:
-    """`score` writes label columns: refuse a text-generation model (its signature has no `label` output)."""
+def answer_kind(local: str, model_uri: str) -> tuple[str, dict]:
+    """LABELS or NUMBER, from the model's signature; a text-generation model is refused (score adds
+    prediction columns)."""
     from mlflow.models import Model
 
     outputs = Model.load(local).signature
     names = outputs.outputs.input_names() if outputs is not None and outputs.outputs is not None else []
-    if names and "label" not in names:
-        raise InputError(f"{model_uri} answers {names}, not label and probabilities: score adds label columns, so it "
-                         "takes classification models (and sft models trained on classification data) only")
+    if not names or "label" in names:
+        return LABELS
+    if names == ["prediction"]:
+        return NUMBER
+    raise InputError(f"{model_uri} answers {names}, not labels or a number: score adds prediction columns, so it "
+                     "takes classification and regression models (and sft models trained on classification data)")
+
+
+def _model_path(location: str) -> str:
+    if location.startswith("sparkfiles:"):
+        from pyspark import SparkFiles
+
+        return SparkFiles.get(location[len("sparkfiles:"):])
+    return location
 
 
 def score(df: DataFrame, model_location: str, text_column: str = "text") -> DataFrame:
-    """`df` plus prediction, probability and probabilities, scored by the model at `model_location`."""
+    """`df` plus the prediction columns (see the module), scored by the model at `model_location`."""
     if text_column not in df.columns:
         raise InputError(f"the input has no {text_column!r} column (columns: {df.columns}): pass --text-column")
-    clash = [c for c in OUTPUT_COLUMNS if c in df.columns]
+    schema, columns = answer_kind(_model_path(model_location), model_location)
+    clash = [c for c in columns if c in df.columns]
     if clash:
         raise InputError(f"the input already has column(s) {clash}: rename or drop them before scoring")
 
-    @pandas_udf(RESULT_SCHEMA)
+    @pandas_udf(schema)
     def predict(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         model = _load_once(model_location)
         for texts in batches:
             out = model.predict(pd.DataFrame({"text": texts.fillna("").astype(str)}))
-            yield pd.DataFrame({"prediction": out["label"], "probability": out["probability"],
-                                "probabilities": out["probabilities"]})
+            yield pd.DataFrame({name: out[served] for name, served in columns.items()})
 
     scored = df.withColumn("_scored", predict(F.col(text_column)))
-    return scored.select(*df.columns, *[F.col(f"_scored.{c}").alias(c) for c in OUTPUT_COLUMNS])
+    return scored.select(*df.columns, *[F.col(f"_scored.{c}").alias(c) for c in columns])
 
 
 def read_input(spark: SparkSession, source: str) -> DataFrame:

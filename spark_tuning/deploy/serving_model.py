@@ -1,5 +1,5 @@
 """The MLflow pyfunc model that spark-tuning logs: text in; label and probabilities out (classification),
-generated text out (causal LM / SFT).
+a number out (regression), generated text out (causal LM / SFT).
 
 This file is logged *as code* with the model (MLflow "models from code"): MLflow copies it into the model
 and runs it on load, so it must stay self-contained. It imports only torch, transformers, numpy, pandas
@@ -8,7 +8,9 @@ server, a Spark executor, Databricks Model Serving, Azure ML) without this packa
 
 What the model does is set by its `model_config` (written by spark_tuning.deploy.packaging; a key can be overridden
 at load time: mlflow.pyfunc.load_model(uri, model_config={"max_new_tokens": 64})):
-  task          "classification" -> TextClassifier; "causal_lm" or "sft" -> TextGenerator
+  task          "classification" -> TextClassifier; "regression" -> TextRegressor; "causal_lm" or "sft" ->
+                TextGenerator
+  target_mean, target_std   regression: the prediction is the output x target_std + target_mean
   max_length    tokens kept per text (classification, sft: data.max_length; causal_lm: data.block_size), so
                 inputs are cut as in training
   batch_size    rows per forward pass (classification)
@@ -181,10 +183,16 @@ class TextClassifier:
     def probabilities(self, texts: list[str]) -> np.ndarray:
         import torch
 
+        return self.outputs(texts, lambda logits: torch.softmax(logits.float(), dim=-1))
+
+    def outputs(self, texts: list[str], head) -> np.ndarray:
+        """`head(logits)` of every text, in input order; batched by length, as the training run evaluates."""
+        import torch
+
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)["input_ids"]
         lengths = np.array([len(x) for x in ids])
-        order = np.lexsort((np.arange(len(ids)), lengths))  # by length, as the training run evaluates
-        out = np.zeros((len(ids), len(self.id2label)), dtype=np.float32)
+        order = np.lexsort((np.arange(len(ids)), lengths))
+        out = np.zeros((len(ids), self.model.config.num_labels), dtype=np.float32)
         with self.lock, torch.inference_mode(), autocast(self.precision, self.device):
             for start in range(0, len(order), self.batch_size):
                 index = order[start:start + self.batch_size]
@@ -196,8 +204,21 @@ class TextClassifier:
                     mask[row, :lengths[i]] = 1
                 logits = self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
                                     attention_mask=torch.from_numpy(mask).to(self.device)).logits
-                out[index] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+                out[index] = head(logits.float()).cpu().numpy()
         return out
+
+
+class TextRegressor(TextClassifier):
+    """Hugging Face model with one output (task regression): returns `prediction`, in the target's units
+    (the output times target_std plus target_mean, as the run standardized its targets)."""
+
+    def __init__(self, folder: str, cfg: dict):
+        super().__init__(folder, cfg)
+        self.mean, self.std = float(cfg.get("target_mean", 0.0)), float(cfg.get("target_std", 1.0))
+
+    def predict(self, model_input) -> pd.DataFrame:
+        values = self.outputs(texts_from(model_input, self.column, self.max_chars), lambda logits: logits)[:, 0]
+        return pd.DataFrame({"prediction": values.astype(np.float64) * self.std + self.mean})
 
 
 class TextGenerator:
@@ -287,7 +308,8 @@ class TextGenerator:
         return out
 
 
-TASKS = {"classification": TextClassifier, "causal_lm": TextGenerator, "sft": TextGenerator}
+TASKS = {"classification": TextClassifier, "regression": TextRegressor, "causal_lm": TextGenerator,
+         "sft": TextGenerator}
 
 
 if mlflow is not None:

@@ -61,11 +61,12 @@ class Report:
     tolerance: float = 1e-5  # the probability difference allowed per row
     tolerance_basis: str = ""  # why that tolerance: the precisions and devices of the run and the server
     near_ties: int = 0  # rows whose label flipped within the tolerance (precision, not a mismatch)
+    metric_tolerance: float = 0.0  # numeric answers: metrics of values within the tolerance differ by this much
 
     @property
     def ok(self) -> bool:
         # Near ties may move the metrics by a row each; without them the metrics must be equal.
-        slack = (self.near_ties / max(1, self.rows)) * 2 + 1e-12
+        slack = max((self.near_ties / max(1, self.rows)) * 2 + 1e-12, self.metric_tolerance)
         return not self.differences and all(
             abs(self.metrics[k] - self.offline[k]) < slack for k in self.offline if k in self.metrics)
 
@@ -73,7 +74,7 @@ class Report:
         return {k: getattr(self, k) for k in ("rows", "agreement", "max_probability_diff", "metrics", "offline",
                                               "differences", "latency_ms", "rows_per_second", "requests",
                                               "batch_size", "seconds", "tolerance", "tolerance_basis",
-                                              "near_ties")} | {"ok": self.ok}
+                                              "near_ties", "metric_tolerance")} | {"ok": self.ok}
 
 
 def load_held_out(data: str, text_column: str = "text", label_column: str = "label") -> HeldOut:
@@ -204,7 +205,7 @@ def verify(url: str, data: str, batch_size: int = 32, atol: Optional[float] = No
                   metrics=a.metrics, offline=a.offline, differences=a.differences, latency_ms=percentiles(latencies),
                   rows_per_second=len(texts) / seconds if seconds else 0.0, requests=len(latencies),
                   batch_size=batch_size, seconds=seconds, tolerance=atol, tolerance_basis=basis,
-                  near_ties=a.near_ties)
+                  near_ties=a.near_ties, metric_tolerance=a.metric_tolerance)
 
 
 def render(report: Report) -> str:
@@ -216,15 +217,15 @@ def render(report: Report) -> str:
     if report.agreement is not None:
         ties = f", {report.near_ties} near tie(s) within it" if report.near_ties else ""
         lines.append(f"agreement with the run's offline predictions: {100 * report.agreement:.2f}% "
-                     f"(largest probability difference {report.max_probability_diff:.2e}; tolerance "
+                     f"(largest difference {report.max_probability_diff:.2e}; tolerance "
                      f"{report.tolerance:.0e}: {report.tolerance_basis}{ties})")
-    for k in ("accuracy", "precision", "recall", "f1"):
-        if k in report.metrics:
-            off = f"   offline {report.offline[k]:.4f}" if k in report.offline else ""
-            lines.append(f"  {k:<9} served {report.metrics[k]:.4f}{off}")
+    for k, v in report.metrics.items():
+        off = f"   offline {report.offline[k]:.4f}" if k in report.offline else ""
+        lines.append(f"  {k:<9} served {v:.4f}{off}")
     for d in report.differences[:50]:
-        lines.append(f"  DIFFERS row_id {d['row_id']}: offline {d['offline_label']} served {d['served_label']} "
-                     f"(|dp| {d['probability_diff']:.2e}) {d['text']!r}")
+        what = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items()
+                         if k not in ("row", "row_id", "text"))
+        lines.append(f"  DIFFERS row_id {d['row_id']}: {what} {d['text']!r}")
     if len(report.differences) > 50:
         lines.append(f"  ... and {len(report.differences) - 50} more")
     lines.append("VERIFIED: served predictions match the run" if report.ok else

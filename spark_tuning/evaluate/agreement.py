@@ -26,6 +26,7 @@ class Agreement:
     offline: dict = field(default_factory=dict)  # the same metrics, from the run
     differences: list[dict] = field(default_factory=list)  # the rows that differ
     near_ties: int = 0
+    metric_tolerance: float = 0.0  # how far the served metrics may be from the run's (numeric answers)
 
 
 def compare_probabilities(served_ids: np.ndarray, served_p: np.ndarray, offline_ids: np.ndarray,

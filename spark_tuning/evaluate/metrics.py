@@ -77,3 +77,53 @@ def plot_curves(history: list[dict], path: str) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def regression_metrics(preds: Sequence[float], targets: Sequence[float]) -> dict:
+    """RMSE, MAE, R², Pearson and Spearman correlation (ties get their mean rank), in the target's units."""
+    p, t = np.asarray(preds, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    err = p - t
+    total = float(((t - t.mean()) ** 2).sum())
+    return {
+        "rmse": float(np.sqrt((err ** 2).mean())), "mae": float(np.abs(err).mean()),
+        "r2": 1.0 - float((err ** 2).sum()) / total if total > 0 else float("nan"),
+        "pearson": _correlation(p, t), "spearman": _correlation(_ranks(p), _ranks(t)),
+        "target_mean": float(t.mean()), "target_std": float(t.std()), "rows": int(len(t)),
+    }
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")  # undefined for a constant side: said so rather than 0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties sharing their mean rank (as scipy.stats.rankdata's default)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.arange(1, len(x) + 1)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return sums[inverse] / counts[inverse]
+
+
+def plot_predicted_vs_true(preds: Sequence[float], targets: Sequence[float], path: str, title: str = "") -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p, t = np.asarray(preds, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(t, p, s=8, alpha=0.5)
+    lo, hi = float(min(t.min(), p.min())), float(max(t.max(), p.max()))
+    ax.plot([lo, hi], [lo, hi], color="grey", linewidth=1, label="predicted = true")
+    ax.set_xlabel("true")
+    ax.set_ylabel("predicted")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -149,7 +149,7 @@ class Shard:
     """One rank's rows, in memory: token ids as one flat array plus offsets (no Python list per row)."""
 
     row_ids: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray  # class ids (int64), or targets (float32, regression)
     lengths: np.ndarray
     offsets: np.ndarray  # row i is values[offsets[i]:offsets[i+1]]
     values: np.ndarray
@@ -191,8 +191,7 @@ def read_shard(ref: DataRef, rank: int, world_size: int, columns: Optional[list[
     offsets = offsets - offsets[0]
     return Shard(
         row_ids=table.column("row_id").to_numpy(),
-        labels=(table.column("label").to_numpy().astype(np.int64) if "label" in table.column_names
-                else np.full(table.num_rows, -1, dtype=np.int64)),
+        labels=_labels(table),
         lengths=table.column("length").to_numpy().astype(np.int64),
         offsets=offsets,
         values=values,
@@ -200,6 +199,18 @@ def read_shard(ref: DataRef, rank: int, world_size: int, columns: Optional[list[
         token_labels=_flat_token_labels(table, offsets),
         buckets=table.column(BUCKET).to_numpy().astype(np.int64) if BUCKET in table.column_names else None,
     )
+
+
+def _labels(table) -> np.ndarray:
+    """Class ids as int64; numeric targets (regression) as float32; -1 where rows have no label."""
+    import pyarrow as pa
+
+    if "label" not in table.column_names:
+        return np.full(table.num_rows, -1, dtype=np.int64)
+    column = table.column("label")
+    if pa.types.is_floating(column.type):
+        return column.to_numpy().astype(np.float32)
+    return column.to_numpy().astype(np.int64)
 
 
 def _columns_present(path: str) -> list[str]:

@@ -182,8 +182,9 @@ def placement(device: str, dtype) -> dict[str, Any]:
 
 
 def build_classifier(src: ModelSource, cfg: ModelConfig, id2label: dict[int, str], pad_token_id: int,
-                     device: str = "cpu", dtype=None):
-    """A sequence-classification model: the pretrained body plus a new classification head."""
+                     device: str = "cpu", dtype=None, problem_type: Optional[str] = None):
+    """A sequence-classification model: the pretrained body plus a new head of len(id2label) outputs
+    (`problem_type`: transformers' name for what the head does, e.g. "regression"; None: single-label)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     kwargs = src.load_kwargs(cfg)
@@ -192,6 +193,7 @@ def build_classifier(src: ModelSource, cfg: ModelConfig, id2label: dict[int, str
         num_labels=len(id2label),
         id2label=dict(id2label),
         label2id={v: k for k, v in id2label.items()},
+        **({"problem_type": problem_type} if problem_type else {}),
         **kwargs,
     )
     config.pad_token_id = pad_token_id
@@ -201,8 +203,10 @@ def build_classifier(src: ModelSource, cfg: ModelConfig, id2label: dict[int, str
                 setattr(config, key, cfg.attention_dropout)
     if not src.gguf_file:
         kwargs["use_safetensors"] = not cfg.allow_pickle_weights
-    return AutoModelForSequenceClassification.from_pretrained(src.location, config=config, **kwargs,
-                                                              **placement(device, dtype))
+    # A checkpoint that already has a head of another shape (another class count, or a classifier reused
+    # for regression) gets a new one: the head is always trained from scratch here.
+    return AutoModelForSequenceClassification.from_pretrained(src.location, config=config, ignore_mismatched_sizes=True,
+                                                              **kwargs, **placement(device, dtype))
 
 
 def max_positions(src: ModelSource, cfg: ModelConfig) -> Optional[int]:

@@ -8,7 +8,7 @@ steps produced. Defaults here are those of classification-like tasks; a task ove
   in Spark                      stage -> Staged (staged Parquet, figures, extras for the ranks)
   on every rank                 load_model (the head), collate (a batch), loss, eval_before_training,
                                 evaluate, prompt_ids
-  on the driver, after          metrics, write_outputs
+  on the driver, after          metrics, write_outputs (and logged_files), summary_rows
   packaging and serving         generates_text, serving_config, output_columns (the signature), input_examples
   verify                        answer_columns, compare_served (served answers against the run's)
 """
@@ -49,6 +49,7 @@ class Task:
     verifiable = True  # deploy.verify can compare its served answers with offline predictions
     length_key = "max_length"  # the data setting that bounds a row (sequence_length)
     answer_columns = ("label_id", "probabilities")  # what verify needs in a served answer to compare
+    logged_files: tuple[str, ...] = ()  # files of write_outputs that also go into the MLflow run
 
     def sequence_length(self, cfg) -> int:
         """The longest row a batch can hold (data.max_length; causal_lm: data.block_size)."""
@@ -73,7 +74,7 @@ class Task:
 
         return collate(shard, index, pad_id)
 
-    def loss(self, model, batch: dict):
+    def loss(self, model, batch: dict, cfg):
         """The training loss of one batch on the device; by default the head's own loss from `labels`
         (cross-entropy over classes, or over next tokens for the LM tasks)."""
         return model(**batch).loss
@@ -92,6 +93,10 @@ class Task:
 
     def write_outputs(self, folder: str, cfg, metrics: dict, result: dict, staged: Staged) -> None:
         """Task-specific files beside the model (metrics.json and config.yaml are the job's)."""
+
+    def summary_rows(self, metrics: dict) -> list[tuple[str, str]]:
+        """The task's lines of the table the job prints at the end."""
+        return []
 
     def serving_config(self, cfg, extras: dict) -> dict:
         """What the served model needs beyond the common keys (packaging.model_config)."""

@@ -44,6 +44,7 @@ def predict(model, shard, plan, pad_id: int, device: str, precision: str) -> dic
 
 class Classification(Task):
     name = "classification"
+    logged_files = ("label_map.json", "confusion_matrix.png")
 
     def config_problems(self, cfg) -> list[str]:
         if cfg.data.text_column == cfg.data.label_column:
@@ -61,7 +62,7 @@ class Classification(Task):
                              os.path.join(staging, "train"), n_files, max_len)
         eval_ref = stage_as(kind, tokenize(prepared.eval, src, cfg.model, max_len),
                             os.path.join(staging, "eval"), n_files, max_len)
-        stats = _length_stats(spark, train_ref.path, max_len)
+        stats = length_stats(spark, train_ref.path, max_len)
         figures = {"train_rows": train_ref.num_rows, "mean_tokens_per_row": round(stats["mean_length"], 1),
                    "eval_rows": eval_ref.num_rows, "truncated_share": stats["truncated_share"],
                    "classes": list(prepared.labels.names), **info}
@@ -119,6 +120,12 @@ class Classification(Task):
                               "probability": [max(p) for p in ev["probs"]], "probabilities": ev["probs"]})
         texts.merge(preds, on="row_id").sort_values("row_id").to_parquet(os.path.join(folder, PREDICTIONS), index=False)
 
+    def summary_rows(self, metrics: dict) -> list[tuple[str, str]]:
+        m = metrics
+        return [("accuracy", f"{m['accuracy']:.4f}"), (f"precision ({m['average']})", f"{m['precision']:.4f}"),
+                (f"recall ({m['average']})", f"{m['recall']:.4f}"), (f"f1 ({m['average']})", f"{m['f1']:.4f}"),
+                ("eval loss", f"{m['eval_loss']:.4f}"), ("validation rows", str(m["num_examples"]))]
+
     def input_examples(self, cfg, folder: str) -> list[str]:
         import pandas as pd
 
@@ -126,7 +133,7 @@ class Classification(Task):
         return pd.read_parquet(path, columns=["text"])["text"].head(2).tolist() if os.path.isfile(path) else []
 
 
-def _length_stats(spark, path: str, max_length: int) -> dict[str, float]:
+def length_stats(spark, path: str, max_length: int) -> dict[str, float]:
     from pyspark.sql import functions as F
 
     row = spark.read.parquet(path).agg(

@@ -178,6 +178,23 @@ class LanguageModelTask(Task):
         samples = [{"epoch": e["epoch"], **s} for e in result["epochs"] for s in e.get("samples", [])]
         return {"epochs": epochs, "samples": samples}
 
+    def summary_rows(self, metrics: dict) -> list[tuple[str, str]]:
+        """Before -> after figures of the response (or all) tokens."""
+        m = metrics
+        rows = [("eval loss (before -> after)", f"{m['eval_loss_before']:.4f} -> {m['eval_loss']:.4f}"),
+                ("perplexity (before -> after)", f"{m['eval_perplexity_before']:.2f} -> {m['eval_perplexity']:.2f}")]
+        for key in ("accuracy", "precision", "recall", "f1"):
+            if key in m:
+                rows.append((f"label {key} (before -> after)", f"{m[key + '_before']:.4f} -> {m[key]:.4f}"))
+        rows.append(("trainable parameters", f"{m['trainable_parameters']:,} of {m['parameters']:,} "
+                                             f"({m['trainable_percent']:.2f}%)"))
+        if m.get("adapter_bytes"):
+            rows.append(("adapter size", f"{m['adapter_bytes'] / 2**20:.1f} MiB "
+                                         f"({100 * m['adapter_share_of_model']:.2f}% of the merged model)"))
+        if m.get("peak_rss_mb"):
+            rows.append(("peak memory (RSS, one process)", f"{m['peak_rss_mb']:.0f} MiB"))
+        return rows
+
     def serving_config(self, cfg, extras: dict) -> dict:
         return {"max_new_tokens": cfg.train.sample_max_new_tokens}
 

@@ -349,7 +349,7 @@ def micro_step(run: Rank, batch: dict, tensors: dict, sync: bool, step: int):
         # Skip the gradient all-reduce on accumulation micro-steps: it is only needed on the last.
         with (contextlib.nullcontext() if sync or not ctx.is_distributed else run.ddp_model.no_sync()):
             with numerics.autocast(run.precision, ctx.device):
-                loss = run.task.loss(run.ddp_model, to_device(tensors, ctx.device))
+                loss = run.task.loss(run.ddp_model, to_device(tensors, ctx.device), run.cfg)
             run.scaler.scale(loss / tc.grad_accum_steps).backward()
         if sync:
             optimizer_step(run.model, run.optimizer, run.scheduler, run.scaler, tc.max_grad_norm)

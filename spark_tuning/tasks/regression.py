@@ -1,0 +1,201 @@
+"""Regression: text -> a number (a rating, a score, a price), one linear output on the pretrained body.
+
+Spark reads the text and a numeric label column and refuses lists, strings, nulls, NaN, infinities and a
+constant target (with the row count and an example) before any training; the training targets are
+standardized by default (data.standardize_target) with the training split's mean and standard deviation,
+which are saved with the model (regression.json, and the served model's config) and undone at prediction.
+Loss: MSE, or Huber (train.regression_loss). Evaluation: RMSE, MAE, R², Pearson and Spearman, in the
+target's own units; a predicted-vs-true scatter plot; every validation row's prediction
+(eval_predictions.parquet), which verify compares a served model with. The served model answers `prediction`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from spark_tuning.tasks.base import Staged, Task
+from spark_tuning.tasks.classification import PREDICTIONS, length_stats
+
+SCALE_FILE = "regression.json"
+# Served and offline predictions are compared in standardized units (the target's std): verify's
+# probability tolerance then means the same in any unit.
+METRICS = ("rmse", "mae", "r2", "pearson", "spearman")
+
+
+def predict_values(model, shard, plan, pad_id: int, device: str, precision: str) -> dict[str, np.ndarray]:
+    """The head's output for every row of `shard` (in training units: standardized where it was)."""
+    import torch
+
+    from spark_tuning.loader.batches import iterate
+    from spark_tuning.train.feed import to_device
+    from spark_tuning.train.precision import autocast
+
+    model.eval()
+    row_ids, values = [], []
+    with torch.inference_mode(), autocast(precision, device):
+        for index, batch in iterate(shard, plan, pad_id):
+            inputs = to_device({k: v for k, v in batch.items() if k != "labels"}, device)
+            values.append(model(**inputs).logits.float()[:, 0].cpu().numpy())
+            row_ids.append(shard.row_ids[index])
+    if not values:
+        return {"row_ids": np.zeros(0, np.int64), "values": np.zeros(0, np.float32), "targets": np.zeros(0, np.float32)}
+    return {"row_ids": np.concatenate(row_ids), "values": np.concatenate(values),
+            "targets": shard.labels[np.concatenate(plan)]}
+
+
+class Regression(Task):
+    name = "regression"
+    answer_columns = ("prediction",)
+    logged_files = (SCALE_FILE, "predicted_vs_true.png")
+
+    def config_problems(self, cfg) -> list[str]:
+        p = []
+        if cfg.data.text_column == cfg.data.label_column:
+            p.append(f"data.text_column and data.label_column are both {cfg.data.text_column!r}: they must differ")
+        if cfg.data.label_names:
+            p.append(f"data.label_names = {cfg.data.label_names!r} names classes, and task regression has none: remove it")
+        if cfg.loader.kind == "petastorm":
+            p.append("loader.kind = 'petastorm' supports task: classification only (task = 'regression'): "
+                     "use loader.kind: parquet")
+        return p
+
+    def stage(self, spark, cfg, src, info: dict, staging: str) -> Staged:
+        from pyspark.sql import functions as F
+
+        from spark_tuning.data import dataset
+        from spark_tuning.loader.backends import stage_as
+        from spark_tuning.text.tokenize import tokenize
+
+        prepared, scale = dataset.prepare_targets(spark, cfg.data, cfg.seed)
+        mean, std = (scale.mean, scale.std) if cfg.data.standardize_target else (0.0, 1.0)
+        # The staged label is what the head learns: (target - mean) / std, as float (read as float32).
+        scaled = [df.withColumn("label", ((F.col("label") - mean) / std).cast("float"))
+                  for df in (prepared.train, prepared.eval)]
+        n_files, kind, max_len = 2 * cfg.distributed.num_processes, cfg.loader.kind, cfg.data.max_length
+        train_ref = stage_as(kind, tokenize(scaled[0], src, cfg.model, max_len).drop("text"),
+                             os.path.join(staging, "train"), n_files, max_len)
+        eval_ref = stage_as(kind, tokenize(scaled[1], src, cfg.model, max_len),
+                            os.path.join(staging, "eval"), n_files, max_len)
+        stats = length_stats(spark, train_ref.path, max_len)
+        figures = {"train_rows": train_ref.num_rows, "mean_tokens_per_row": round(stats["mean_length"], 1),
+                   "eval_rows": eval_ref.num_rows, "truncated_share": stats["truncated_share"],
+                   "target_mean": scale.mean, "target_std": scale.std, **info}
+        extras = {"target_mean": mean, "target_std": std, "standardized": cfg.data.standardize_target}
+        return Staged(train_ref, eval_ref, figures, extras, id2label={0: "value"},
+                      frames=[prepared.train, prepared.eval])
+
+    def load_model(self, cfg, src, tokenizer, id2label: dict, device: str, dtype):
+        from spark_tuning.model.sources import build_classifier
+
+        return build_classifier(src, cfg.model, {0: "value"}, tokenizer.pad_token_id, device, dtype,
+                                problem_type="regression")
+
+    def loss(self, model, batch: dict, cfg):
+        """MSE or Huber (train.regression_loss) of the single output against the (standardized) target,
+        computed in fp32 whatever the autocast precision."""
+        import torch.nn.functional as F
+
+        target = batch["labels"].float()
+        value = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()[:, 0]
+        if cfg.train.regression_loss == "huber":
+            return F.huber_loss(value, target, delta=cfg.train.huber_delta)
+        return F.mse_loss(value, target)
+
+    def evaluate(self, model, shard, cfg, extras: dict, tokenizer, ctx, precision: str, step: int, tracker,
+                 id2label: dict) -> tuple[dict, dict]:
+        """Every rank predicts its share; every rank gets all rows, in the target's units."""
+        from spark_tuning.evaluate.metrics import regression_metrics
+        from spark_tuning.loader.batches import plan_eval_batches
+        from spark_tuning.train import distributed
+
+        local = predict_values(model, shard, plan_eval_batches(shard, cfg.train.eval_batch_size),
+                               tokenizer.pad_token_id, ctx.device, precision)
+        parts = distributed.gather(local, ctx)
+        row_ids = np.concatenate([p["row_ids"] for p in parts])
+        mean, std = extras["target_mean"], extras["target_std"]
+        values = np.concatenate([p["values"] for p in parts]).astype(np.float64)
+        targets = np.concatenate([p["targets"] for p in parts]).astype(np.float64)
+        m = regression_metrics(values * std + mean, targets * std + mean)
+        rec = {"step": step, "eval_loss": float(((values - targets) ** 2).mean()), "eval_rmse": m["rmse"],
+               "eval_mae": m["mae"], "eval_r2": m["r2"]}
+        order = np.argsort(row_ids)
+        return rec, {"row_ids": row_ids[order].tolist(), "preds": (values[order] * std + mean).tolist(),
+                     "labels": (targets[order] * std + mean).tolist()}
+
+    def metrics(self, result: dict, staged: Staged) -> dict:
+        from spark_tuning.evaluate.metrics import regression_metrics
+
+        ev = result["eval"]
+        m = regression_metrics(ev["preds"], ev["labels"])
+        m.update(task_metrics="regression", eval_loss=result["epochs"][-1]["eval_loss"],
+                 standardized=staged.extras["standardized"], train_target_mean=staged.figures["target_mean"],
+                 train_target_std=staged.figures["target_std"])
+        return m
+
+    def write_outputs(self, folder: str, cfg, metrics: dict, result: dict, staged: Staged) -> None:
+        import pandas as pd
+
+        from spark_tuning.evaluate.metrics import plot_predicted_vs_true
+
+        with open(os.path.join(folder, SCALE_FILE), "w") as f:
+            json.dump({"target_mean": staged.extras["target_mean"], "target_std": staged.extras["target_std"],
+                       "note": "the model's output x target_std + target_mean is the prediction"}, f, indent=2)
+        ev = result["eval"]
+        plot_predicted_vs_true(ev["preds"], ev["labels"], os.path.join(folder, "predicted_vs_true.png"),
+                               f"{cfg.resolved_run_name}: RMSE {metrics['rmse']:.3g}, R² {metrics['r2']:.3f}")
+        texts = pd.read_parquet(staged.eval_ref.path, columns=["row_id", "text"])
+        preds = pd.DataFrame({"row_id": ev["row_ids"], "label": ev["labels"], "prediction": ev["preds"]})
+        texts.merge(preds, on="row_id").sort_values("row_id").to_parquet(os.path.join(folder, PREDICTIONS), index=False)
+
+    def summary_rows(self, metrics: dict) -> list[tuple[str, str]]:
+        m = metrics
+        return [("RMSE", f"{m['rmse']:.4g}"), ("MAE", f"{m['mae']:.4g}"), ("R²", f"{m['r2']:.4f}"),
+                ("Pearson / Spearman", f"{m['pearson']:.4f} / {m['spearman']:.4f}"),
+                ("target mean / std (validation)", f"{m['target_mean']:.4g} / {m['target_std']:.4g}"),
+                ("validation rows", str(m["rows"]))]
+
+    def serving_config(self, cfg, extras: dict) -> dict:
+        return {"target_mean": float(extras["target_mean"]), "target_std": float(extras["target_std"])}
+
+    def output_columns(self, serving: dict) -> list[tuple[str, str]]:
+        return [("prediction", "double")]
+
+    def input_examples(self, cfg, folder: str) -> list[str]:
+        import pandas as pd
+
+        path = os.path.join(folder, PREDICTIONS)
+        return pd.read_parquet(path, columns=["text"])["text"].head(2).tolist() if os.path.isfile(path) else []
+
+    def compare_served(self, served, held, atol: float):
+        """Row by row, served prediction = offline prediction to atol x the target's std (so the tolerance of
+        the precisions means the same in any unit); the metrics recomputed from the served answers."""
+        from spark_tuning.evaluate.agreement import Agreement
+        from spark_tuning.evaluate.metrics import regression_metrics
+
+        rows, out = held.rows, Agreement()
+        got = served["prediction"].to_numpy(dtype=np.float64)
+        scale = float((held.offline_metrics or {}).get("train_target_std") or 1.0)
+        if "label" in rows.columns and rows["label"].notna().all():
+            m = regression_metrics(got, rows["label"].to_numpy(dtype=np.float64))
+            out.metrics = {k: m[k] for k in METRICS}
+        if held.offline_metrics:
+            out.offline = {k: held.offline_metrics[k] for k in METRICS}
+        # Metrics of values equal to atol x std may differ by as much (R² and correlations by less).
+        out.metric_tolerance = atol * scale
+        if "prediction" not in rows.columns:
+            return out
+        diff = np.abs(got - rows["prediction"].to_numpy(dtype=np.float64))
+        out.agreement = float((diff <= atol * scale).mean())
+        out.max_probability_diff = float(diff.max() / scale) if len(diff) else 0.0
+        for i in np.flatnonzero(diff > atol * scale):
+            out.differences.append({"row": int(i), "row_id": int(rows["row_id"].iloc[i]) if "row_id" in rows else int(i),
+                                    "text": str(rows["text"].iloc[i])[:80],
+                                    "offline_prediction": float(rows["prediction"].iloc[i]),
+                                    "served_prediction": float(got[i]), "difference": float(diff[i])})
+        return out
+
+
+TASK = Regression()
