@@ -13,6 +13,15 @@ from typing import Optional
 from spark_tuning.errors import InputError, JobFailed
 
 
+def _make_example(args: argparse.Namespace) -> int:
+    from spark_tuning.data import examples
+
+    path = examples.regression_example(args.imdb, args.out, args.rows, overwrite=args.overwrite)
+    print(f"wrote {path}: {args.rows} IMDB reviews with `score` (praise minus criticism words in the first "
+          f"{examples.SCORED_WORDS} words; spark_tuning/data/examples.py lists them)")
+    return 0
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from spark_tuning import finetune
     from spark_tuning.config import load_config
@@ -251,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="folder for train.jsonl, validation.jsonl, token_counts.json")
     ex.add_argument("--overwrite", action="store_true", help="replace a folder that already holds files")
     ex.set_defaults(func=_export_openai)
+    mk = sub.add_parser("make-example", help="build an example data set on real text for a task (README: More tasks)")
+    mk.add_argument("task", choices=["regression"])
+    mk.add_argument("--imdb", default="../shared/data/imdb/train.parquet", help="the shared IMDB copy")
+    mk.add_argument("--out", required=True, help="the Parquet file to write")
+    mk.add_argument("--rows", type=int, default=3000)
+    mk.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    mk.set_defaults(func=_make_example)
     _add_deploy_commands(sub)
     return parser
 

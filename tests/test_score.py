@@ -28,11 +28,13 @@ def test_score_refuses_bad_columns(packaged_run, spark, tmp_path):
     from spark_tuning.deploy import score
     from spark_tuning.errors import InputError
 
+    _, summary = packaged_run
+    location = score.localize(spark, "models:/tiny-reviews@candidate", summary.tracking_uri, str(tmp_path / "m"))
     df = spark.createDataFrame(pd.DataFrame({"review": ["fine"], "prediction": ["x"]}))
     with pytest.raises(InputError, match="no 'text' column"):
-        score.score(df, "sparkfiles:unused")
-    with pytest.raises(InputError, match="already has column"):
-        score.score(df.withColumnRenamed("review", "text"), "sparkfiles:unused")
+        score.score(df, location)
+    with pytest.raises(InputError, match=r"already has column\(s\) \['prediction'\]"):
+        score.score(df.withColumnRenamed("review", "text"), location)
 
 
 def test_score_cli_reads_and_writes_parquet(packaged_run, spark, tmp_path):

@@ -204,9 +204,16 @@ def build_classifier(src: ModelSource, cfg: ModelConfig, id2label: dict[int, str
     if not src.gguf_file:
         kwargs["use_safetensors"] = not cfg.allow_pickle_weights
     # A checkpoint that already has a head of another shape (another class count, or a classifier reused
-    # for regression) gets a new one: the head is always trained from scratch here.
-    return AutoModelForSequenceClassification.from_pretrained(src.location, config=config, ignore_mismatched_sizes=True,
-                                                              **kwargs, **placement(device, dtype))
+    # for regression) gets a new one: the head is trained from scratch here anyway. Only the head: body
+    # weights of other shapes than the config says are a broken model, refused.
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        src.location, config=config, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs,
+        **placement(device, dtype))
+    body = sorted(k for k, *_ in info.get("mismatched_keys", ()) if k.startswith(model.base_model_prefix + "."))
+    if body:
+        raise ValueError(f"{src.location}: {len(body)} weights of the model's body do not have the shapes its "
+                         f"config.json gives (e.g. {body[0]}): the folder's weights and config do not belong together")
+    return model
 
 
 def max_positions(src: ModelSource, cfg: ModelConfig) -> Optional[int]:
