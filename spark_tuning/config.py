@@ -62,6 +62,8 @@ class DataConfig:
     # sft from classification data: the user's turn; {text} is replaced by the row's text.
     sft_prompt: str = "Is the sentiment of this movie review positive or negative? Answer with one word.\n\n{text}"
     chat_template: str = "auto"  # auto: the tokenizer's chat template where it has one; require; none
+    # --- multilabel_classification: the label column holds lists; or strings joined with this separator ---
+    label_separator: Optional[str] = None
     # --- regression (tasks/regression.py) ---
     # Train on (target - mean) / std of the training split: the head starts near the target's scale
     # whatever its units. Saved with the model (regression.json, the served model's config) and undone
@@ -98,6 +100,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
+    # multilabel_classification: pick each label's threshold on the validation split (F1-best of 0.05..0.95)
+    # instead of 0.5; saved with the model (the served model uses them). Figures on that split are then optimistic.
+    tune_thresholds: bool = False
     regression_loss: str = "mse"  # regression: mse, or huber (less pulled by outliers)
     huber_delta: float = 1.0  # huber: where the loss turns linear, in standardized units if standardized
     # auto: bf16 where the hardware multiplies bf16 natively (GPUs of compute capability >= 8.0, CPUs with

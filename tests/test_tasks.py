@@ -13,10 +13,10 @@ from spark_tuning.errors import InputError
 
 
 def test_the_three_tasks_are_found_and_an_unknown_one_is_named():
-    assert list(tasks.all_tasks()) == ["classification", "causal_lm", "regression", "sft"]
+    assert list(tasks.all_tasks()) == ["classification", "causal_lm", "multilabel_classification", "regression", "sft"]
     with pytest.raises(InputError) as e:
         load_config(None, ["task=clasification"])
-    assert "task = 'clasification' is not one of classification, causal_lm, regression, sft (did you mean 'classification'?)" \
+    assert "task = 'clasification' is not one of classification, causal_lm, multilabel_classification, regression, sft (did you mean 'classification'?)" \
         in str(e.value)
 
 

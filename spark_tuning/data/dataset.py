@@ -196,6 +196,12 @@ def infer_labels(df: DataFrame, label_names: Optional[list[str]], source_names: 
         values = [int(v) for v in values]
     elif isinstance(dtype, (T.FloatType, T.DoubleType)) and all(float(v).is_integer() for v in values):
         values = [int(v) for v in values]
+    elif isinstance(dtype, T.ArrayType):
+        example = df.where(F.size(LABEL) > 0).select(F.col(LABEL).cast("string")).first()
+        raise InputError(
+            f"data.label_column holds lists ({dtype.simpleString()}, e.g. {example[0] if example else '[]'}), but task "
+            "classification takes one label per row: use task: multilabel_classification for several labels per row"
+        )
     else:
         raise InputError(
             f"labels of type {dtype.simpleString()} cannot be class ids: use integer ids or class names"
@@ -396,3 +402,111 @@ def prepare_targets(spark: SparkSession, cfg: DataConfig, seed: int) -> tuple[Pr
     log.info("data: %d training rows, %d validation rows, target mean %.4g, std %.4g",
              counts["train_rows"], counts["eval_rows"], scale.mean, scale.std)
     return Prepared(train_df, eval_df, LabelInfo(("value",), False), counts), scale
+
+
+# ----------------------------------------------------------------------------------------------------
+# Label lists (multilabel_classification)
+
+
+def label_lists(df: DataFrame, separator: Optional[str], setting: str) -> DataFrame:
+    """`label` as array<string>: a list column as it is (names or ids), or one string split at `separator`
+    (blank parts dropped, so "" is the empty list). A single label per row is refused."""
+    dtype = df.schema[LABEL].dataType
+    if isinstance(dtype, T.ArrayType):
+        if not isinstance(dtype.elementType, (T.StringType, T.IntegralType)):
+            raise InputError(f"{setting} holds {dtype.simpleString()}: the lists must hold label names or integer ids")
+        return df.withColumn(LABEL, F.transform(F.col(LABEL), lambda x: F.trim(x.cast("string"))))
+    if isinstance(dtype, T.StringType) and separator:
+        parts = F.transform(F.split(F.col(LABEL), re_escape(separator)), lambda x: F.trim(x))
+        return df.withColumn(LABEL, F.when(F.col(LABEL).isNull(), None).otherwise(F.filter(parts, lambda x: x != "")))
+    example = df.where(F.col(LABEL).isNotNull()).select(F.col(LABEL).cast("string")).first()
+    raise InputError(
+        f"{setting} holds one {dtype.simpleString()} per row (e.g. {example[0] if example else None!r}), but task "
+        "multilabel_classification needs a list of labels per row: give a list column, set data.label_separator "
+        "(e.g. ',') for labels joined in one string, or use task: classification for one label per row")
+
+
+def re_escape(separator: str) -> str:
+    """`separator` as a Java regular expression that matches it literally (F.split takes a pattern)."""
+    import re
+
+    return re.escape(separator)
+
+
+def label_vocabulary(train: DataFrame, other: DataFrame, label_names: Optional[list[str]],
+                     setting: str) -> tuple[tuple[str, ...], bool]:
+    """The label names in id order (data.label_names, else integer ids 0..max, else sorted names), and whether
+    the data holds ids rather than names. Refuses labels outside data.label_names, ids out of range, and a
+    label that never occurs in the training split."""
+    def counts(df: DataFrame) -> dict[str, int]:
+        rows = df.select(F.explode(LABEL).alias("l")).groupBy("l").count().collect()
+        return {r["l"]: r["count"] for r in rows}
+
+    seen_train, seen_other = counts(train), counts(other)
+    values = set(seen_train) | set(seen_other)
+    if len(values) > 10_000:
+        raise InputError(f"{setting} holds more than 10,000 distinct labels: is it the right column?")
+    ids = bool(values) and all(_is_int(v) for v in values)
+    if label_names:
+        names = list(label_names)
+    elif ids:
+        names = [str(i) for i in range(max(int(v) for v in values) + 1)]
+    else:
+        names = sorted(values)
+    if ids:
+        bad = sorted((v for v in values if not 0 <= int(v) < len(names)), key=int)
+        if bad:
+            raise InputError(f"{setting}: label ids {bad[:5]} are out of range for data.label_names ({len(names)} "
+                             f"names, ids 0..{len(names) - 1}): fix the data or list every label")
+    else:
+        unknown = sorted(values - set(names))
+        if unknown:
+            rows = sum(seen_train.get(u, 0) + seen_other.get(u, 0) for u in unknown)
+            raise InputError(f"{setting}: labels {unknown[:5]} ({rows} occurrences) are not in data.label_names = "
+                             f"{names}: add them, or fix the data")
+    missing = [n for i, n in enumerate(names) if seen_train.get(str(i) if ids else n, 0) == 0]
+    if missing:
+        raise InputError(f"{setting}: labels {missing[:5]} never occur in the training split "
+                         f"({sum(seen_train.values())} labels in {train.count()} rows): a label the model never "
+                         "sees cannot be learnt; add rows with it, or drop it from data.label_names")
+    if len(names) < 2:
+        raise InputError(f"{setting}: only one label ({names[0]!r}) occurs: use task: classification, or add labels")
+    return tuple(names), ids
+
+
+def multi_hot(df: DataFrame, names: tuple[str, ...], by_id: bool) -> DataFrame:
+    """`label` (array<string> of names, or of ids when `by_id`) -> array<float> of len(names): 1 where present."""
+    keys = [str(i) for i in range(len(names))] if by_id else list(names)
+    return df.withColumn(LABEL, F.array(*[F.array_contains(F.col(LABEL), k).cast("float") for k in keys]))
+
+
+def prepare_label_lists(spark: SparkSession, cfg: DataConfig, seed: int) -> tuple[Prepared, dict[str, dict[str, int]]]:
+    """Source -> `text` / `label` (multi-hot array<float>) DataFrames, split and sampled, and each label's row
+    count in train and validation."""
+    setting = f"data.label_column = {cfg.label_column!r}"
+    raw, _ = read_source(spark, cfg.source, cfg.format, cfg.train_split, cfg.encoding)
+    df = _clean_and_count(label_lists(select_columns(raw, cfg.text_column, cfg.label_column), cfg.label_separator,
+                                      setting), "source")
+    if cfg.eval_source or cfg.eval_split:
+        raw_eval, _ = read_source(spark, cfg.eval_source or cfg.source, cfg.format, cfg.eval_split, cfg.encoding)
+        eval_df = _clean_and_count(label_lists(select_columns(raw_eval, cfg.text_column, cfg.label_column),
+                                               cfg.label_separator, setting), "validation source")
+        train_df = df
+    else:
+        train_df, eval_df = split(df, cfg.validation_fraction, seed)
+    train_df, eval_df = sample(train_df, cfg.train_limit, seed).cache(), sample(eval_df, cfg.eval_limit, seed).cache()
+    counts = {"train_rows": train_df.count(), "eval_rows": eval_df.count()}
+    if counts["train_rows"] == 0 or counts["eval_rows"] == 0:
+        raise InputError(f"after the split, train has {counts['train_rows']} rows and validation {counts['eval_rows']}: "
+                         "both need rows; use more data or change data.validation_fraction")
+    names, by_id = label_vocabulary(train_df, eval_df, cfg.label_names, setting)
+    train_hot, eval_hot = multi_hot(train_df, names, by_id), multi_hot(eval_df, names, by_id)
+    frequency = {split_name: dict(zip(names, [int(x) for x in _column_sums(d, len(names))]))
+                 for split_name, d in (("train", train_hot), ("validation", eval_hot))}
+    log.info("data: %d training rows, %d validation rows, %d labels", counts["train_rows"], counts["eval_rows"], len(names))
+    return Prepared(train_hot, eval_hot, LabelInfo(names, not by_id), counts), frequency
+
+
+def _column_sums(df: DataFrame, n: int) -> list[float]:
+    row = df.agg(*[F.sum(F.col(LABEL)[i]).alias(f"c{i}") for i in range(n)]).first()
+    return [float(row[f"c{i}"] or 0) for i in range(n)]

@@ -84,7 +84,7 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def model_config(cfg: Config, precision: str, extras: Optional[dict] = None) -> dict:
+def model_config(cfg: Config, precision: str, folder: str, extras: Optional[dict] = None) -> dict:
     """The served model's settings: the common ones, and what the task adds (`task.serving_config`, from
     `extras`, what its data stage found: chat template use, label names and their first tokens)."""
     from spark_tuning.tasks import get_task
@@ -98,7 +98,7 @@ def model_config(cfg: Config, precision: str, extras: Optional[dict] = None) -> 
         "device": "auto",  # a GPU where the server has one (serving_model.serving_placement)
         "max_chars": cfg.deploy.max_text_chars,
         "text_column": INPUT_COLUMN,
-        **task.serving_config(cfg, extras or {}),
+        **task.serving_config(cfg, extras or {}, folder),
     }
 
 
@@ -143,7 +143,7 @@ def log_model(cfg: Config, run_id: str, tracking_uri: str, output_dir: str, prec
     mlflow.set_tracking_uri(tracking_uri)
     if d.registry_uri:
         mlflow.set_registry_uri(d.registry_uri)
-    config = model_config(cfg, precision, extras)
+    config = model_config(cfg, precision, output_dir, extras)
     with tempfile.TemporaryDirectory(prefix="spark-tuning-package-") as tmp:
         folder = _model_folder(output_dir, os.path.join(tmp, "hf"))
         with mlflow.start_run(run_id=run_id):

@@ -8,8 +8,9 @@ server, a Spark executor, Databricks Model Serving, Azure ML) without this packa
 
 What the model does is set by its `model_config` (written by spark_tuning.deploy.packaging; a key can be overridden
 at load time: mlflow.pyfunc.load_model(uri, model_config={"max_new_tokens": 64})):
-  task          "classification" -> TextClassifier; "regression" -> TextRegressor; "causal_lm" or "sft" ->
-                TextGenerator
+  task          "classification" -> TextClassifier; "multilabel_classification" -> TextMultiLabel;
+                "regression" -> TextRegressor; "causal_lm" or "sft" -> TextGenerator
+  thresholds    multilabel: {label name: threshold}, 0.5 where absent
   target_mean, target_std   regression: the prediction is the output x target_std + target_mean
   max_length    tokens kept per text (classification, sft: data.max_length; causal_lm: data.block_size), so
                 inputs are cut as in training
@@ -221,6 +222,27 @@ class TextRegressor(TextClassifier):
         return pd.DataFrame({"prediction": values.astype(np.float64) * self.std + self.mean})
 
 
+class TextMultiLabel(TextClassifier):
+    """Hugging Face model with a sigmoid per label (task multilabel_classification): returns `labels` (the
+    names whose probability reaches their threshold; possibly none) and `probabilities` (every label's, in
+    label-id order). `thresholds` (label-id order) come from the run: 0.5, or tuned on its validation split."""
+
+    def __init__(self, folder: str, cfg: dict):
+        super().__init__(folder, cfg)
+        names = [self.id2label[i] for i in range(len(self.id2label))]
+        given = cfg.get("thresholds") or {}
+        self.names, self.thresholds = names, np.array([float(given.get(n, 0.5)) for n in names], dtype=np.float32)
+
+    def predict(self, model_input) -> pd.DataFrame:
+        import torch
+
+        probs = self.outputs(texts_from(model_input, self.column, self.max_chars), torch.sigmoid)
+        return pd.DataFrame({
+            "labels": [[n for n, hit in zip(self.names, row >= self.thresholds) if hit] for row in probs],
+            "probabilities": [row.astype(np.float64).tolist() for row in probs],
+        })
+
+
 class TextGenerator:
     """Causal LM / SFT: a prompt in, its greedy continuation out (`generated_text`).
 
@@ -308,8 +330,8 @@ class TextGenerator:
         return out
 
 
-TASKS = {"classification": TextClassifier, "regression": TextRegressor, "causal_lm": TextGenerator,
-         "sft": TextGenerator}
+TASKS = {"classification": TextClassifier, "multilabel_classification": TextMultiLabel, "regression": TextRegressor,
+         "causal_lm": TextGenerator, "sft": TextGenerator}
 
 
 if mlflow is not None:

@@ -106,7 +106,7 @@ def load_held_out(data: str, text_column: str = "text", label_column: str = "lab
         with open(label_map) as f:
             names = [v for _, v in sorted((int(k), v) for k, v in json.load(f)["id2label"].items())]
     metrics_path = os.path.join(folder, "metrics.json")
-    if os.path.isfile(metrics_path) and "prediction" in rows.columns:
+    if os.path.isfile(metrics_path) and {"prediction", "predicted"} & set(rows.columns):
         with open(metrics_path) as f:
             metrics = json.load(f)
     if "label" in rows.columns and rows["label"].dtype == object:

@@ -127,3 +127,41 @@ def plot_predicted_vs_true(preds: Sequence[float], targets: Sequence[float], pat
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def multilabel_metrics(pred: np.ndarray, truth: np.ndarray, names: Sequence[str]) -> dict:
+    """Micro / macro / weighted precision, recall and F1, subset accuracy, Hamming loss and a report per
+    label, from boolean [rows, labels] predictions and truth (sklearn's definitions; a label with no
+    predicted or true rows scores 0, as sklearn's zero_division=0)."""
+    from sklearn.metrics import accuracy_score, hamming_loss, precision_recall_fscore_support
+
+    pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
+    out: dict = {"num_examples": int(len(truth)), "labels": list(names)}
+    for average in ("micro", "macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(truth, pred, average=average, zero_division=0)
+        out.update({f"precision_{average}": float(p), f"recall_{average}": float(r), f"f1_{average}": float(f)})
+    p, r, f, support = precision_recall_fscore_support(truth, pred, average=None, zero_division=0)
+    out["per_label"] = {n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                            "support": int(support[i]), "predicted": int(pred[:, i].sum())} for i, n in enumerate(names)}
+    out["subset_accuracy"] = float(accuracy_score(truth, pred))
+    out["hamming_loss"] = float(hamming_loss(truth, pred))
+    return out
+
+
+def plot_label_f1(per_label: dict, path: str, title: str = "") -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_label)
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(names) + 2), 3.5))
+    ax.bar(range(len(names)), [per_label[n]["f1"] for n in names])
+    ax.set_xticks(range(len(names)), labels=names, rotation=45, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("F1")
+    ax.set_title(title or "F1 per label")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

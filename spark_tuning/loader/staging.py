@@ -149,7 +149,7 @@ class Shard:
     """One rank's rows, in memory: token ids as one flat array plus offsets (no Python list per row)."""
 
     row_ids: np.ndarray
-    labels: np.ndarray  # class ids (int64), or targets (float32, regression)
+    labels: np.ndarray  # class ids (int64); targets (float32, regression); multi-hot rows (float32 [rows, labels])
     lengths: np.ndarray
     offsets: np.ndarray  # row i is values[offsets[i]:offsets[i+1]]
     values: np.ndarray
@@ -208,6 +208,10 @@ def _labels(table) -> np.ndarray:
     if "label" not in table.column_names:
         return np.full(table.num_rows, -1, dtype=np.int64)
     column = table.column("label")
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):  # multi-hot (multilabel)
+        flat = column.combine_chunks()
+        width = len(flat[0]) if len(flat) else 0
+        return flat.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(flat), width)
     if pa.types.is_floating(column.type):
         return column.to_numpy().astype(np.float32)
     return column.to_numpy().astype(np.int64)

@@ -98,8 +98,9 @@ class Task:
         """The task's lines of the table the job prints at the end."""
         return []
 
-    def serving_config(self, cfg, extras: dict) -> dict:
-        """What the served model needs beyond the common keys (packaging.model_config)."""
+    def serving_config(self, cfg, extras: dict, folder: str) -> dict:
+        """What the served model needs beyond the common keys (packaging.model_config); `folder`: the run's
+        output folder, with what write_outputs wrote."""
         return {}
 
     def output_columns(self, serving: dict) -> list[tuple[str, str]]:

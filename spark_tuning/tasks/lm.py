@@ -195,7 +195,7 @@ class LanguageModelTask(Task):
             rows.append(("peak memory (RSS, one process)", f"{m['peak_rss_mb']:.0f} MiB"))
         return rows
 
-    def serving_config(self, cfg, extras: dict) -> dict:
+    def serving_config(self, cfg, extras: dict, folder: str) -> dict:
         return {"max_new_tokens": cfg.train.sample_max_new_tokens}
 
     def output_columns(self, serving: dict) -> list[tuple[str, str]]:

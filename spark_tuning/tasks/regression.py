@@ -157,7 +157,7 @@ class Regression(Task):
                 ("target mean / std (validation)", f"{m['target_mean']:.4g} / {m['target_std']:.4g}"),
                 ("validation rows", str(m["rows"]))]
 
-    def serving_config(self, cfg, extras: dict) -> dict:
+    def serving_config(self, cfg, extras: dict, folder: str) -> dict:
         return {"target_mean": float(extras["target_mean"]), "target_std": float(extras["target_std"])}
 
     def output_columns(self, serving: dict) -> list[tuple[str, str]]:

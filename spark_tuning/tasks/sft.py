@@ -57,8 +57,8 @@ class SFT(LanguageModelTask):
         return truncate_pair(tokenizer(text, add_special_tokens=False)["input_ids"],
                              [0] * cfg.train.sample_max_new_tokens, cfg.data.max_length)[0]
 
-    def serving_config(self, cfg, extras: dict) -> dict:
-        out = {**super().serving_config(cfg, extras), "chat_template": bool(extras.get("chat_template"))}
+    def serving_config(self, cfg, extras: dict, folder: str) -> dict:
+        out = {**super().serving_config(cfg, extras, folder), "chat_template": bool(extras.get("chat_template"))}
         if extras.get("sft_classification"):
             out["prompt_template"] = cfg.data.sft_prompt
         if extras.get("label_first_tokens"):
