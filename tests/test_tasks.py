@@ -70,3 +70,36 @@ def test_verify_asks_the_task_what_to_compare():
     assert [d["row_id"] for d in b.differences] == [7]
     assert b.max_probability_diff == pytest.approx(0.5)
     assert np.isclose(b.metrics["accuracy"], 1 / 3)
+
+
+@pytest.mark.parametrize("name, id2label, labels", [
+    ("regression", {0: "value"}, [0.5, -1.0]),
+    ("multilabel_classification", {0: "a", 1: "b", 2: "c"}, [[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]),
+])
+def test_new_heads_train_with_lora(tiny_bert_dir, name, id2label, labels):
+    """LoRA on the new tasks' heads: adapters and the head train, the body stays frozen, the loss falls."""
+    import torch
+
+    from spark_tuning.model.build import build_model
+    from spark_tuning.model.sources import ModelSource, load_tokenizer
+
+    cfg = load_config(None, [f"task={name}", f"model.source={tiny_bert_dir}", "lora.enabled=true",
+                             "lora.target_modules=[query,value]"])
+    src = ModelSource(location=tiny_bert_dir, is_local=True)
+    tok = load_tokenizer(src, cfg.model)
+    task = tasks.get_task(name)
+    model = build_model(task, cfg, src, tok, id2label)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trainable) and any("classifier" in n for n in trainable)
+    assert not any("embeddings" in n for n in trainable)
+    enc = tok(["one text", "another text here"], padding=True, return_tensors="pt")
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor(labels)}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(10):
+        loss = task.loss(model, batch, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]

@@ -5,6 +5,9 @@ regression: `score` = praise words minus criticism words among the review's firs
 fixed lists below (a rough, checkable sentiment intensity; whole words, case-insensitive). The text is the
 whole review: a model sees the first data.max_length tokens, which cover those 150 words for almost every
 review at max_length 256.
+
+multilabel_classification: `tags` = the aspects a review's first 150 words talk about, each by its own word
+list below (acting, music, visuals, story); a review may have none or all.
 """
 
 from __future__ import annotations
@@ -18,6 +21,12 @@ PRAISE = ("great", "excellent", "wonderful", "best", "love", "loved", "beautiful
 CRITICISM = ("bad", "worst", "awful", "boring", "waste", "terrible", "poor", "stupid", "horrible", "dull",
              "lame", "mess", "worse", "pointless", "annoying", "ridiculous", "disappointing", "weak", "crap",
              "unfortunately")
+ASPECTS = {
+    "acting": ("acting", "actor", "actors", "actress", "performance", "performances", "cast", "role", "played"),
+    "music": ("music", "score", "song", "songs", "soundtrack", "musical", "singing"),
+    "visuals": ("cinematography", "camera", "visual", "visuals", "effects", "shot", "shots", "photography"),
+    "story": ("plot", "story", "storyline", "script", "writing", "ending", "twist"),
+}
 SCORED_WORDS = 150
 WORD = re.compile(r"[a-z']+")
 
@@ -29,13 +38,23 @@ def lexicon_score(text: str, words: int = SCORED_WORDS) -> float:
     return float(sum(t in praise for t in tokens) - sum(t in criticism for t in tokens))
 
 
-def regression_example(imdb_parquet: str, out: str, rows: int = 3000, seed: int = 0, overwrite: bool = False) -> str:
-    """`rows` seeded IMDB reviews with their lexicon score, as Parquet (text, score) at `out`, written
-    atomically; an existing file is replaced only with `overwrite`."""
+def aspect_tags(text: str, words: int = SCORED_WORDS) -> list[str]:
+    """The aspects (ASPECTS) whose words occur among the first `words` words of `text`."""
+    tokens = set(WORD.findall(text.lower())[:words])
+    return [name for name, vocab in ASPECTS.items() if tokens & set(vocab)]
+
+
+def write_example(task: str, imdb_parquet: str, out: str, rows: int = 3000, seed: int = 0,
+                  overwrite: bool = False) -> str:
+    """`rows` seeded IMDB reviews with the example label of `task` (regression: `score`; multilabel_classification:
+    `tags`), as Parquet at `out`, written atomically; an existing file is replaced only with `overwrite`."""
     import pandas as pd
 
     from spark_tuning.errors import InputError
 
+    label = {"regression": ("score", lexicon_score), "multilabel_classification": ("tags", aspect_tags)}
+    if task not in label:
+        raise InputError(f"no example data for task {task!r}: there is for {sorted(label)}")
     if os.path.exists(out) and not overwrite:
         raise InputError(f"--out {out} already exists: pass --overwrite to replace it, or choose another path")
     if not os.path.isfile(imdb_parquet):
@@ -44,7 +63,8 @@ def regression_example(imdb_parquet: str, out: str, rows: int = 3000, seed: int 
     reviews = pd.read_parquet(imdb_parquet, columns=["text"])
     reviews = reviews.sample(n=min(rows, len(reviews)), random_state=seed).reset_index(drop=True)
     reviews["text"] = reviews["text"].str.replace("<br />", " ", regex=False)
-    reviews["score"] = reviews["text"].map(lexicon_score)
+    column, rule = label[task]
+    reviews[column] = reviews["text"].map(rule)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.partial-{os.getpid()}"
     try:
