@@ -16,11 +16,10 @@ from spark_tuning.errors import InputError, JobFailed
 def _make_example(args: argparse.Namespace) -> int:
     from spark_tuning.data import examples
 
-    path = examples.write_example(args.task, args.imdb, args.out, args.rows, overwrite=args.overwrite)
-    what = {"regression": "`score` (praise minus criticism words", "multilabel_classification":
-            "`tags` (the aspects whose words occur"}[args.task]
-    print(f"wrote {path}: {args.rows} IMDB reviews with {what} in the first {examples.SCORED_WORDS} words; "
-          "spark_tuning/data/examples.py lists them)")
+    path = examples.write_example(args.name, args.imdb, args.out, args.rows, overwrite=args.overwrite)
+    column, _, what = examples.EXAMPLES[args.name]
+    print(f"wrote {path}: {args.rows} IMDB reviews with `{column}` ({what} in the first {examples.SCORED_WORDS} "
+          "words; spark_tuning/data/examples.py lists them)")
     return 0
 
 
@@ -263,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace a folder that already holds files")
     ex.set_defaults(func=_export_openai)
     mk = sub.add_parser("make-example", help="build an example data set on real text for a task (README: More tasks)")
-    mk.add_argument("task", choices=["regression", "multilabel_classification"])
+    mk.add_argument("name", choices=["imdb_scores", "imdb_tags"],
+                    help="imdb_scores: a number per review (regression); imdb_tags: aspect tags (multilabel)")
     mk.add_argument("--imdb", default="../shared/data/imdb/train.parquet", help="the shared IMDB copy")
     mk.add_argument("--out", required=True, help="the Parquet file to write")
     mk.add_argument("--rows", type=int, default=3000)

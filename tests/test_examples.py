@@ -20,7 +20,7 @@ def test_make_example_writes_once_and_refuses_to_overwrite(imdb_path, tmp_path):
     from spark_tuning.cli import main
 
     out = tmp_path / "tags.parquet"
-    args = ["make-example", "multilabel_classification", "--imdb", imdb_path, "--out", str(out), "--rows", "50"]
+    args = ["make-example", "imdb_tags", "--imdb", imdb_path, "--out", str(out), "--rows", "50"]
     assert main(args) == 0
     rows = pd.read_parquet(out)
     assert len(rows) == 50 and list(rows.columns) == ["text", "tags"]
@@ -28,4 +28,4 @@ def test_make_example_writes_once_and_refuses_to_overwrite(imdb_path, tmp_path):
     assert main(args) == 2  # exists: not replaced without --overwrite
     assert main(args + ["--overwrite"]) == 0
     with pytest.raises(InputError, match="does not exist"):
-        examples.write_example("regression", str(tmp_path / "nope.parquet"), str(tmp_path / "x.parquet"))
+        examples.write_example("imdb_scores", str(tmp_path / "nope.parquet"), str(tmp_path / "x.parquet"))

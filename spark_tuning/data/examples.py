@@ -1,12 +1,12 @@
 """Example data sets on real text for the tasks that the shared IMDB copy has no labels for, built offline
-from its reviews with labels a reader can check by hand (`spark-tuning make-example TASK`).
+from its reviews with labels a reader can check by hand (`spark-tuning make-example NAME`).
 
-regression: `score` = praise words minus criticism words among the review's first 150 words, from the two
+imdb_scores (for regression): `score` = praise words minus criticism words among the review's first 150 words, from the two
 fixed lists below (a rough, checkable sentiment intensity; whole words, case-insensitive). The text is the
 whole review: a model sees the first data.max_length tokens, which cover those 150 words for almost every
 review at max_length 256.
 
-multilabel_classification: `tags` = the aspects a review's first 150 words talk about, each by its own word
+imdb_tags (for multilabel_classification): `tags` = the aspects a review's first 150 words talk about, each by its own word
 list below (acting, music, visuals, story); a review may have none or all.
 """
 
@@ -44,17 +44,23 @@ def aspect_tags(text: str, words: int = SCORED_WORDS) -> list[str]:
     return [name for name, vocab in ASPECTS.items() if tokens & set(vocab)]
 
 
-def write_example(task: str, imdb_parquet: str, out: str, rows: int = 3000, seed: int = 0,
+# name -> (label column, the rule that labels a review, what the label means)
+EXAMPLES = {
+    "imdb_scores": ("score", lexicon_score, "praise minus criticism words"),
+    "imdb_tags": ("tags", aspect_tags, "the aspects whose words occur"),
+}
+
+
+def write_example(name: str, imdb_parquet: str, out: str, rows: int = 3000, seed: int = 0,
                   overwrite: bool = False) -> str:
-    """`rows` seeded IMDB reviews with the example label of `task` (regression: `score`; multilabel_classification:
-    `tags`), as Parquet at `out`, written atomically; an existing file is replaced only with `overwrite`."""
+    """`rows` seeded IMDB reviews with the label of example `name` (EXAMPLES), as Parquet at `out`, written
+    atomically; an existing file is replaced only with `overwrite`."""
     import pandas as pd
 
     from spark_tuning.errors import InputError
 
-    label = {"regression": ("score", lexicon_score), "multilabel_classification": ("tags", aspect_tags)}
-    if task not in label:
-        raise InputError(f"no example data for task {task!r}: there is for {sorted(label)}")
+    if name not in EXAMPLES:
+        raise InputError(f"no example data set {name!r}: there are {sorted(EXAMPLES)}")
     if os.path.exists(out) and not overwrite:
         raise InputError(f"--out {out} already exists: pass --overwrite to replace it, or choose another path")
     if not os.path.isfile(imdb_parquet):
@@ -63,7 +69,7 @@ def write_example(task: str, imdb_parquet: str, out: str, rows: int = 3000, seed
     reviews = pd.read_parquet(imdb_parquet, columns=["text"])
     reviews = reviews.sample(n=min(rows, len(reviews)), random_state=seed).reset_index(drop=True)
     reviews["text"] = reviews["text"].str.replace("<br />", " ", regex=False)
-    column, rule = label[task]
+    column, rule, _ = EXAMPLES[name]
     reviews[column] = reviews["text"].map(rule)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.partial-{os.getpid()}"
