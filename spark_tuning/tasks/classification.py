@@ -18,10 +18,13 @@ from spark_tuning.tasks.base import Staged, Task
 PREDICTIONS = "eval_predictions.parquet"
 
 
-def predict(model, shard, plan, pad_id: int, device: str, precision: str) -> dict[str, np.ndarray]:
-    """Logits for every row of `shard`, batched by `plan`; returns row ids, probabilities, labels, loss sum."""
+def predict(model, shard, plan, pad_id: int, device: str, precision: str, head: str = "softmax") -> dict[str, np.ndarray]:
+    """Every row of `shard`, batched by `plan`: row ids, `probs` (`head` of the logits: softmax over classes,
+    sigmoid per label, or identity: the raw outputs of a regression head), labels (class ids, multi-hot rows
+    or targets) and the loss sum (the head's own loss)."""
     import torch
 
+    to_probs = {"softmax": lambda x: torch.softmax(x, dim=-1), "sigmoid": torch.sigmoid, "identity": lambda x: x}[head]
     from spark_tuning.loader.batches import iterate
     from spark_tuning.train.feed import to_device
     from spark_tuning.train.precision import autocast
@@ -32,10 +35,10 @@ def predict(model, shard, plan, pad_id: int, device: str, precision: str) -> dic
         for index, batch in iterate(shard, plan, pad_id):
             out = model(**to_device(batch, device))
             loss_sum += float(out.loss) * len(index)
-            probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
+            probs.append(to_probs(out.logits.float()).cpu().numpy())
             row_ids.append(shard.row_ids[index])
     if not probs:
-        return {"row_ids": np.zeros(0, np.int64), "probs": np.zeros((0, 0)), "labels": np.zeros(0, np.int64),
+        return {"row_ids": np.zeros(0, np.int64), "probs": np.zeros((0, 0)), "labels": shard.labels[:0],
                 "loss_sum": 0.0}
     labels = shard.labels[np.concatenate(plan)]
     return {"row_ids": np.concatenate(row_ids), "probs": np.concatenate(probs), "labels": labels,
@@ -53,21 +56,11 @@ class Classification(Task):
 
     def stage(self, spark, cfg, src, info: dict, staging: str) -> Staged:
         from spark_tuning.data import dataset
-        from spark_tuning.loader.backends import stage_as
-        from spark_tuning.text.tokenize import tokenize
 
         prepared = dataset.prepare(spark, cfg.data, cfg.seed)
-        n_files, kind, max_len = 2 * cfg.distributed.num_processes, cfg.loader.kind, cfg.data.max_length
-        train_ref = stage_as(kind, tokenize(prepared.train, src, cfg.model, max_len).drop("text"),
-                             os.path.join(staging, "train"), n_files, max_len)
-        eval_ref = stage_as(kind, tokenize(prepared.eval, src, cfg.model, max_len),
-                            os.path.join(staging, "eval"), n_files, max_len)
-        stats = length_stats(spark, train_ref.path, max_len)
-        figures = {"train_rows": train_ref.num_rows, "mean_tokens_per_row": round(stats["mean_length"], 1),
-                   "eval_rows": eval_ref.num_rows, "truncated_share": stats["truncated_share"],
-                   "classes": list(prepared.labels.names), **info}
-        return Staged(train_ref, eval_ref, figures, id2label=dict(prepared.labels.id2label),
-                      frames=[prepared.train, prepared.eval])
+        train_ref, eval_ref, figures = stage_rows(spark, cfg, src, prepared.train, prepared.eval, staging)
+        return Staged(train_ref, eval_ref, {**figures, "classes": list(prepared.labels.names), **info},
+                      id2label=dict(prepared.labels.id2label), frames=[prepared.train, prepared.eval])
 
     def load_model(self, cfg, src, tokenizer, id2label: dict, device: str, dtype):
         from spark_tuning.model.sources import build_classifier
@@ -131,6 +124,21 @@ class Classification(Task):
 
         path = os.path.join(folder, PREDICTIONS)
         return pd.read_parquet(path, columns=["text"])["text"].head(2).tolist() if os.path.isfile(path) else []
+
+
+def stage_rows(spark, cfg, src, train_df, eval_df, staging: str):
+    """`text` + `label` rows (any label type) -> tokenized and staged train and eval splits, and their
+    figures: the data stage of every task that reads one text and one label per row."""
+    from spark_tuning.loader.backends import stage_as
+    from spark_tuning.text.tokenize import tokenize
+
+    n_files, kind, max_len = 2 * cfg.distributed.num_processes, cfg.loader.kind, cfg.data.max_length
+    train_ref = stage_as(kind, tokenize(train_df, src, cfg.model, max_len).drop("text"),
+                         os.path.join(staging, "train"), n_files, max_len)
+    eval_ref = stage_as(kind, tokenize(eval_df, src, cfg.model, max_len), os.path.join(staging, "eval"), n_files, max_len)
+    stats = length_stats(spark, train_ref.path, max_len)
+    return train_ref, eval_ref, {"train_rows": train_ref.num_rows, "mean_tokens_per_row": round(stats["mean_length"], 1),
+                                 "eval_rows": eval_ref.num_rows, "truncated_share": stats["truncated_share"]}
 
 
 def length_stats(spark, path: str, max_length: int) -> dict[str, float]:

@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from spark_tuning.tasks.base import Staged, Task
-from spark_tuning.tasks.classification import PREDICTIONS, length_stats
+from spark_tuning.tasks.classification import PREDICTIONS, predict, stage_rows
 
 THRESHOLDS_FILE = "thresholds.json"
 METRICS = ("f1_micro", "f1_macro", "subset_accuracy", "hamming_loss")
@@ -45,30 +45,6 @@ def _f1(pred: np.ndarray, truth: np.ndarray) -> float:
     return 2 * tp / max(1.0, float(pred.sum() + truth.sum()))
 
 
-def predict_probabilities(model, shard, plan, pad_id: int, device: str, precision: str) -> dict[str, np.ndarray]:
-    """Sigmoid probabilities of every row of `shard`, its multi-hot truth and the loss sum."""
-    import torch
-
-    from spark_tuning.loader.batches import iterate
-    from spark_tuning.train.feed import to_device
-    from spark_tuning.train.precision import autocast
-
-    model.eval()
-    row_ids, probs, loss_sum = [], [], 0.0
-    with torch.inference_mode(), autocast(precision, device):
-        for index, batch in iterate(shard, plan, pad_id):
-            out = model(**to_device(batch, device))
-            loss_sum += float(out.loss) * len(index)
-            probs.append(torch.sigmoid(out.logits.float()).cpu().numpy())
-            row_ids.append(shard.row_ids[index])
-    if not probs:
-        width = shard.labels.shape[1] if shard.labels.ndim == 2 else 0
-        return {"row_ids": np.zeros(0, np.int64), "probs": np.zeros((0, width)), "truth": np.zeros((0, width)),
-                "loss_sum": 0.0}
-    return {"row_ids": np.concatenate(row_ids), "probs": np.concatenate(probs),
-            "truth": shard.labels[np.concatenate(plan)], "loss_sum": loss_sum}
-
-
 class MultiLabel(Task):
     name = "multilabel_classification"
     answer_columns = ("labels", "probabilities")
@@ -85,19 +61,10 @@ class MultiLabel(Task):
 
     def stage(self, spark, cfg, src, info: dict, staging: str) -> Staged:
         from spark_tuning.data import dataset
-        from spark_tuning.loader.backends import stage_as
-        from spark_tuning.text.tokenize import tokenize
 
         prepared, frequency = dataset.prepare_label_lists(spark, cfg.data, cfg.seed)
-        n_files, kind, max_len = 2 * cfg.distributed.num_processes, cfg.loader.kind, cfg.data.max_length
-        train_ref = stage_as(kind, tokenize(prepared.train, src, cfg.model, max_len).drop("text"),
-                             os.path.join(staging, "train"), n_files, max_len)
-        eval_ref = stage_as(kind, tokenize(prepared.eval, src, cfg.model, max_len),
-                            os.path.join(staging, "eval"), n_files, max_len)
-        stats = length_stats(spark, train_ref.path, max_len)
-        figures = {"train_rows": train_ref.num_rows, "mean_tokens_per_row": round(stats["mean_length"], 1),
-                   "eval_rows": eval_ref.num_rows, "truncated_share": stats["truncated_share"],
-                   "labels": list(prepared.labels.names), **info}
+        train_ref, eval_ref, figures = stage_rows(spark, cfg, src, prepared.train, prepared.eval, staging)
+        figures = {**figures, "labels": list(prepared.labels.names), **info}
         return Staged(train_ref, eval_ref, figures, {"label_frequency": frequency},
                       id2label=dict(prepared.labels.id2label), frames=[prepared.train, prepared.eval])
 
@@ -113,12 +80,12 @@ class MultiLabel(Task):
         from spark_tuning.loader.batches import plan_eval_batches
         from spark_tuning.train import distributed
 
-        local = predict_probabilities(model, shard, plan_eval_batches(shard, cfg.train.eval_batch_size),
-                                      tokenizer.pad_token_id, ctx.device, precision)
+        local = predict(model, shard, plan_eval_batches(shard, cfg.train.eval_batch_size), tokenizer.pad_token_id,
+                        ctx.device, precision, head="sigmoid")
         parts = distributed.gather(local, ctx)
         row_ids = np.concatenate([p["row_ids"] for p in parts])
         probs = np.concatenate([p["probs"] for p in parts if len(p["probs"])])
-        truth = np.concatenate([p["truth"] for p in parts if len(p["truth"])])
+        truth = np.concatenate([p["labels"] for p in parts if len(p["labels"])])
         thresholds = tune_thresholds(probs, truth) if cfg.train.tune_thresholds else np.full(probs.shape[1], 0.5)
         m = multilabel_metrics(probs >= thresholds, truth > 0.5, list(id2label.values()))
         rec = {"step": step, "eval_loss": sum(p["loss_sum"] for p in parts) / max(1, len(row_ids)),

@@ -17,33 +17,12 @@ import os
 import numpy as np
 
 from spark_tuning.tasks.base import Staged, Task
-from spark_tuning.tasks.classification import PREDICTIONS, length_stats
+from spark_tuning.tasks.classification import PREDICTIONS, predict, stage_rows
 
 SCALE_FILE = "regression.json"
 # Served and offline predictions are compared in standardized units (the target's std): verify's
 # probability tolerance then means the same in any unit.
 METRICS = ("rmse", "mae", "r2", "pearson", "spearman")
-
-
-def predict_values(model, shard, plan, pad_id: int, device: str, precision: str) -> dict[str, np.ndarray]:
-    """The head's output for every row of `shard` (in training units: standardized where it was)."""
-    import torch
-
-    from spark_tuning.loader.batches import iterate
-    from spark_tuning.train.feed import to_device
-    from spark_tuning.train.precision import autocast
-
-    model.eval()
-    row_ids, values = [], []
-    with torch.inference_mode(), autocast(precision, device):
-        for index, batch in iterate(shard, plan, pad_id):
-            inputs = to_device({k: v for k, v in batch.items() if k != "labels"}, device)
-            values.append(model(**inputs).logits.float()[:, 0].cpu().numpy())
-            row_ids.append(shard.row_ids[index])
-    if not values:
-        return {"row_ids": np.zeros(0, np.int64), "values": np.zeros(0, np.float32), "targets": np.zeros(0, np.float32)}
-    return {"row_ids": np.concatenate(row_ids), "values": np.concatenate(values),
-            "targets": shard.labels[np.concatenate(plan)]}
 
 
 class Regression(Task):
@@ -66,23 +45,14 @@ class Regression(Task):
         from pyspark.sql import functions as F
 
         from spark_tuning.data import dataset
-        from spark_tuning.loader.backends import stage_as
-        from spark_tuning.text.tokenize import tokenize
 
         prepared, scale = dataset.prepare_targets(spark, cfg.data, cfg.seed)
         mean, std = (scale.mean, scale.std) if cfg.data.standardize_target else (0.0, 1.0)
         # The staged label is what the head learns: (target - mean) / std, as float (read as float32).
         scaled = [df.withColumn("label", ((F.col("label") - mean) / std).cast("float"))
                   for df in (prepared.train, prepared.eval)]
-        n_files, kind, max_len = 2 * cfg.distributed.num_processes, cfg.loader.kind, cfg.data.max_length
-        train_ref = stage_as(kind, tokenize(scaled[0], src, cfg.model, max_len).drop("text"),
-                             os.path.join(staging, "train"), n_files, max_len)
-        eval_ref = stage_as(kind, tokenize(scaled[1], src, cfg.model, max_len),
-                            os.path.join(staging, "eval"), n_files, max_len)
-        stats = length_stats(spark, train_ref.path, max_len)
-        figures = {"train_rows": train_ref.num_rows, "mean_tokens_per_row": round(stats["mean_length"], 1),
-                   "eval_rows": eval_ref.num_rows, "truncated_share": stats["truncated_share"],
-                   "target_mean": scale.mean, "target_std": scale.std, **info}
+        train_ref, eval_ref, figures = stage_rows(spark, cfg, src, scaled[0], scaled[1], staging)
+        figures = {**figures, "target_mean": scale.mean, "target_std": scale.std, **info}
         extras = {"target_mean": mean, "target_std": std, "standardized": cfg.data.standardize_target}
         return Staged(train_ref, eval_ref, figures, extras, id2label={0: "value"},
                       frames=[prepared.train, prepared.eval])
@@ -111,13 +81,13 @@ class Regression(Task):
         from spark_tuning.loader.batches import plan_eval_batches
         from spark_tuning.train import distributed
 
-        local = predict_values(model, shard, plan_eval_batches(shard, cfg.train.eval_batch_size),
-                               tokenizer.pad_token_id, ctx.device, precision)
+        local = predict(model, shard, plan_eval_batches(shard, cfg.train.eval_batch_size), tokenizer.pad_token_id,
+                        ctx.device, precision, head="identity")
         parts = distributed.gather(local, ctx)
         row_ids = np.concatenate([p["row_ids"] for p in parts])
         mean, std = extras["target_mean"], extras["target_std"]
-        values = np.concatenate([p["values"] for p in parts]).astype(np.float64)
-        targets = np.concatenate([p["targets"] for p in parts]).astype(np.float64)
+        values = np.concatenate([p["probs"][:, 0] for p in parts if len(p["probs"])]).astype(np.float64)
+        targets = np.concatenate([p["labels"] for p in parts]).astype(np.float64)
         m = regression_metrics(values * std + mean, targets * std + mean)
         rec = {"step": step, "eval_loss": float(((values - targets) ** 2).mean()), "eval_rmse": m["rmse"],
                "eval_mae": m["mae"], "eval_r2": m["r2"]}
