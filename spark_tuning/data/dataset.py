@@ -286,6 +286,15 @@ def prepare(spark: SparkSession, cfg: DataConfig, seed: int) -> Prepared:
         train_df, eval_df = split(df, cfg.validation_fraction, seed)
     else:
         train_df, eval_df = df, encode_labels(eval_df, labels)
+    train_df, eval_df, counts = sampled(train_df, eval_df, cfg, seed)
+    log.info("data: %d training rows, %d validation rows, classes %s",
+             counts["train_rows"], counts["eval_rows"], list(labels.names))
+    return Prepared(train_df, eval_df, labels, counts)
+
+
+def sampled(train_df: DataFrame, eval_df: DataFrame, cfg: DataConfig, seed: int) -> tuple[DataFrame, DataFrame, dict]:
+    """The splits sampled to data.train_limit / data.eval_limit and cached, with their row counts; both
+    must hold rows."""
     train_df = sample(train_df, cfg.train_limit, seed).cache()
     eval_df = sample(eval_df, cfg.eval_limit, seed).cache()
     counts = {"train_rows": train_df.count(), "eval_rows": eval_df.count()}
@@ -294,9 +303,7 @@ def prepare(spark: SparkSession, cfg: DataConfig, seed: int) -> Prepared:
             f"after the split, train has {counts['train_rows']} rows and validation {counts['eval_rows']}: "
             "both need rows; use more data or change data.validation_fraction"
         )
-    log.info("data: %d training rows, %d validation rows, classes %s",
-             counts["train_rows"], counts["eval_rows"], list(labels.names))
-    return Prepared(train_df, eval_df, labels, counts)
+    return train_df, eval_df, counts
 
 
 def _clean_and_count(df: DataFrame, what: str) -> DataFrame:
@@ -392,12 +399,7 @@ def prepare_targets(spark: SparkSession, cfg: DataConfig, seed: int) -> tuple[Pr
         train_df = df
     else:
         train_df, eval_df = split(df, cfg.validation_fraction, seed)
-    train_df = sample(train_df, cfg.train_limit, seed).cache()
-    eval_df = sample(eval_df, cfg.eval_limit, seed).cache()
-    counts = {"train_rows": train_df.count(), "eval_rows": eval_df.count()}
-    if counts["train_rows"] == 0 or counts["eval_rows"] == 0:
-        raise InputError(f"after the split, train has {counts['train_rows']} rows and validation {counts['eval_rows']}: "
-                         "both need rows; use more data or change data.validation_fraction")
+    train_df, eval_df, counts = sampled(train_df, eval_df, cfg, seed)
     scale = target_scale(train_df, setting)
     log.info("data: %d training rows, %d validation rows, target mean %.4g, std %.4g",
              counts["train_rows"], counts["eval_rows"], scale.mean, scale.std)
@@ -494,11 +496,7 @@ def prepare_label_lists(spark: SparkSession, cfg: DataConfig, seed: int) -> tupl
         train_df = df
     else:
         train_df, eval_df = split(df, cfg.validation_fraction, seed)
-    train_df, eval_df = sample(train_df, cfg.train_limit, seed).cache(), sample(eval_df, cfg.eval_limit, seed).cache()
-    counts = {"train_rows": train_df.count(), "eval_rows": eval_df.count()}
-    if counts["train_rows"] == 0 or counts["eval_rows"] == 0:
-        raise InputError(f"after the split, train has {counts['train_rows']} rows and validation {counts['eval_rows']}: "
-                         "both need rows; use more data or change data.validation_fraction")
+    train_df, eval_df, counts = sampled(train_df, eval_df, cfg, seed)
     names, by_id = label_vocabulary(train_df, eval_df, cfg.label_names, setting)
     train_hot, eval_hot = multi_hot(train_df, names, by_id), multi_hot(eval_df, names, by_id)
     frequency = {split_name: dict(zip(names, [int(x) for x in _column_sums(d, len(names))]))

@@ -58,6 +58,13 @@ class Task:
     def config_problems(self, cfg) -> list[str]:
         return []
 
+    def petastorm_problems(self, cfg) -> list[str]:
+        """The petastorm loader stages class ids only: every other task refuses it."""
+        if cfg.loader.kind != "petastorm":
+            return []
+        return [f"loader.kind = 'petastorm' supports task: classification only (task = {self.name!r}): "
+                "use loader.kind: parquet"]
+
     def check_model(self, cfg, src, tokenizer, model_config) -> dict:
         """Refuse settings the model cannot take, before Spark works; returns what was resolved."""
         return {}

@@ -45,14 +45,25 @@ def predict(model, shard, plan, pad_id: int, device: str, precision: str, head: 
             "loss_sum": loss_sum}
 
 
-class Classification(Task):
-    name = "classification"
-    logged_files = ("label_map.json", "confusion_matrix.png")
+class TextRowsTask(Task):
+    """What the tasks that read one text and one label per row share (classification, regression,
+    multilabel_classification): the column check, and input examples from the validation predictions."""
 
     def config_problems(self, cfg) -> list[str]:
         if cfg.data.text_column == cfg.data.label_column:
             return [f"data.text_column and data.label_column are both {cfg.data.text_column!r}: they must differ"]
         return []
+
+    def input_examples(self, cfg, folder: str) -> list[str]:
+        import pandas as pd
+
+        path = os.path.join(folder, PREDICTIONS)
+        return pd.read_parquet(path, columns=["text"])["text"].head(2).tolist() if os.path.isfile(path) else []
+
+
+class Classification(TextRowsTask):
+    name = "classification"
+    logged_files = ("label_map.json", "confusion_matrix.png")
 
     def stage(self, spark, cfg, src, info: dict, staging: str) -> Staged:
         from spark_tuning.data import dataset
@@ -118,12 +129,6 @@ class Classification(Task):
         return [("accuracy", f"{m['accuracy']:.4f}"), (f"precision ({m['average']})", f"{m['precision']:.4f}"),
                 (f"recall ({m['average']})", f"{m['recall']:.4f}"), (f"f1 ({m['average']})", f"{m['f1']:.4f}"),
                 ("eval loss", f"{m['eval_loss']:.4f}"), ("validation rows", str(m["num_examples"]))]
-
-    def input_examples(self, cfg, folder: str) -> list[str]:
-        import pandas as pd
-
-        path = os.path.join(folder, PREDICTIONS)
-        return pd.read_parquet(path, columns=["text"])["text"].head(2).tolist() if os.path.isfile(path) else []
 
 
 def stage_rows(spark, cfg, src, train_df, eval_df, staging: str):

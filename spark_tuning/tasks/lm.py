@@ -82,10 +82,7 @@ class LanguageModelTask(Task):
     verifiable = False
 
     def config_problems(self, cfg) -> list[str]:
-        p = []
-        if cfg.loader.kind == "petastorm":
-            p.append(f"loader.kind = 'petastorm' supports task: classification only (task = {self.name!r}): "
-                     "use loader.kind: parquet")
+        p = self.petastorm_problems(cfg)
         if cfg.deploy.verify:
             p.append(f"deploy.verify = true checks a served model's labels and probabilities against the run's "
                      f"offline predictions, which a {self.name} run does not make (its model is still logged and "

@@ -18,8 +18,8 @@ import os
 
 import numpy as np
 
-from spark_tuning.tasks.base import Staged, Task
-from spark_tuning.tasks.classification import PREDICTIONS, predict, stage_rows
+from spark_tuning.tasks.base import Staged
+from spark_tuning.tasks.classification import PREDICTIONS, TextRowsTask, predict, stage_rows
 
 THRESHOLDS_FILE = "thresholds.json"
 METRICS = ("f1_micro", "f1_macro", "subset_accuracy", "hamming_loss")
@@ -45,19 +45,13 @@ def _f1(pred: np.ndarray, truth: np.ndarray) -> float:
     return 2 * tp / max(1.0, float(pred.sum() + truth.sum()))
 
 
-class MultiLabel(Task):
+class MultiLabel(TextRowsTask):
     name = "multilabel_classification"
     answer_columns = ("labels", "probabilities")
     logged_files = ("label_map.json", THRESHOLDS_FILE, "label_f1.png")
 
     def config_problems(self, cfg) -> list[str]:
-        p = []
-        if cfg.data.text_column == cfg.data.label_column:
-            p.append(f"data.text_column and data.label_column are both {cfg.data.text_column!r}: they must differ")
-        if cfg.loader.kind == "petastorm":
-            p.append("loader.kind = 'petastorm' supports task: classification only "
-                     "(task = 'multilabel_classification'): use loader.kind: parquet")
-        return p
+        return super().config_problems(cfg) + self.petastorm_problems(cfg)
 
     def stage(self, spark, cfg, src, info: dict, staging: str) -> Staged:
         from spark_tuning.data import dataset
@@ -142,12 +136,6 @@ class MultiLabel(Task):
 
     def output_columns(self, serving: dict) -> list[tuple[str, str]]:
         return [("labels", "string[]"), ("probabilities", "double[]")]
-
-    def input_examples(self, cfg, folder: str) -> list[str]:
-        import pandas as pd
-
-        path = os.path.join(folder, PREDICTIONS)
-        return pd.read_parquet(path, columns=["text"])["text"].head(2).tolist() if os.path.isfile(path) else []
 
     def compare_served(self, served, held, atol: float):
         """Row by row: the same label set, probabilities equal to atol; a label that flips where the run's own

@@ -16,8 +16,8 @@ import os
 
 import numpy as np
 
-from spark_tuning.tasks.base import Staged, Task
-from spark_tuning.tasks.classification import PREDICTIONS, predict, stage_rows
+from spark_tuning.tasks.base import Staged
+from spark_tuning.tasks.classification import PREDICTIONS, TextRowsTask, predict, stage_rows
 
 SCALE_FILE = "regression.json"
 # Served and offline predictions are compared in standardized units (the target's std): verify's
@@ -25,20 +25,15 @@ SCALE_FILE = "regression.json"
 METRICS = ("rmse", "mae", "r2", "pearson", "spearman")
 
 
-class Regression(Task):
+class Regression(TextRowsTask):
     name = "regression"
     answer_columns = ("prediction",)
     logged_files = (SCALE_FILE, "predicted_vs_true.png")
 
     def config_problems(self, cfg) -> list[str]:
-        p = []
-        if cfg.data.text_column == cfg.data.label_column:
-            p.append(f"data.text_column and data.label_column are both {cfg.data.text_column!r}: they must differ")
+        p = super().config_problems(cfg) + self.petastorm_problems(cfg)
         if cfg.data.label_names:
             p.append(f"data.label_names = {cfg.data.label_names!r} names classes, and task regression has none: remove it")
-        if cfg.loader.kind == "petastorm":
-            p.append("loader.kind = 'petastorm' supports task: classification only (task = 'regression'): "
-                     "use loader.kind: parquet")
         return p
 
     def stage(self, spark, cfg, src, info: dict, staging: str) -> Staged:
@@ -132,12 +127,6 @@ class Regression(Task):
 
     def output_columns(self, serving: dict) -> list[tuple[str, str]]:
         return [("prediction", "double")]
-
-    def input_examples(self, cfg, folder: str) -> list[str]:
-        import pandas as pd
-
-        path = os.path.join(folder, PREDICTIONS)
-        return pd.read_parquet(path, columns=["text"])["text"].head(2).tolist() if os.path.isfile(path) else []
 
     def compare_served(self, served, held, atol: float):
         """Row by row, served prediction = offline prediction to atol x the target's std (so the tolerance of
