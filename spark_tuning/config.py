@@ -69,6 +69,12 @@ class DataConfig:
     # whatever its units. Saved with the model (regression.json, the served model's config) and undone
     # at prediction: every figure and answer is in the target's own units.
     standardize_target: bool = True
+    # --- token_classification (tasks/token_classification.py) ---
+    # Rows longer than max_length tokens become windows that overlap by this many tokens (each token is
+    # predicted in one window only, with context on both sides): nothing is cut off.
+    stride: int = 32
+    # Label every sub-token of a word (B- becomes I- after the first) instead of the first one only.
+    label_all_subtokens: bool = False
 
 
 @dataclass

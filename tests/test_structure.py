@@ -12,7 +12,7 @@ from typing import Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "spark_tuning")
 MAX_FUNCTION_LINES = 80
-TASK_NAMES = {"classification", "multilabel_classification", "regression", "causal_lm", "sft"}
+TASK_NAMES = {"classification", "multilabel_classification", "regression", "token_classification", "causal_lm", "sft"}
 # Logged with the model as code and run where spark_tuning is not installed: it cannot ask tasks/ and
 # picks its class from the model's own config (see its docstring).
 SELF_CONTAINED = {"spark_tuning.deploy.serving_model"}

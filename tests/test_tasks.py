@@ -13,10 +13,10 @@ from spark_tuning.errors import InputError
 
 
 def test_the_three_tasks_are_found_and_an_unknown_one_is_named():
-    assert list(tasks.all_tasks()) == ["classification", "causal_lm", "multilabel_classification", "regression", "sft"]
+    assert list(tasks.all_tasks()) == ["classification", "causal_lm", "multilabel_classification", "regression", "sft", "token_classification"]
     with pytest.raises(InputError) as e:
         load_config(None, ["task=clasification"])
-    assert "task = 'clasification' is not one of classification, causal_lm, multilabel_classification, regression, sft (did you mean 'classification'?)" \
+    assert "task = 'clasification' is not one of classification, causal_lm, multilabel_classification, regression, sft, token_classification (did you mean 'classification'?)" \
         in str(e.value)
 
 
@@ -75,6 +75,7 @@ def test_verify_asks_the_task_what_to_compare():
 @pytest.mark.parametrize("name, id2label, labels", [
     ("regression", {0: "value"}, [0.5, -1.0]),
     ("multilabel_classification", {0: "a", 1: "b", 2: "c"}, [[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]),
+    ("token_classification", {0: "O", 1: "B-PER", 2: "I-PER"}, "per token"),
 ])
 def test_new_heads_train_with_lora(tiny_bert_dir, name, id2label, labels):
     """LoRA on the new tasks' heads: adapters and the head train, the body stays frozen, the loss falls."""
@@ -93,7 +94,9 @@ def test_new_heads_train_with_lora(tiny_bert_dir, name, id2label, labels):
     assert any("lora_" in n for n in trainable) and any("classifier" in n for n in trainable)
     assert not any("embeddings" in n for n in trainable)
     enc = tok(["one text", "another text here"], padding=True, return_tensors="pt")
-    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor(labels)}
+    if labels == "per token":  # a tag per real token, -100 on padding
+        labels = torch.where(enc["attention_mask"] > 0, torch.arange(enc["input_ids"].shape[1]) % 3, -100)
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.as_tensor(labels)}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(10):

@@ -275,11 +275,11 @@ def prepare(spark: SparkSession, cfg: DataConfig, seed: int) -> Prepared:
         )
     raw, source_names = read_source(spark, cfg.source, cfg.format, cfg.train_split, cfg.encoding)
     df = select_columns(raw, cfg.text_column, cfg.label_column)
-    df = _clean_and_count(df, "source")
+    df = clean_and_count(df, "source")
     eval_df = None
     if cfg.eval_source or cfg.eval_split:
         raw_eval, _ = read_source(spark, cfg.eval_source or cfg.source, cfg.format, cfg.eval_split, cfg.encoding)
-        eval_df = _clean_and_count(select_columns(raw_eval, cfg.text_column, cfg.label_column), "validation source")
+        eval_df = clean_and_count(select_columns(raw_eval, cfg.text_column, cfg.label_column), "validation source")
     labels = infer_labels(df, cfg.label_names, source_names)
     df = encode_labels(df, labels)
     if eval_df is None:
@@ -306,7 +306,7 @@ def sampled(train_df: DataFrame, eval_df: DataFrame, cfg: DataConfig, seed: int)
     return train_df, eval_df, counts
 
 
-def _clean_and_count(df: DataFrame, what: str) -> DataFrame:
+def clean_and_count(df: DataFrame, what: str) -> DataFrame:
     row = df.agg(
         F.count(F.lit(1)).alias("rows"),
         F.sum(F.when(F.col(TEXT).isNull() | (F.length(F.trim(F.col(TEXT))) == 0), 1).otherwise(0)).alias("empty"),
@@ -391,10 +391,10 @@ def prepare_targets(spark: SparkSession, cfg: DataConfig, seed: int) -> tuple[Pr
     setting = f"data.label_column = {cfg.label_column!r}"
     raw, _ = read_source(spark, cfg.source, cfg.format, cfg.train_split, cfg.encoding)
     df = check_targets(select_columns(raw, cfg.text_column, cfg.label_column), setting)
-    df = _clean_and_count(df, "source")
+    df = clean_and_count(df, "source")
     if cfg.eval_source or cfg.eval_split:
         raw_eval, _ = read_source(spark, cfg.eval_source or cfg.source, cfg.format, cfg.eval_split, cfg.encoding)
-        eval_df = _clean_and_count(check_targets(select_columns(raw_eval, cfg.text_column, cfg.label_column),
+        eval_df = clean_and_count(check_targets(select_columns(raw_eval, cfg.text_column, cfg.label_column),
                                                  setting + " (validation source)"), "validation source")
         train_df = df
     else:
@@ -487,11 +487,11 @@ def prepare_label_lists(spark: SparkSession, cfg: DataConfig, seed: int) -> tupl
     count in train and validation."""
     setting = f"data.label_column = {cfg.label_column!r}"
     raw, _ = read_source(spark, cfg.source, cfg.format, cfg.train_split, cfg.encoding)
-    df = _clean_and_count(label_lists(select_columns(raw, cfg.text_column, cfg.label_column), cfg.label_separator,
+    df = clean_and_count(label_lists(select_columns(raw, cfg.text_column, cfg.label_column), cfg.label_separator,
                                       setting), "source")
     if cfg.eval_source or cfg.eval_split:
         raw_eval, _ = read_source(spark, cfg.eval_source or cfg.source, cfg.format, cfg.eval_split, cfg.encoding)
-        eval_df = _clean_and_count(label_lists(select_columns(raw_eval, cfg.text_column, cfg.label_column),
+        eval_df = clean_and_count(label_lists(select_columns(raw_eval, cfg.text_column, cfg.label_column),
                                                cfg.label_separator, setting), "validation source")
         train_df = df
     else:

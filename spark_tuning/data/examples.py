@@ -8,6 +8,11 @@ review at max_length 256.
 
 imdb_tags (for multilabel_classification): `tags` = the aspects a review's first 150 words talk about, each by its own word
 list below (acting, music, visuals, story); a review may have none or all.
+
+imdb_entities (for token_classification): `words` = the review's first 150 words, punctuation split off (the CoNLL
+shape), and `tags` = BIO tags of three entity types found by the rules below: GENRE (a genre word, or a two-word
+genre such as "science fiction"), ROLE (a film-making role such as "director" or "supporting actress") and RATING
+("7/10", "8 out of 10"). 150 words are ~200 MiniLM tokens: most rows run past one window at data.max_length 128.
 """
 
 from __future__ import annotations
@@ -27,8 +32,19 @@ ASPECTS = {
     "visuals": ("cinematography", "camera", "visual", "visuals", "effects", "shot", "shots", "photography"),
     "story": ("plot", "story", "storyline", "script", "writing", "ending", "twist"),
 }
+GENRES = ("horror", "comedy", "comedies", "thriller", "thrillers", "drama", "dramas", "western", "westerns",
+          "documentary", "musical", "musicals", "romance", "animation", "animated", "sci-fi", "fantasy", "mystery",
+          "noir", "satire", "slasher", "melodrama", "cartoon", "anime", "mockumentary", "biopic", "sitcom")
+GENRE_PAIRS = (("science", "fiction"), ("romantic", "comedy"), ("black", "comedy"), ("action", "film"),
+               ("action", "movie"), ("war", "film"), ("war", "movie"), ("film", "noir"), ("martial", "arts"))
+ROLES = ("director", "directors", "actor", "actors", "actress", "actresses", "writer", "writers", "producer",
+         "producers", "screenwriter", "cinematographer", "composer", "editor", "narrator", "filmmaker", "filmmakers")
+ROLE_PAIRS = (("supporting", "actor"), ("supporting", "actress"), ("lead", "actor"), ("lead", "actress"),
+              ("supporting", "cast"))
+RATING = re.compile(r"^\d+(\.\d+)?/10$")
 SCORED_WORDS = 150
 WORD = re.compile(r"[a-z']+")
+SPLIT = re.compile(r"\w+(?:[-'/.]\w+)*|[^\w\s]")
 
 
 def lexicon_score(text: str, words: int = SCORED_WORDS) -> float:
@@ -44,10 +60,37 @@ def aspect_tags(text: str, words: int = SCORED_WORDS) -> list[str]:
     return [name for name, vocab in ASPECTS.items() if tokens & set(vocab)]
 
 
-# name -> (label column, the rule that labels a review, what the label means)
+def entity_tags(text: str, words: int = SCORED_WORDS) -> dict[str, list[str]]:
+    """The first `words` words of `text` (punctuation split off) and their BIO tags (GENRE, ROLE, RATING)."""
+    ws = SPLIT.findall(text)[:words]
+    low = [w.lower() for w in ws]
+    tags = ["O"] * len(ws)
+
+    def mark(i: int, n: int, kind: str) -> None:
+        if all(t == "O" for t in tags[i:i + n]):
+            tags[i:i + n] = [f"B-{kind}"] + [f"I-{kind}"] * (n - 1)
+
+    for i in range(len(ws)):
+        if low[i:i + 4][1:] == ["out", "of", "10"] and low[i].isdigit():
+            mark(i, 4, "RATING")
+        elif RATING.match(low[i]):
+            mark(i, 1, "RATING")
+        elif tuple(low[i:i + 2]) in GENRE_PAIRS:
+            mark(i, 2, "GENRE")
+        elif tuple(low[i:i + 2]) in ROLE_PAIRS:
+            mark(i, 2, "ROLE")
+        elif low[i] in GENRES:
+            mark(i, 1, "GENRE")
+        elif low[i] in ROLES:
+            mark(i, 1, "ROLE")
+    return {"words": ws, "tags": tags}
+
+
+# name -> (the columns the rule adds, the rule that labels a review: text -> {column: value}, what the labels mean)
 EXAMPLES = {
-    "imdb_scores": ("score", lexicon_score, "praise minus criticism words"),
-    "imdb_tags": ("tags", aspect_tags, "the aspects whose words occur"),
+    "imdb_scores": ("score", lambda t: {"score": lexicon_score(t)}, "praise minus criticism words"),
+    "imdb_tags": ("tags", lambda t: {"tags": aspect_tags(t)}, "the aspects whose words occur"),
+    "imdb_entities": ("words, tags", entity_tags, "genres, film-making roles and ratings tagged"),
 }
 
 
@@ -69,8 +112,9 @@ def write_example(name: str, imdb_parquet: str, out: str, rows: int = 3000, seed
     reviews = pd.read_parquet(imdb_parquet, columns=["text"])
     reviews = reviews.sample(n=min(rows, len(reviews)), random_state=seed).reset_index(drop=True)
     reviews["text"] = reviews["text"].str.replace("<br />", " ", regex=False)
-    column, rule, _ = EXAMPLES[name]
-    reviews[column] = reviews["text"].map(rule)
+    _, rule, _ = EXAMPLES[name]
+    labelled = pd.DataFrame(list(reviews["text"].map(rule)))
+    reviews = pd.concat([reviews, labelled], axis=1)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.partial-{os.getpid()}"
     try:

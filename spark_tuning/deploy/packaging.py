@@ -1,6 +1,6 @@
 """Package a finished run's model as an MLflow pyfunc model and register it.
 
-The logged model is `serving_model.py` (logged as code) plus the run's Hugging Face folder (for LoRA runs
+The logged model is `serving_model.py` (logged as code, with text/token_spans.py beside it) plus the run's Hugging Face folder (for LoRA runs
 the merged model; the adapter is logged beside it as a plain artifact) as its one artifact, with a
 signature, an input example and explicit pip requirements. Classification models answer label and
 probabilities; causal_lm / sft models answer generated text (and, for sft on classification data, the label
@@ -61,13 +61,19 @@ def signature(outputs: list[tuple[str, str]]):
     a `string` column's type before the model sees them ({"inputs": [5]} became the text "5", null became
     "None") and answers a missing column with an error that repeats the request. The model checks every
     row itself (serving_model.texts_from) and answers a short 400. Outputs: the task's (column, type)
-    pairs (`Task.output_columns`); "double[]" is a list of doubles."""
+    pairs (`Task.output_columns`); "double[]" is a list of doubles, "entities" a list of {label, start, end,
+    text, score} objects."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, Array, ColSpec, Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, Object, Property, Schema
+
+    def mlflow_type(kind: str):
+        if kind == "entities":
+            return Array(Object([Property("label", "string"), Property("start", "long"), Property("end", "long"),
+                                 Property("text", "string"), Property("score", "double")]))
+        return Array(kind[:-2]) if kind.endswith("[]") else kind
 
     inputs = Schema([ColSpec(AnyType(), INPUT_COLUMN, required=False)])
-    specs = [ColSpec(Array(kind[:-2]) if kind.endswith("[]") else kind, name) for name, kind in outputs]
-    return ModelSignature(inputs=inputs, outputs=Schema(specs))
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec(mlflow_type(kind), name) for name, kind in outputs]))
 
 
 def pip_requirements() -> list[str]:
@@ -137,6 +143,7 @@ def log_model(cfg: Config, run_id: str, tracking_uri: str, output_dir: str, prec
 
     from spark_tuning.deploy import serving_model
     from spark_tuning.tasks import get_task
+    from spark_tuning.text import token_spans
 
     d = cfg.deploy
     name = (d.registered_model_name or cfg.resolved_run_name) if d.register else None
@@ -150,6 +157,7 @@ def log_model(cfg: Config, run_id: str, tracking_uri: str, output_dir: str, prec
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=serving_model.__file__,  # logged as code: no pickled classes
+                code_paths=[token_spans.__file__],  # what it imports beside itself (token classification)
                 artifacts={"model": folder},
                 model_config=config,
                 signature=signature(get_task(cfg.task).output_columns(config)),

@@ -2,8 +2,9 @@
 
 `score(df, model_path)` is a pure DataFrame -> DataFrame transform: it adds `prediction` (the label),
 `probability` (of that label) and `probabilities` (every class, by label id) for a model that answers
-labels, `prediction` (the list of labels) and `probabilities` for a multi-label model, or `prediction` (a
-double) for a regression model, with an iterator pandas UDF. Which, it reads
+labels, `prediction` (the list of labels) and `probabilities` for a multi-label model, `prediction` (a
+double) for a regression model, or `prediction` (a list of entities: label, start, end, text, score) for a
+token classification model, with an iterator pandas UDF. Which, it reads
 from the model's signature.
 The UDF loads the model once per executor Python process (cached at module level; Spark reuses its Python
 workers between tasks) and scores each Arrow batch. `model_path` must be readable on every executor:
@@ -35,6 +36,8 @@ LABELS = ("prediction string, probability double, probabilities array<double>",
 NUMBER = ("prediction double", {"prediction": "prediction"})
 LABEL_SETS = ("prediction array<string>, probabilities array<double>",
               {"prediction": "labels", "probabilities": "probabilities"})
+ENTITIES = ("prediction array<struct<label:string, start:bigint, end:bigint, text:string, score:double>>",
+            {"prediction": "entities"})
 _MODELS: dict = {}  # per executor Python process: model location -> loaded pyfunc model
 
 
@@ -74,7 +77,7 @@ def localize(spark: SparkSession, model_uri: str, tracking_uri: Optional[str] = 
 
 
 def answer_kind(local: str, model_uri: str) -> tuple[str, dict]:
-    """LABELS, LABEL_SETS (multilabel) or NUMBER, from the model's signature; a text-generation model is refused (score adds
+    """LABELS, LABEL_SETS (multilabel), NUMBER or ENTITIES (token classification), from the model's signature; a text-generation model is refused (score adds
     prediction columns)."""
     from mlflow.models import Model
 
@@ -86,8 +89,10 @@ def answer_kind(local: str, model_uri: str) -> tuple[str, dict]:
         return NUMBER
     if "labels" in names:
         return LABEL_SETS
+    if names == ["entities"]:
+        return ENTITIES
     raise InputError(f"{model_uri} answers {names}, not labels or a number: score adds prediction columns, so it "
-                     "takes classification and regression models (and sft models trained on classification data)")
+                     "takes classification, regression and token classification models (and sft models trained on classification data)")
 
 
 def _model_path(location: str) -> str:

@@ -3,13 +3,16 @@ a number out (regression), generated text out (causal LM / SFT).
 
 This file is logged *as code* with the model (MLflow "models from code"): MLflow copies it into the model
 and runs it on load, so it must stay self-contained. It imports only torch, transformers, numpy, pandas
-and mlflow, never spark_tuning, so the logged model loads wherever those are installed (a scoring
-server, a Spark executor, Databricks Model Serving, Azure ML) without this package.
+and mlflow, and token_spans.py (logged beside it: the windows and entity decoding token classification
+shares with training), never the rest of spark_tuning, so the logged model loads wherever those are
+installed (a scoring server, a Spark executor, Databricks Model Serving, Azure ML) without this package.
 
 What the model does is set by its `model_config` (written by spark_tuning.deploy.packaging; a key can be overridden
 at load time: mlflow.pyfunc.load_model(uri, model_config={"max_new_tokens": 64})):
   task          "classification" -> TextClassifier; "multilabel_classification" -> TextMultiLabel;
-                "regression" -> TextRegressor; "causal_lm" or "sft" -> TextGenerator
+                "regression" -> TextRegressor; "token_classification" -> TextTagger;
+                "causal_lm" or "sft" -> TextGenerator
+  unit, stride  token classification: what a tag belongs to ("word" or "token") and the windows' overlap
   thresholds    multilabel: {label name: threshold}, 0.5 where absent
   target_mean, target_std   regression: the prediction is the output x target_std + target_mean
   max_length    tokens kept per text (classification, sft: data.max_length; causal_lm: data.block_size), so
@@ -243,6 +246,82 @@ class TextMultiLabel(TextClassifier):
         })
 
 
+def _token_spans():
+    """text/token_spans.py: the copy logged with the model (MLflow puts code_paths on sys.path), else the
+    package's (a model class used directly, e.g. by bench/gpu_check.py)."""
+    try:
+        import token_spans
+    except ImportError:
+        from spark_tuning.text import token_spans
+    return token_spans
+
+
+class TextTagger:
+    """Hugging Face token classifier (task token_classification): returns `entities` per text, each
+    {label, start, end, text, score}: character offsets into the text, score the mean probability of the
+    entity's units. Texts are cut into the run's overlapping windows, each token predicted in the window
+    that owns it, and units decoded with seqeval's rules, as the run's evaluation did (token_spans.py)."""
+
+    def __init__(self, folder: str, cfg: dict):
+        import torch
+        from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+        self.spans = _token_spans()
+        self.max_length = int(cfg.get("max_length", 512))
+        self.batch_size = int(cfg.get("batch_size", 64))
+        self.unit, self.stride = cfg.get("unit", "word"), int(cfg.get("stride", 0))
+        self.device, self.precision = serving_placement(cfg.get("precision", "fp32"), cfg.get("device", "auto"))
+        self.max_chars = int(cfg.get("max_chars", 100_000))
+        self.column = cfg.get("text_column", "text")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tokenizer = self.spans.plain_tokenizer(tokenizer.backend_tokenizer.to_str())
+        self.model = AutoModelForTokenClassification.from_pretrained(
+            folder, dtype=torch.float32, use_safetensors=True).to(self.device).eval()
+        self.names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.model.config.pad_token_id or 0)
+        self.lock = threading.Lock()
+
+    def predict(self, model_input) -> pd.DataFrame:
+        texts = texts_from(model_input, self.column, self.max_chars)
+        docs = [self.spans.encode(self.tokenizer, t, self.unit, self.max_length, self.stride) for t in texts]
+        windows = [(d, w) for d, (_, wins) in enumerate(docs) for w in wins]
+        probs = self.window_probabilities([w for _, w in windows])
+        per_doc: list[tuple[list, list]] = [([], []) for _ in docs]
+        for (d, w), p in zip(windows, probs):
+            per_doc[d][0].append(w["units"])
+            per_doc[d][1].append(p)
+        out = []
+        for text, (spans, _), (units, ps) in zip(texts, docs, per_doc):
+            tags, scores = self.spans.unit_predictions(len(spans), units, ps)
+            out.append(self.spans.entities(text, spans, tags, scores, self.names))
+        return pd.DataFrame({"entities": out})
+
+    def window_probabilities(self, windows: list[dict]) -> list[np.ndarray]:
+        """Per window, the tag probabilities of the tokens it owns first (its `units`, in order); batched
+        by length as the run's evaluation batches."""
+        import torch
+
+        lengths = np.array([len(w["input_ids"]) for w in windows])
+        order = np.lexsort((np.arange(len(windows)), lengths))
+        out: list = [None] * len(windows)
+        with self.lock, torch.inference_mode(), autocast(self.precision, self.device):
+            for start in range(0, len(order), self.batch_size):
+                index = order[start:start + self.batch_size]
+                width = int(lengths[index].max())
+                input_ids = np.full((len(index), width), self.pad_id, dtype=np.int64)
+                mask = np.zeros((len(index), width), dtype=np.int64)
+                for row, i in enumerate(index):
+                    input_ids[row, :lengths[i]] = windows[i]["input_ids"]
+                    mask[row, :lengths[i]] = 1
+                logits = self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
+                                    attention_mask=torch.from_numpy(mask).to(self.device)).logits
+                p = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+                for row, i in enumerate(index):
+                    out[i] = p[row][windows[i]["positions"]]
+        return out
+
+
 class TextGenerator:
     """Causal LM / SFT: a prompt in, its greedy continuation out (`generated_text`).
 
@@ -331,7 +410,7 @@ class TextGenerator:
 
 
 TASKS = {"classification": TextClassifier, "multilabel_classification": TextMultiLabel, "regression": TextRegressor,
-         "causal_lm": TextGenerator, "sft": TextGenerator}
+         "token_classification": TextTagger, "causal_lm": TextGenerator, "sft": TextGenerator}
 
 
 if mlflow is not None:

@@ -165,3 +165,50 @@ def plot_label_f1(per_label: dict, path: str, title: str = "") -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _entity_scores(true: set, pred: set) -> dict:
+    """Precision, recall and F1 per type and overall (micro, macro, weighted) of two sets of
+    (row, type, start, end) entities: an entity counts only with its exact type and boundaries. Types
+    from both sides, zero where undefined: seqeval's classification_report, default mode."""
+    types = sorted({e[1] for e in true | pred})
+
+    def prf(t: set, p: set) -> tuple[float, float, float]:
+        hit = len(t & p)
+        precision, recall = (hit / len(p) if p else 0.0), (hit / len(t) if t else 0.0)
+        return precision, recall, (2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+
+    per = {}
+    for k in types:
+        t, p = {e for e in true if e[1] == k}, {e for e in pred if e[1] == k}
+        precision, recall, f1 = prf(t, p)
+        per[k] = {"precision": precision, "recall": recall, "f1": f1, "support": len(t)}
+    precision, recall, f1 = prf(true, pred)
+    support = sum(r["support"] for r in per.values())
+    out = {"precision": precision, "recall": recall, "f1": f1, "entities": len(true), "predicted_entities": len(pred),
+           "per_type": per}
+    for key in ("precision", "recall", "f1"):
+        out[f"{key}_macro"] = float(np.mean([r[key] for r in per.values()])) if per else 0.0
+        out[f"{key}_weighted"] = (sum(r[key] * r["support"] for r in per.values()) / support) if support else 0.0
+    return out
+
+
+def entity_metrics(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict:
+    """Entity-level metrics of tag sequences (one per row; BIO tags), as seqeval computes them, and token
+    accuracy (the share of units whose tag is right)."""
+    from spark_tuning.text.token_spans import get_entities
+
+    true = {(i, *e) for i, seq in enumerate(gold) for e in get_entities(seq)}
+    found = {(i, *e) for i, seq in enumerate(pred) for e in get_entities(seq)}
+    tags = sum(len(g) for g in gold)
+    right = sum(a == b for g, p in zip(gold, pred) for a, b in zip(g, p))
+    return {**_entity_scores(true, found), "token_accuracy": right / tags if tags else 0.0, "rows": len(gold),
+            "units": tags}
+
+
+def span_metrics(gold: Sequence[Sequence[dict]], pred: Sequence[Sequence[dict]]) -> dict:
+    """`entity_metrics` of entities given as character spans ({label, start, end} per entity, per row)."""
+    def spans(rows):
+        return {(i, e["label"], int(e["start"]), int(e["end"])) for i, es in enumerate(rows) for e in es}
+
+    return {**_entity_scores(spans(gold), spans(pred)), "rows": len(gold)}

@@ -182,10 +182,13 @@ def placement(device: str, dtype) -> dict[str, Any]:
 
 
 def build_classifier(src: ModelSource, cfg: ModelConfig, id2label: dict[int, str], pad_token_id: int,
-                     device: str = "cpu", dtype=None, problem_type: Optional[str] = None):
-    """A sequence-classification model: the pretrained body plus a new head of len(id2label) outputs
-    (`problem_type`: transformers' name for what the head does, e.g. "regression"; None: single-label)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+                     device: str = "cpu", dtype=None, problem_type: Optional[str] = None,
+                     auto_class: str = "AutoModelForSequenceClassification"):
+    """A classification model: the pretrained body plus a new head of len(id2label) outputs
+    (`problem_type`: transformers' name for what the head does, e.g. "regression"; None: single-label;
+    `auto_class`: the transformers class, per sequence by default, AutoModelForTokenClassification per token)."""
+    import transformers
+    from transformers import AutoConfig
 
     kwargs = src.load_kwargs(cfg)
     config = AutoConfig.from_pretrained(
@@ -206,7 +209,7 @@ def build_classifier(src: ModelSource, cfg: ModelConfig, id2label: dict[int, str
     # A checkpoint that already has a head of another shape (another class count, or a classifier reused
     # for regression) gets a new one: the head is trained from scratch here anyway. Only the head: body
     # weights of other shapes than the config says are a broken model, refused.
-    model, info = AutoModelForSequenceClassification.from_pretrained(
+    model, info = getattr(transformers, auto_class).from_pretrained(
         src.location, config=config, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs,
         **placement(device, dtype))
     body = sorted(k for k, *_ in info.get("mismatched_keys", ()) if k.startswith(model.base_model_prefix + "."))
