@@ -13,13 +13,19 @@ from typing import Optional
 from spark_tuning.errors import InputError, JobFailed
 
 
+def examples_names() -> list[str]:
+    from spark_tuning.data import examples
+
+    return list(examples.EXAMPLES)
+
+
 def _make_example(args: argparse.Namespace) -> int:
     from spark_tuning.data import examples
 
     path = examples.write_example(args.name, args.imdb, args.out, args.rows, overwrite=args.overwrite)
     column, _, what = examples.EXAMPLES[args.name]
-    print(f"wrote {path}: {args.rows} IMDB reviews with `{column}` ({what} in the first {examples.SCORED_WORDS} "
-          "words; spark_tuning/data/examples.py lists them)")
+    print(f"wrote {path}: {args.rows} rows of IMDB reviews with `{column}` ({what}; spark_tuning/data/examples.py "
+          "says how)")
     return 0
 
 
@@ -107,7 +113,7 @@ def _score(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="spark-tuning-model-") as download:
         location = score.localize(spark, args.model_uri, args.tracking_uri, download)
         t = time.perf_counter()
-        df = score.score(score.read_input(spark, args.input), location, args.text_column)
+        df = score.score(score.read_input(spark, args.input), location, args.text_column, args.text_pair_column)
         score.write_output(df, args.output, args.overwrite)
         seconds = time.perf_counter() - t
     rows = spark.read.parquet(args.output).count() if "/" in args.output else spark.table(args.output).count()
@@ -178,6 +184,7 @@ def _add_deploy_commands(sub) -> None:
     p.add_argument("--input", required=True, help="a table name or a Parquet/JSONL/CSV/Delta path")
     p.add_argument("--output", required=True, help="a path (written as Parquet) or a table name")
     p.add_argument("--text-column", default="text")
+    p.add_argument("--text-pair-column", default="text_pair", help="the second text, for a model trained on pairs")
     p.add_argument("--master", default=None, help="Spark master (default: spark-submit's, else local[*])")
     p.add_argument("--overwrite", action="store_true")
     tracking(p)
@@ -262,8 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace a folder that already holds files")
     ex.set_defaults(func=_export_openai)
     mk = sub.add_parser("make-example", help="build an example data set on real text for a task (README: More tasks)")
-    mk.add_argument("name", choices=["imdb_scores", "imdb_tags"],
-                    help="imdb_scores: a number per review (regression); imdb_tags: aspect tags (multilabel)")
+    mk.add_argument("name", choices=sorted(examples_names()),
+                    help="imdb_scores: a number per review (regression); imdb_tags: aspect tags (multilabel); "
+                         "imdb_entities: words with BIO tags (token_classification); imdb_pairs: two reviews, "
+                         "same or different sentiment (classification of text pairs)")
     mk.add_argument("--imdb", default="../shared/data/imdb/train.parquet", help="the shared IMDB copy")
     mk.add_argument("--out", required=True, help="the Parquet file to write")
     mk.add_argument("--rows", type=int, default=3000)

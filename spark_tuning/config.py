@@ -45,6 +45,9 @@ class DataConfig:
     eval_split: Optional[str] = None  # e.g. "test": use the dataset's own split for validation
     text_column: str = "text"
     label_column: str = "label"
+    # classification, regression, multilabel: a second text per row (NLI, paraphrase, similarity), tokenized
+    # with the first as the tokenizer's pair input; the longer of the two is truncated first.
+    text_pair_column: Optional[str] = None
     label_names: Optional[list[str]] = None  # names of integer labels 0..n-1; string labels name themselves
     validation_fraction: float = 0.2
     train_limit: Optional[int] = None  # seeded random sample of this many training rows
@@ -466,7 +469,17 @@ def _check_task_values(cfg: Config) -> list[str]:
     if budget is not None and 0 < budget < longest:
         p.append(f"train.max_tokens_per_batch = {budget} is less than {name} = {longest}: a row that "
                  f"long would not fit in a batch; set it to at least {longest} (or lower {name})")
+    if cfg.data.text_pair_column and not task.reads_pairs:
+        readers = ", ".join(n for n, t in sorted(_tasks().items()) if t.reads_pairs)
+        p.append(f"data.text_pair_column = {cfg.data.text_pair_column!r}: task {cfg.task} does not read text pairs "
+                 f"({readers} do): remove it")
     return p + task.config_problems(cfg)
+
+
+def _tasks() -> dict:
+    from spark_tuning.tasks import all_tasks
+
+    return all_tasks()
 
 
 # Settings that do not change what is trained: a resumed run may differ from the original in these.

@@ -29,3 +29,29 @@ def test_make_example_writes_once_and_refuses_to_overwrite(imdb_path, tmp_path):
     assert main(args + ["--overwrite"]) == 0
     with pytest.raises(InputError, match="does not exist"):
         examples.write_example("imdb_scores", str(tmp_path / "nope.parquet"), str(tmp_path / "x.parquet"))
+
+
+def test_entity_tags_mark_genres_roles_and_ratings_in_bio():
+    r = examples.entity_tags("A horror film; the supporting actress was fine. Science fiction fans: 7/10, or 8 out of 10!")
+    tagged = [(w, t) for w, t in zip(r["words"], r["tags"]) if t != "O"]
+    assert tagged == [("horror", "B-GENRE"), ("supporting", "B-ROLE"), ("actress", "I-ROLE"), ("Science", "B-GENRE"),
+                      ("fiction", "I-GENRE"), ("7/10", "B-RATING"), ("8", "B-RATING"), ("out", "I-RATING"),
+                      ("of", "I-RATING"), ("10", "I-RATING")]
+    assert r["words"][:3] == ["A", "horror", "film"] and ";" in r["words"]  # punctuation split off
+
+
+def test_continuation_pairs_are_half_their_own_second_half():
+    reviews = pd.DataFrame({"text": [f"review {i} starts here and ends there {i}" for i in range(40)]})
+    pairs = examples.continuation_pairs(reviews)
+    assert (pairs["label"] == "continues").sum() == 20
+    whole = set(reviews["text"])
+    joined = [f"{a} {b}" in whole for a, b in zip(pairs["text"], pairs["text_pair"])]
+    assert joined == [lab == "continues" for lab in pairs["label"]]
+
+
+def test_tagged_sentences_are_half_with_an_entity():
+    reviews = pd.DataFrame({"text": ["A fine horror film. It was long, very long indeed. The director tried. "
+                                     "I liked none of it at all."] * 4})
+    rows = examples.tagged_sentences(reviews, 6)
+    has = rows["tags"].map(lambda tags: any(t != "O" for t in tags))
+    assert len(rows) == 6 and has.sum() == 3 and all(len(w) == len(t) for w, t in zip(rows["words"], rows["tags"]))

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # annotations only: config is a leaf that tasks/ sit above
 
 log = logging.getLogger(__name__)
 
-TEXT, LABEL = "text", "label"
+TEXT, LABEL, TEXT_PAIR = "text", "label", "text_pair"
 LONG_TEXT = 100_000  # characters: worth a warning (a 1 MB review is usually a data error)
 
 
@@ -145,21 +145,28 @@ def _read_hf(spark: SparkSession, path: str, fmt: str, split: Optional[str]):
 # Pure transforms and checks
 
 
-def select_columns(df: DataFrame, text_column: str, label_column: str) -> DataFrame:
-    """Keep the text and label columns, renamed to `text` and `label`; name the columns that exist."""
-    missing = [c for c in (text_column, label_column) if c not in df.columns]
+def select_columns(df: DataFrame, text_column: str, label_column: str, pair_column: Optional[str] = None) -> DataFrame:
+    """Keep the text and label columns, renamed to `text` and `label` (and the pair's second text as
+    `text_pair`); name the columns that exist. A pair column must hold text in every row."""
+    wanted = {"text": text_column, "label": label_column, **({"text_pair": pair_column} if pair_column else {})}
+    missing = [f"data.{k}_column = {c!r}" for k, c in wanted.items() if c not in df.columns]
     if missing:
-        which = " and ".join(f"data.{k}_column = {c!r}" for k, c in zip(("text", "label"), (text_column, label_column))
-                             if c in missing)
-        raise InputError(
-            f"{which}: no such column in the data; it has {df.columns}: set the column names in data:"
-        )
-    if not isinstance(df.schema[text_column].dataType, T.StringType):
-        raise InputError(
-            f"data.text_column = {text_column!r} holds {df.schema[text_column].dataType.simpleString()}, "
-            "not text: name the column that holds the text"
-        )
-    return df.select(F.col(text_column).alias(TEXT), F.col(label_column).alias(LABEL))
+        raise InputError(f"{' and '.join(missing)}: no such column in the data; it has {df.columns}: set the column "
+                         "names in data:")
+    for key in ("text", "text_pair"):
+        column = wanted.get(key)
+        if column and not isinstance(df.schema[column].dataType, T.StringType):
+            raise InputError(f"data.{key}_column = {column!r} holds {df.schema[column].dataType.simpleString()}, "
+                             "not text: name the column that holds the text")
+    out = df.select(F.col(text_column).alias(TEXT), F.col(label_column).alias(LABEL),
+                    *([F.col(pair_column).alias(TEXT_PAIR)] if pair_column else []))
+    if pair_column:
+        row = out.agg(F.sum(F.col(TEXT_PAIR).isNull().cast("int")).alias("nulls"), F.count(F.lit(1)).alias("rows"),
+                      F.first(F.when(F.col(TEXT_PAIR).isNull(), F.substring(TEXT, 1, 60)), ignorenulls=True).alias("ex")).first()
+        if row["nulls"]:
+            raise InputError(f"data.text_pair_column = {pair_column!r} is null in {row['nulls']} of {row['rows']} rows "
+                             f"(e.g. beside the text {row['ex']!r}): every row needs both texts; fill or drop those rows")
+    return out
 
 
 def clean(df: DataFrame) -> DataFrame:
@@ -237,16 +244,17 @@ def encode_labels(df: DataFrame, info: LabelInfo) -> DataFrame:
     return df.withColumn(LABEL, F.col(LABEL).cast("int"))
 
 
-def _key(seed: int) -> F.Column:
+def _key(seed: int, df: DataFrame) -> F.Column:
     # A hash of the row's content: the same rows get the same keys on every run and every cluster,
     # whatever the partitioning, and duplicate rows always land on the same side of a split.
-    return F.xxhash64(F.lit(seed), F.col(TEXT), F.col(LABEL))
+    pair = [F.col(TEXT_PAIR)] if TEXT_PAIR in df.columns else []
+    return F.xxhash64(F.lit(seed), F.col(TEXT), *pair, F.col(LABEL))
 
 
 def split(df: DataFrame, fraction: float, seed: int) -> tuple[DataFrame, DataFrame]:
     """Seeded, deterministic train/validation split; validation gets round(fraction * rows) rows
     (a few more only when duplicate rows share the cut)."""
-    keyed = df.withColumn("_key", _key(seed))
+    keyed = df.withColumn("_key", _key(seed, df))
     n_eval = max(1, round(df.count() * fraction))
     cut = keyed.orderBy("_key").limit(n_eval).agg(F.max("_key")).first()[0]
     train = keyed.where(F.col("_key") > F.lit(cut)).drop("_key")
@@ -258,7 +266,7 @@ def sample(df: DataFrame, n: Optional[int], seed: int) -> DataFrame:
     """A seeded random sample of exactly n rows (all rows when there are fewer, or when n is None)."""
     if n is None:
         return df
-    return df.withColumn("_key", _key(seed + 1)).orderBy("_key").limit(n).drop("_key")
+    return df.withColumn("_key", _key(seed + 1, df)).orderBy("_key").limit(n).drop("_key")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -274,12 +282,12 @@ def prepare(spark: SparkSession, cfg: DataConfig, seed: int) -> Prepared:
             f"{cfg.source!r} is {fmt}: set data.eval_split: null (a seeded split is made) or data.eval_source"
         )
     raw, source_names = read_source(spark, cfg.source, cfg.format, cfg.train_split, cfg.encoding)
-    df = select_columns(raw, cfg.text_column, cfg.label_column)
+    df = select_columns(raw, cfg.text_column, cfg.label_column, cfg.text_pair_column)
     df = clean_and_count(df, "source")
     eval_df = None
     if cfg.eval_source or cfg.eval_split:
         raw_eval, _ = read_source(spark, cfg.eval_source or cfg.source, cfg.format, cfg.eval_split, cfg.encoding)
-        eval_df = clean_and_count(select_columns(raw_eval, cfg.text_column, cfg.label_column), "validation source")
+        eval_df = clean_and_count(select_columns(raw_eval, cfg.text_column, cfg.label_column, cfg.text_pair_column), "validation source")
     labels = infer_labels(df, cfg.label_names, source_names)
     df = encode_labels(df, labels)
     if eval_df is None:
@@ -390,11 +398,11 @@ def prepare_targets(spark: SparkSession, cfg: DataConfig, seed: int) -> tuple[Pr
     dropped target would silently change what the model learns)."""
     setting = f"data.label_column = {cfg.label_column!r}"
     raw, _ = read_source(spark, cfg.source, cfg.format, cfg.train_split, cfg.encoding)
-    df = check_targets(select_columns(raw, cfg.text_column, cfg.label_column), setting)
+    df = check_targets(select_columns(raw, cfg.text_column, cfg.label_column, cfg.text_pair_column), setting)
     df = clean_and_count(df, "source")
     if cfg.eval_source or cfg.eval_split:
         raw_eval, _ = read_source(spark, cfg.eval_source or cfg.source, cfg.format, cfg.eval_split, cfg.encoding)
-        eval_df = clean_and_count(check_targets(select_columns(raw_eval, cfg.text_column, cfg.label_column),
+        eval_df = clean_and_count(check_targets(select_columns(raw_eval, cfg.text_column, cfg.label_column, cfg.text_pair_column),
                                                  setting + " (validation source)"), "validation source")
         train_df = df
     else:
@@ -487,11 +495,11 @@ def prepare_label_lists(spark: SparkSession, cfg: DataConfig, seed: int) -> tupl
     count in train and validation."""
     setting = f"data.label_column = {cfg.label_column!r}"
     raw, _ = read_source(spark, cfg.source, cfg.format, cfg.train_split, cfg.encoding)
-    df = clean_and_count(label_lists(select_columns(raw, cfg.text_column, cfg.label_column), cfg.label_separator,
+    df = clean_and_count(label_lists(select_columns(raw, cfg.text_column, cfg.label_column, cfg.text_pair_column), cfg.label_separator,
                                       setting), "source")
     if cfg.eval_source or cfg.eval_split:
         raw_eval, _ = read_source(spark, cfg.eval_source or cfg.source, cfg.format, cfg.eval_split, cfg.encoding)
-        eval_df = clean_and_count(label_lists(select_columns(raw_eval, cfg.text_column, cfg.label_column),
+        eval_df = clean_and_count(label_lists(select_columns(raw_eval, cfg.text_column, cfg.label_column, cfg.text_pair_column),
                                                cfg.label_separator, setting), "validation source")
         train_df = df
     else:

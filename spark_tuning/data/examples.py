@@ -9,10 +9,15 @@ review at max_length 256.
 imdb_tags (for multilabel_classification): `tags` = the aspects a review's first 150 words talk about, each by its own word
 list below (acting, music, visuals, story); a review may have none or all.
 
-imdb_entities (for token_classification): `words` = the review's first 150 words, punctuation split off (the CoNLL
-shape), and `tags` = BIO tags of three entity types found by the rules below: GENRE (a genre word, or a two-word
-genre such as "science fiction"), ROLE (a film-making role such as "director" or "supporting actress") and RATING
-("7/10", "8 out of 10"). 150 words are ~200 MiniLM tokens: most rows run past one window at data.max_length 128.
+imdb_entities (for token_classification): sentences of the reviews, one per row, as `words` (punctuation split off:
+the CoNLL shape) and `tags`, BIO tags of three entity types found by the rules below: GENRE (a genre word, or a
+two-word genre such as "science fiction"), ROLE (a film-making role such as "director" or "supporting actress")
+and RATING ("7/10", "8 out of 10"). Half the rows hold an entity, half none (seeded): entities are rare in
+reviews (one word in 150), and a model sees too few of them among whole reviews.
+
+imdb_pairs (for text pairs: classification with data.text_pair_column): `text` is the first half of a review (by
+words), `text_pair` the second half of the same review (`label` "continues") or of another review ("other"), half
+of each, seeded. Neither text alone says which: the model must read both.
 """
 
 from __future__ import annotations
@@ -62,7 +67,27 @@ def aspect_tags(text: str, words: int = SCORED_WORDS) -> list[str]:
 
 def entity_tags(text: str, words: int = SCORED_WORDS) -> dict[str, list[str]]:
     """The first `words` words of `text` (punctuation split off) and their BIO tags (GENRE, ROLE, RATING)."""
-    ws = SPLIT.findall(text)[:words]
+    return _tagged(SPLIT.findall(text)[:words])
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+MAX_SENTENCE_WORDS = 60
+
+
+def tagged_sentences(reviews, rows: int, seed: int = 0):
+    """`rows` sentences of `reviews` (4 to 60 words) with their tags, half with an entity and half without."""
+    import pandas as pd
+
+    found = [_tagged(SPLIT.findall(s)[:MAX_SENTENCE_WORDS]) for text in reviews["text"]
+             for s in SENTENCE_END.split(text)]
+    found = pd.DataFrame([f for f in found if len(f["words"]) >= 4])
+    has = found["tags"].map(lambda tags: any(t != "O" for t in tags))
+    with_entity = found[has].sample(n=min(int(has.sum()), rows // 2), random_state=seed)
+    without = found[~has].sample(n=min(int((~has).sum()), rows - len(with_entity)), random_state=seed)
+    return pd.concat([with_entity, without]).sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+
+def _tagged(ws: list[str]) -> dict[str, list[str]]:
     low = [w.lower() for w in ws]
     tags = ["O"] * len(ws)
 
@@ -86,17 +111,47 @@ def entity_tags(text: str, words: int = SCORED_WORDS) -> dict[str, list[str]]:
     return {"words": ws, "tags": tags}
 
 
-# name -> (the columns the rule adds, the rule that labels a review: text -> {column: value}, what the labels mean)
+def _per_review(column: str, rule):
+    def build(reviews, rows: int, seed: int):
+        return reviews[["text"]].assign(**{column: reviews["text"].map(rule)})
+    return build
+
+
+# name -> (its columns, how it is built from the sampled reviews: (reviews, rows, seed) -> rows, what the labels mean)
 EXAMPLES = {
-    "imdb_scores": ("score", lambda t: {"score": lexicon_score(t)}, "praise minus criticism words"),
-    "imdb_tags": ("tags", lambda t: {"tags": aspect_tags(t)}, "the aspects whose words occur"),
-    "imdb_entities": ("words, tags", entity_tags, "genres, film-making roles and ratings tagged"),
+    "imdb_scores": ("text, score", _per_review("score", lexicon_score), "praise minus criticism words"),
+    "imdb_tags": ("text, tags", _per_review("tags", aspect_tags), "the aspects whose words occur"),
+    "imdb_entities": ("words, tags", tagged_sentences, "sentences with genres, film-making roles and ratings tagged"),
+    "imdb_pairs": ("text, text_pair, label", lambda reviews, rows, seed: continuation_pairs(reviews, seed),
+                   "a review's first half with its own second half ('continues') or another's ('other')"),
 }
+
+
+def continuation_pairs(reviews, seed: int = 0):
+    """`reviews` (text) -> rows of (text, text_pair, label), half of each label: row i is the first half of review
+    i with the second half of review i ("continues", even i) or of another review ("other", odd i)."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    halves = []
+    for text in reviews["text"]:
+        words = text.split()
+        cut = len(words) // 2
+        halves.append((" ".join(words[:cut]), " ".join(words[cut:])))
+    rows = []
+    for i, (first, second) in enumerate(halves):
+        if i % 2 == 0:
+            rows.append({"text": first, "text_pair": second, "label": "continues"})
+        else:
+            j = int(rng.choice([k for k in range(len(halves)) if k != i]))
+            rows.append({"text": first, "text_pair": halves[j][1], "label": "other"})
+    return pd.DataFrame(rows)
 
 
 def write_example(name: str, imdb_parquet: str, out: str, rows: int = 3000, seed: int = 0,
                   overwrite: bool = False) -> str:
-    """`rows` seeded IMDB reviews with the label of example `name` (EXAMPLES), as Parquet at `out`, written
+    """`rows` rows of example `name` (EXAMPLES) from `rows` seeded IMDB reviews, as Parquet at `out`, written
     atomically; an existing file is replaced only with `overwrite`."""
     import pandas as pd
 
@@ -109,12 +164,10 @@ def write_example(name: str, imdb_parquet: str, out: str, rows: int = 3000, seed
     if not os.path.isfile(imdb_parquet):
         raise InputError(f"--imdb {imdb_parquet!r} does not exist: point it at the shared IMDB copy "
                          "(train.parquet with a text column)")
-    reviews = pd.read_parquet(imdb_parquet, columns=["text"])
+    reviews = pd.read_parquet(imdb_parquet, columns=["text", "label"])
     reviews = reviews.sample(n=min(rows, len(reviews)), random_state=seed).reset_index(drop=True)
     reviews["text"] = reviews["text"].str.replace("<br />", " ", regex=False)
-    _, rule, _ = EXAMPLES[name]
-    labelled = pd.DataFrame(list(reviews["text"].map(rule)))
-    reviews = pd.concat([reviews, labelled], axis=1)
+    reviews = EXAMPLES[name][1](reviews, rows, seed)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.partial-{os.getpid()}"
     try:

@@ -34,6 +34,7 @@ MODEL_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", 
                "merges.txt", "tokenizer.model", "label_map.json", "generation_config.json")
 RECORD = "mlflow_model.json"  # written into the output folder: where the logged model went
 INPUT_COLUMN = "text"
+PAIR_COLUMN = "text_pair"  # the second text, for models trained on text pairs (data.text_pair_column)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class ModelRecord:
         return self.model_uri
 
 
-def signature(outputs: list[tuple[str, str]]):
+def signature(outputs: list[tuple[str, str]], pairs: bool = False):
     """Input: the text column, typed Any and optional on purpose: MLflow's scoring server converts values to
     a `string` column's type before the model sees them ({"inputs": [5]} became the text "5", null became
     "None") and answers a missing column with an error that repeats the request. The model checks every
@@ -72,7 +73,7 @@ def signature(outputs: list[tuple[str, str]]):
                                  Property("text", "string"), Property("score", "double")]))
         return Array(kind[:-2]) if kind.endswith("[]") else kind
 
-    inputs = Schema([ColSpec(AnyType(), INPUT_COLUMN, required=False)])
+    inputs = Schema([ColSpec(AnyType(), c, required=False) for c in (INPUT_COLUMN, PAIR_COLUMN)[:2 if pairs else 1]])
     return ModelSignature(inputs=inputs, outputs=Schema([ColSpec(mlflow_type(kind), name) for name, kind in outputs]))
 
 
@@ -104,6 +105,7 @@ def model_config(cfg: Config, precision: str, folder: str, extras: Optional[dict
         "device": "auto",  # a GPU where the server has one (serving_model.serving_placement)
         "max_chars": cfg.deploy.max_text_chars,
         "text_column": INPUT_COLUMN,
+        **({"text_pair_column": PAIR_COLUMN} if cfg.data.text_pair_column else {}),
         **task.serving_config(cfg, extras or {}, folder),
     }
 
@@ -130,8 +132,10 @@ def _input_example(output_dir: str, cfg: Config):
 
     from spark_tuning.tasks import get_task
 
-    texts = get_task(cfg.task).input_examples(cfg, output_dir)
-    return pd.DataFrame({INPUT_COLUMN: texts or ["a film worth seeing", "a dull, tedious film"]})
+    rows = get_task(cfg.task).input_examples(cfg, output_dir)  # texts, or {text, text_pair} records
+    if rows and isinstance(rows[0], dict):
+        return pd.DataFrame(rows)
+    return pd.DataFrame({INPUT_COLUMN: rows or ["a film worth seeing", "a dull, tedious film"]})
 
 
 def log_model(cfg: Config, run_id: str, tracking_uri: str, output_dir: str, precision: str,
@@ -160,7 +164,7 @@ def log_model(cfg: Config, run_id: str, tracking_uri: str, output_dir: str, prec
                 code_paths=[token_spans.__file__],  # what it imports beside itself (token classification)
                 artifacts={"model": folder},
                 model_config=config,
-                signature=signature(get_task(cfg.task).output_columns(config)),
+                signature=signature(get_task(cfg.task).output_columns(config), pairs="text_pair_column" in config),
                 input_example=_input_example(output_dir, cfg),
                 pip_requirements=pip_requirements(),
                 registered_model_name=name,

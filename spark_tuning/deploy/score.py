@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
@@ -103,11 +103,24 @@ def _model_path(location: str) -> str:
     return location
 
 
-def score(df: DataFrame, model_location: str, text_column: str = "text") -> DataFrame:
-    """`df` plus the prediction columns (see the module), scored by the model at `model_location`."""
+def takes_pairs(local: str) -> bool:
+    """Whether the model was trained on text pairs (its signature's inputs hold text_pair)."""
+    from mlflow.models import Model
+
+    sig = Model.load(local).signature
+    return sig is not None and sig.inputs is not None and "text_pair" in sig.inputs.input_names()
+
+
+def score(df: DataFrame, model_location: str, text_column: str = "text", pair_column: str = "text_pair") -> DataFrame:
+    """`df` plus the prediction columns (see the module), scored by the model at `model_location`
+    (`pair_column`: the second text, for a model trained on text pairs)."""
     if text_column not in df.columns:
         raise InputError(f"the input has no {text_column!r} column (columns: {df.columns}): pass --text-column")
     schema, columns = answer_kind(_model_path(model_location), model_location)
+    pairs = takes_pairs(_model_path(model_location))
+    if pairs and pair_column not in df.columns:
+        raise InputError(f"{model_location} compares two texts, and the input has no {pair_column!r} column "
+                         f"(columns: {df.columns}): pass --text-pair-column")
     clash = [c for c in columns if c in df.columns]
     if clash:
         raise InputError(f"the input already has column(s) {clash}: rename or drop them before scoring")
@@ -120,7 +133,17 @@ def score(df: DataFrame, model_location: str, text_column: str = "text") -> Data
             out = model.predict(pd.DataFrame({"text": texts.fillna("").astype(str)}))
             yield pd.DataFrame({name: out[served] for name, served in columns.items()})
 
-    scored = df.withColumn("_scored", predict(F.col(text_column)))
+    @pandas_udf(schema)
+    def predict_pairs(batches: Iterator[Tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        model = _load_once(model_location)
+        for texts, second in batches:
+            out = model.predict(pd.DataFrame({"text": texts.fillna("").astype(str),
+                                              "text_pair": second.fillna("").astype(str)}))
+            yield pd.DataFrame({name: out[served] for name, served in columns.items()})
+
+    udf = predict_pairs(F.col(text_column), F.col(pair_column)) if pairs else predict(F.col(text_column))
+    scored = df.withColumn("_scored", udf)
     return scored.select(*df.columns, *[F.col(f"_scored.{c}").alias(c) for c in columns])
 
 

@@ -22,6 +22,7 @@ at load time: mlflow.pyfunc.load_model(uri, model_config={"max_new_tokens": 64})
   device        "auto" (a GPU where one is visible, else the CPU), "cpu", or "cuda:N"
   max_chars     longer texts are refused with a 400 instead of tying up the server
   text_column   the input column that holds the text
+  text_pair_column   classification / regression / multilabel trained on text pairs: the second text's column
   generation only: max_new_tokens, chat_template (sft: prompts rendered with the tokenizer's template),
   prompt_template (sft on classification data: data.sft_prompt), label_names and label_first_tokens
 
@@ -148,6 +149,24 @@ def texts_from(model_input, column: str, max_chars: int) -> list[str]:
     return values
 
 
+def pairs_from(model_input, column: str, pair_column: str, max_chars: int) -> tuple[list[str], list[str]]:
+    """Texts and their pairs (a model trained on text pairs): records or a DataFrame with both fields."""
+    if isinstance(model_input, pd.DataFrame) and pair_column in model_input.columns:
+        pairs = model_input[pair_column].tolist()
+    elif isinstance(model_input, (list, tuple)) and all(isinstance(v, dict) for v in model_input):
+        pairs = [v.get(pair_column) for v in model_input]
+    else:
+        raise BadInput(f"this model compares two texts: send records with {column!r} and {pair_column!r}, e.g. "
+                       f"{{\"dataframe_records\": [{{\"{column}\": \"a\", \"{pair_column}\": \"b\"}}]}}")
+    texts = texts_from(model_input, column, max_chars)
+    for i, v in enumerate(pairs):
+        if not isinstance(v, str):
+            raise BadInput(f"row {i}: {pair_column!r} must be a string, got {type(v).__name__} {str(v)[:40]!r}")
+        if len(v) > max_chars:
+            raise BadInput(f"row {i}: {pair_column!r} of {len(v)} characters is longer than the limit of {max_chars}")
+    return texts, pairs
+
+
 class TextClassifier:
     """Hugging Face sequence classifier: returns label, label_id, probability (of that label) and
     probabilities (every class, in label-id order)."""
@@ -161,6 +180,7 @@ class TextClassifier:
         self.device, self.precision = serving_placement(cfg.get("precision", "fp32"), cfg.get("device", "auto"))
         self.max_chars = int(cfg.get("max_chars", 100_000))
         self.column = cfg.get("text_column", "text")
+        self.pair_column = cfg.get("text_pair_column")  # set for a model trained on text pairs
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             folder, dtype=torch.float32, use_safetensors=True).to(self.device).eval()
@@ -173,9 +193,13 @@ class TextClassifier:
         # threads from oversubscribing the cores, and results do not depend on what else is running.
         self.lock = threading.Lock()
 
+    def inputs(self, model_input) -> tuple[list[str], list[str] | None]:
+        if self.pair_column:
+            return pairs_from(model_input, self.column, self.pair_column, self.max_chars)
+        return texts_from(model_input, self.column, self.max_chars), None
+
     def predict(self, model_input) -> pd.DataFrame:
-        texts = texts_from(model_input, self.column, self.max_chars)
-        probs = self.probabilities(texts)
+        probs = self.probabilities(*self.inputs(model_input))
         ids = probs.argmax(axis=1)
         return pd.DataFrame({
             "label": [self.id2label[int(i)] for i in ids],
@@ -184,16 +208,19 @@ class TextClassifier:
             "probabilities": [row.astype(np.float64).tolist() for row in probs],
         })
 
-    def probabilities(self, texts: list[str]) -> np.ndarray:
+    def probabilities(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
         import torch
 
-        return self.outputs(texts, lambda logits: torch.softmax(logits.float(), dim=-1))
+        return self.outputs(texts, lambda logits: torch.softmax(logits.float(), dim=-1), pairs)
 
-    def outputs(self, texts: list[str], head) -> np.ndarray:
-        """`head(logits)` of every text, in input order; batched by length, as the training run evaluates."""
+    def outputs(self, texts: list[str], head, pairs: list[str] | None = None) -> np.ndarray:
+        """`head(logits)` of every text (or text pair), in input order; batched by length, as the training run
+        evaluates (pairs: the tokenizer's pair input, longest_first truncation, with token type ids where the
+        model takes them)."""
         import torch
 
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)["input_ids"]
+        enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding=False)
+        ids, types = enc["input_ids"], enc.get("token_type_ids") if pairs is not None else None
         lengths = np.array([len(x) for x in ids])
         order = np.lexsort((np.arange(len(ids)), lengths))
         out = np.zeros((len(ids), self.model.config.num_labels), dtype=np.float32)
@@ -203,11 +230,15 @@ class TextClassifier:
                 width = int(lengths[index].max())
                 input_ids = np.full((len(index), width), self.pad_id, dtype=np.int64)
                 mask = np.zeros((len(index), width), dtype=np.int64)
+                type_ids = np.zeros((len(index), width), dtype=np.int64)
                 for row, i in enumerate(index):
                     input_ids[row, :lengths[i]] = ids[i]
                     mask[row, :lengths[i]] = 1
+                    if types is not None:
+                        type_ids[row, :lengths[i]] = types[i]
+                extra = {"token_type_ids": torch.from_numpy(type_ids).to(self.device)} if types is not None else {}
                 logits = self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
-                                    attention_mask=torch.from_numpy(mask).to(self.device)).logits
+                                    attention_mask=torch.from_numpy(mask).to(self.device), **extra).logits
                 out[index] = head(logits.float()).cpu().numpy()
         return out
 
@@ -221,7 +252,8 @@ class TextRegressor(TextClassifier):
         self.mean, self.std = float(cfg.get("target_mean", 0.0)), float(cfg.get("target_std", 1.0))
 
     def predict(self, model_input) -> pd.DataFrame:
-        values = self.outputs(texts_from(model_input, self.column, self.max_chars), lambda logits: logits)[:, 0]
+        texts, pairs = self.inputs(model_input)
+        values = self.outputs(texts, lambda logits: logits, pairs)[:, 0]
         return pd.DataFrame({"prediction": values.astype(np.float64) * self.std + self.mean})
 
 
@@ -239,7 +271,8 @@ class TextMultiLabel(TextClassifier):
     def predict(self, model_input) -> pd.DataFrame:
         import torch
 
-        probs = self.outputs(texts_from(model_input, self.column, self.max_chars), torch.sigmoid)
+        texts, pairs = self.inputs(model_input)
+        probs = self.outputs(texts, torch.sigmoid, pairs)
         return pd.DataFrame({
             "labels": [[n for n, hit in zip(self.names, row >= self.thresholds) if hit] for row in probs],
             "probabilities": [row.astype(np.float64).tolist() for row in probs],

@@ -136,8 +136,10 @@ def percentiles(seconds: list[float]) -> dict:
             "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean()), "max": float(ms.max())}
 
 
-def score_endpoint(url: str, texts: list[str], batch_size: int, timeout: float = 300.0) -> tuple[pd.DataFrame, list[float]]:
-    """Send `texts` in batches; returns the served predictions (in order) and each request's latency."""
+def score_endpoint(url: str, texts: list[str], batch_size: int, timeout: float = 300.0,
+                   pairs: Optional[list[str]] = None) -> tuple[pd.DataFrame, list[float]]:
+    """Send `texts` (with their `pairs`, for a model trained on text pairs) in batches; returns the served
+    predictions (in order) and each request's latency."""
     from spark_tuning.deploy.serving import post_json
 
     url = url.rstrip("/")
@@ -146,7 +148,9 @@ def score_endpoint(url: str, texts: list[str], batch_size: int, timeout: float =
     for start in range(0, len(texts), batch_size):
         batch = texts[start:start + batch_size]
         t = time.perf_counter()
-        status, body = post_json(url, {"dataframe_records": [{"text": x} for x in batch]}, timeout)
+        records = [{"text": x} for x in batch] if pairs is None else \
+            [{"text": x, "text_pair": y} for x, y in zip(batch, pairs[start:start + batch_size])]
+        status, body = post_json(url, {"dataframe_records": records}, timeout)
         latencies.append(time.perf_counter() - t)
         if status != 200:
             raise JobFailed(f"the endpoint {url} answered HTTP {status} for rows {start}-{start + len(batch) - 1}: "
@@ -189,14 +193,15 @@ def verify(url: str, data: str, batch_size: int = 32, atol: Optional[float] = No
         raise InputError(f"--data {data!r} holds no rows to send")
     task = get_task(held.task) if held.task else Task()  # a data file of its own: compared as labels
     # One row first: it pays for lazy initialisation (kept out of the percentiles) and shows what is served.
-    probe, _ = score_endpoint(url, texts[:1], 1)
+    pairs = held.rows["text_pair"].tolist() if "text_pair" in held.rows.columns else None
+    probe, _ = score_endpoint(url, texts[:1], 1, pairs=pairs)
     if not set(task.answer_columns) <= set(probe.columns):
         raise InputError(f"--endpoint {url} answers {sorted(map(str, probe.columns))}, not "
                          f"{' and '.join(task.answer_columns)}: it serves a text-generation model (causal_lm / sft), "
                          "and verify compares a run's labels and probabilities with the served ones; try a "
                          "generation model with a request of your own (README: Deploy and verify)")
     t = time.perf_counter()
-    served, latencies = score_endpoint(url, texts, batch_size)
+    served, latencies = score_endpoint(url, texts, batch_size, pairs=pairs)
     seconds = time.perf_counter() - t
     if len(served) != len(texts):
         raise JobFailed(f"the endpoint returned {len(served)} predictions for {len(texts)} rows")

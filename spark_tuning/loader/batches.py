@@ -76,8 +76,9 @@ def plan_eval_batches(shard: Shard, batch_size: int) -> list[np.ndarray]:
 
 
 def collate(shard: Shard, index: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
-    """Pad one batch to its own longest row (right padding), with an attention mask. LM rows get their
-    per-token labels, padded with -100 (never derived from pad ids: SmolLM2 pads with its EOS)."""
+    """Pad one batch to its own longest row (right padding), with an attention mask (and token type ids,
+    padded with 0, for text pairs). Rows with per-token labels (LM tasks, token classification) get them,
+    padded with -100 (never derived from pad ids: SmolLM2 pads with its EOS)."""
     if shard.token_labels is not None:
         return _collate_lm(shard, index, pad_id)
     lengths = shard.lengths[index]
@@ -88,7 +89,13 @@ def collate(shard: Shard, index: np.ndarray, pad_id: int) -> dict[str, np.ndarra
         n = lengths[row]
         input_ids[row, :n] = shard.ids(i)
         mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": shard.labels[index]}
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": shard.labels[index]}
+    if shard.token_types is not None:  # text pairs for BERT-style models: which text each token is from
+        types = np.zeros((len(index), width), dtype=np.int64)
+        for row, i in enumerate(index):
+            types[row, :lengths[row]] = shard.token_types[shard.offsets[i]:shard.offsets[i + 1]]
+        batch["token_type_ids"] = types
+    return batch
 
 
 def _collate_lm(shard: Shard, index: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ TRAIN_COLUMNS = ["row_id", "input_ids", "length", "label"]
 BUCKET = "bucket"  # staged by with_length_buckets; read by the Parquet loader, recomputed where absent
 # causal_lm / sft rows also carry per-token labels (-100 where no loss is taken), with the same offsets.
 TOKEN_LABELS = "labels"
+TOKEN_TYPES = "token_type_ids"  # text pairs (BERT-style models): 0 for the first text's tokens, 1 for the pair's
 IGNORE_INDEX = -100
 # Bucket edges grow by this share: rows of one bucket differ in length by at most ~10%, so a batch cut
 # inside a bucket pads by ~5% on average. Below 10 tokens every length is its own bucket.
@@ -156,6 +157,7 @@ class Shard:
     rows_per_rank: list[int]
     token_labels: Optional[np.ndarray] = None  # causal_lm / sft: flat, row i is [offsets[i]:offsets[i+1]]
     buckets: Optional[np.ndarray] = None  # the staged `bucket` column; None: computed from the lengths
+    token_types: Optional[np.ndarray] = None  # text pairs: flat, with the offsets of input_ids
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -196,7 +198,8 @@ def read_shard(ref: DataRef, rank: int, world_size: int, columns: Optional[list[
         offsets=offsets,
         values=values,
         rows_per_rank=rows_per_rank,
-        token_labels=_flat_token_labels(table, offsets),
+        token_labels=_flat_per_token(table, TOKEN_LABELS, offsets),
+        token_types=_flat_per_token(table, TOKEN_TYPES, offsets),
         buckets=table.column(BUCKET).to_numpy().astype(np.int64) if BUCKET in table.column_names else None,
     )
 
@@ -218,19 +221,21 @@ def _labels(table) -> np.ndarray:
 
 
 def _columns_present(path: str) -> list[str]:
-    """TRAIN_COLUMNS plus per-token labels where the staged rows have them (causal_lm, sft)."""
+    """TRAIN_COLUMNS plus per-token labels (LM tasks, token classification) and token types (text pairs)
+    where the staged rows have them."""
     import pyarrow.parquet as pq
 
     names = pq.ParquetFile(path).schema_arrow.names
-    return [c for c in TRAIN_COLUMNS + [TOKEN_LABELS, BUCKET] if c in names]
+    return [c for c in TRAIN_COLUMNS + [TOKEN_LABELS, TOKEN_TYPES, BUCKET] if c in names]
 
 
-def _flat_token_labels(table, offsets: np.ndarray) -> Optional[np.ndarray]:
-    if TOKEN_LABELS not in table.column_names:
+def _flat_per_token(table, column: str, offsets: np.ndarray) -> Optional[np.ndarray]:
+    """A per-token column (labels, token type ids) as one flat array with the offsets of input_ids."""
+    if column not in table.column_names:
         return None
-    col = table.column(TOKEN_LABELS).chunk(0)
+    col = table.column(column).chunk(0)
     own = col.offsets.to_numpy().astype(np.int64)
     flat = col.values.to_numpy(zero_copy_only=False)[own[0]:own[-1]]
     if len(flat) != offsets[-1]:
-        raise ValueError("staged labels and input_ids differ in length")
+        raise ValueError(f"staged {column} and input_ids differ in length")
     return flat.astype(np.int64)

@@ -46,19 +46,43 @@ def predict(model, shard, plan, pad_id: int, device: str, precision: str, head: 
 
 
 class TextRowsTask(Task):
-    """What the tasks that read one text and one label per row share (classification, regression,
-    multilabel_classification): the column check, and input examples from the validation predictions."""
+    """What the tasks that read one text (or a pair of texts) and one label per row share (classification,
+    regression, multilabel_classification): the column checks, the validation texts for the predictions
+    file, and input examples from it."""
+
+    reads_pairs = True
 
     def config_problems(self, cfg) -> list[str]:
-        if cfg.data.text_column == cfg.data.label_column:
-            return [f"data.text_column and data.label_column are both {cfg.data.text_column!r}: they must differ"]
-        return []
+        d, p = cfg.data, []
+        columns = [c for c in (d.text_column, d.label_column, d.text_pair_column) if c]
+        if len(set(columns)) < len(columns):
+            p.append(f"data.text_column, data.label_column and data.text_pair_column must name different columns "
+                     f"(they are {columns})")
+        if d.text_pair_column and cfg.loader.kind == "petastorm":
+            p.append("data.text_pair_column with loader.kind = 'petastorm': the petastorm loader stages no token "
+                     "type ids; use loader.kind: parquet")
+        return p
 
-    def input_examples(self, cfg, folder: str) -> list[str]:
+    def input_examples(self, cfg, folder: str) -> list:
+        """Two validation rows: texts, or {text, text_pair} records for pairs."""
         import pandas as pd
 
         path = os.path.join(folder, PREDICTIONS)
-        return pd.read_parquet(path, columns=["text"])["text"].head(2).tolist() if os.path.isfile(path) else []
+        if not os.path.isfile(path):
+            return []
+        rows = pd.read_parquet(path).head(2)
+        if "text_pair" in rows.columns:
+            return rows[["text", "text_pair"]].to_dict("records")
+        return rows["text"].tolist()
+
+    @staticmethod
+    def eval_texts(staged: Staged):
+        """The staged validation rows' row_id and text (and text_pair), for the predictions file."""
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(next(f for f in _parquet_files(staged.eval_ref.path))).names
+        return pq.read_table(staged.eval_ref.path,
+                             columns=[c for c in ("row_id", "text", "text_pair") if c in names]).to_pandas()
 
 
 class Classification(TextRowsTask):
@@ -118,7 +142,7 @@ class Classification(TextRowsTask):
         plot_confusion_matrix(metrics["confusion_matrix"], names, os.path.join(folder, "confusion_matrix.png"),
                               f"{cfg.resolved_run_name}: accuracy {metrics['accuracy']:.3f}")
         # Validation rows with their predictions: for error analysis, and for checking a served model later.
-        texts = pd.read_parquet(staged.eval_ref.path, columns=["row_id", "text"])
+        texts = self.eval_texts(staged)
         ev = result["eval"]
         preds = pd.DataFrame({"row_id": ev["row_ids"], "label": ev["labels"], "prediction": ev["preds"],
                               "probability": [max(p) for p in ev["probs"]], "probabilities": ev["probs"]})
@@ -138,12 +162,18 @@ def stage_rows(spark, cfg, src, train_df, eval_df, staging: str):
     from spark_tuning.text.tokenize import tokenize
 
     n_files, kind, max_len = 2 * cfg.distributed.num_processes, cfg.loader.kind, cfg.data.max_length
-    train_ref = stage_as(kind, tokenize(train_df, src, cfg.model, max_len).drop("text"),
+    train_ref = stage_as(kind, tokenize(train_df, src, cfg.model, max_len).drop("text", "text_pair"),
                          os.path.join(staging, "train"), n_files, max_len)
     eval_ref = stage_as(kind, tokenize(eval_df, src, cfg.model, max_len), os.path.join(staging, "eval"), n_files, max_len)
     stats = length_stats(spark, train_ref.path, max_len)
     return train_ref, eval_ref, {"train_rows": train_ref.num_rows, "mean_tokens_per_row": round(stats["mean_length"], 1),
                                  "eval_rows": eval_ref.num_rows, "truncated_share": stats["truncated_share"]}
+
+
+def _parquet_files(path: str) -> list[str]:
+    import glob
+
+    return sorted(glob.glob(os.path.join(path, "*.parquet")))
 
 
 def length_stats(spark, path: str, max_length: int) -> dict[str, float]:

@@ -116,7 +116,7 @@ class MultiLabel(TextRowsTask):
                       f"{cfg.resolved_run_name}: micro F1 {metrics['f1_micro']:.3f}")
         ev = result["eval"]
         probs, thresholds = np.asarray(ev["probs"]), np.asarray(ev["thresholds"])
-        texts = pd.read_parquet(staged.eval_ref.path, columns=["row_id", "text"])
+        texts = self.eval_texts(staged)
         preds = pd.DataFrame({"row_id": ev["row_ids"],
                               "labels": [[n for n, t in zip(names, row) if t] for row in ev["truth"]],
                               "predicted": [[n for n, hit in zip(names, row >= thresholds) if hit] for row in probs],

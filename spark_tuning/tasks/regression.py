@@ -64,7 +64,8 @@ class Regression(TextRowsTask):
         import torch.nn.functional as F
 
         target = batch["labels"].float()
-        value = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()[:, 0]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}  # ids, mask (and token types for pairs)
+        value = model(**inputs).logits.float()[:, 0]
         if cfg.train.regression_loss == "huber":
             return F.huber_loss(value, target, delta=cfg.train.huber_delta)
         return F.mse_loss(value, target)
@@ -111,7 +112,7 @@ class Regression(TextRowsTask):
         ev = result["eval"]
         plot_predicted_vs_true(ev["preds"], ev["labels"], os.path.join(folder, "predicted_vs_true.png"),
                                f"{cfg.resolved_run_name}: RMSE {metrics['rmse']:.3g}, R² {metrics['r2']:.3f}")
-        texts = pd.read_parquet(staged.eval_ref.path, columns=["row_id", "text"])
+        texts = self.eval_texts(staged)
         preds = pd.DataFrame({"row_id": ev["row_ids"], "label": ev["labels"], "prediction": ev["preds"]})
         texts.merge(preds, on="row_id").sort_values("row_id").to_parquet(os.path.join(folder, PREDICTIONS), index=False)
 

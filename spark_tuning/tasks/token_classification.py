@@ -84,6 +84,7 @@ class TokenClassification(TextRowsTask):
     name = "token_classification"
     auto_model = "AutoModelForTokenClassification"
     peft_task_type = "TOKEN_CLS"
+    reads_pairs = False
     answer_columns = ("entities",)
     logged_files = ("label_map.json", REPORT, "entity_f1.png")
 

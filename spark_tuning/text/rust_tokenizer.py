@@ -68,6 +68,17 @@ class RustEncoder:
         return flatten(ids)
 
 
+    def encode_pairs(self, texts: Sequence[str], pairs: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids and token type ids of (text, pair) rows as the tokenizer's pair input, truncated to
+        max_length with the longer of the two cut first (longest_first). Each text is first capped at
+        max_length x MAX_CHARS_PER_TOKEN characters; no cut at spaces."""
+        tok = self.load()
+        cap = (self.max_length or 1 << 30) * MAX_CHARS_PER_TOKEN
+        rows = [(_keep(a, cap, self.truncation_side), _keep(b, cap, self.truncation_side)) for a, b in zip(texts, pairs)]
+        encodings = tok.encode_batch(rows)
+        return [e.ids for e in encodings], [e.type_ids for e in encodings]
+
+
 # A text keeps at most this many characters per allowed token before tokenizing: real tokens are far
 # shorter, so nothing that would survive truncation is lost, and a 1 MB text costs no more than a review.
 MAX_CHARS_PER_TOKEN = 64

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterator, Optional, TYPE_CHECKING
+from typing import Iterator, Optional, Tuple, TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -90,7 +90,10 @@ def _has_arrow_udf() -> bool:
 
 
 def tokenize(df: DataFrame, src: ModelSource, model_cfg: ModelConfig, max_length: int) -> DataFrame:
-    """`text` -> `text`, `input_ids`, `length` (plus every other column of `df`)."""
+    """`text` -> `text`, `input_ids`, `length` (plus every other column of `df`). With a `text_pair` column:
+    the two texts as the tokenizer's pair input, and `token_type_ids` where the model takes them."""
+    if "text_pair" in df.columns:
+        return tokenize_pairs(df, src, model_cfg, max_length)
     enc = rust_encoder(src, model_cfg, max_length)
     if enc is None:
         udf = _transformers_udf(src, model_cfg, max_length)
@@ -158,3 +161,56 @@ def _transformers_udf(src: ModelSource, model_cfg: ModelConfig, max_length: int)
             })
 
     return encode
+
+
+def tokenize_pairs(df: DataFrame, src: ModelSource, model_cfg: ModelConfig, max_length: int) -> DataFrame:
+    """`text` + `text_pair` -> `input_ids`, `length` and (BERT-style models) `token_type_ids`, through the
+    Rust backend where it reproduces the tokenizer on probe pairs, else through transformers."""
+    from spark_tuning.model.sources import load_tokenizer
+    from pyspark.sql.functions import pandas_udf
+
+    tok = load_tokenizer(src, model_cfg)
+    types = "token_type_ids" in getattr(tok, "model_input_names", ())
+    schema = TOKENS_SCHEMA + (", token_type_ids array<int>" if types else "")
+    enc = _pair_encoder(tok, src, model_cfg, max_length)
+
+    @pandas_udf(schema)
+    def encode(batches: Iterator[Tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if enc is None:
+            from spark_tuning.model.sources import load_tokenizer as load
+
+            full = load(src, model_cfg)
+        for texts, pairs in batches:
+            a, b = texts.fillna("").tolist(), pairs.fillna("").tolist()
+            if enc is not None:
+                ids, type_ids = enc.encode_pairs(a, b)
+            else:
+                out = full(a, b, truncation=True, max_length=max_length, padding=False, return_token_type_ids=True)
+                ids, type_ids = out["input_ids"], out["token_type_ids"]
+            frame = {"input_ids": [np.asarray(x, dtype=np.int32) for x in ids],
+                     "length": np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))}
+            if types:
+                frame["token_type_ids"] = [np.asarray(x, dtype=np.int32) for x in type_ids]
+            yield pd.DataFrame(frame)
+
+    out = df.withColumn("_tok", encode(F.col("text"), F.col("text_pair")))
+    return out.select(*df.columns, "_tok.*")
+
+
+def _pair_encoder(tok, src: ModelSource, model_cfg: ModelConfig, max_length: int) -> Optional[RustEncoder]:
+    """The Rust backend, when it gives the tokenizer's own ids and token types on probe pairs."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    texts = probes(max_length)
+    pairs = texts[::-1]
+    want = tok(texts, pairs, truncation=True, max_length=max_length, padding=False, return_token_type_ids=True)
+    enc = RustEncoder(backend.to_str(), max_length, getattr(tok, "truncation_side", "right"),
+                      bool(getattr(tok, "split_special_tokens", False)), cut_at_spaces=False)
+    ids, type_ids = enc.encode_pairs(texts, pairs)
+    if ids == want["input_ids"] and type_ids == want["token_type_ids"]:
+        return enc
+    log.warning("the Rust backend of %s's tokenizer encodes text pairs differently from the tokenizer itself: "
+                "tokenizing pairs through transformers in every Spark task (slower start)", src.location)
+    return None
