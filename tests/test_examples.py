@@ -40,13 +40,11 @@ def test_entity_tags_mark_genres_roles_and_ratings_in_bio():
     assert r["words"][:3] == ["A", "horror", "film"] and ";" in r["words"]  # punctuation split off
 
 
-def test_continuation_pairs_are_half_their_own_second_half():
-    reviews = pd.DataFrame({"text": [f"review {i} starts here and ends there {i}" for i in range(40)]})
-    pairs = examples.continuation_pairs(reviews)
-    assert (pairs["label"] == "continues").sum() == 20
-    whole = set(reviews["text"])
-    joined = [f"{a} {b}" in whole for a, b in zip(pairs["text"], pairs["text_pair"])]
-    assert joined == [lab == "continues" for lab in pairs["label"]]
+def test_quoted_pairs_are_half_a_sentence_of_the_text():
+    reviews = pd.DataFrame({"text": [f"Review {i} starts here today. It then ends there, {i} times over." for i in range(40)]})
+    pairs = examples.quoted_pairs(reviews)
+    assert len(pairs) == 40 and (pairs["label"] == "quoted").sum() == 20
+    assert [b in a for a, b in zip(pairs["text"], pairs["text_pair"])] == [lab == "quoted" for lab in pairs["label"]]
 
 
 def test_tagged_sentences_are_half_with_an_entity():

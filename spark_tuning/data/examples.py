@@ -15,9 +15,9 @@ two-word genre such as "science fiction"), ROLE (a film-making role such as "dir
 and RATING ("7/10", "8 out of 10"). Half the rows hold an entity, half none (seeded): entities are rare in
 reviews (one word in 150), and a model sees too few of them among whole reviews.
 
-imdb_pairs (for text pairs: classification with data.text_pair_column): `text` is the first half of a review (by
-words), `text_pair` the second half of the same review (`label` "continues") or of another review ("other"), half
-of each, seeded. Neither text alone says which: the model must read both.
+imdb_pairs (for text pairs: classification with data.text_pair_column): `text` is a review's first 150 words,
+`text_pair` one sentence (5 words or more) of those 150 words (`label` "quoted") or of another review's
+("other"), half of each, seeded. Neither text alone says which: the model must read both.
 """
 
 from __future__ import annotations
@@ -122,30 +122,31 @@ EXAMPLES = {
     "imdb_scores": ("text, score", _per_review("score", lexicon_score), "praise minus criticism words"),
     "imdb_tags": ("text, tags", _per_review("tags", aspect_tags), "the aspects whose words occur"),
     "imdb_entities": ("words, tags", tagged_sentences, "sentences with genres, film-making roles and ratings tagged"),
-    "imdb_pairs": ("text, text_pair, label", lambda reviews, rows, seed: continuation_pairs(reviews, seed),
-                   "a review's first half with its own second half ('continues') or another's ('other')"),
+    "imdb_pairs": ("text, text_pair, label", lambda reviews, rows, seed: quoted_pairs(reviews, seed),
+                   "a review's first 150 words with one of their sentences ('quoted') or another review's ('other')"),
 }
 
 
-def continuation_pairs(reviews, seed: int = 0):
-    """`reviews` (text) -> rows of (text, text_pair, label), half of each label: row i is the first half of review
-    i with the second half of review i ("continues", even i) or of another review ("other", odd i)."""
+def quoted_pairs(reviews, seed: int = 0):
+    """`reviews` (text) -> rows of (text, text_pair, label), half of each label: row i is review i's first
+    SCORED_WORDS words with one of their sentences ("quoted", even i) or a sentence of another review ("other",
+    odd i). Reviews without a sentence of 5 words or more are left out."""
     import numpy as np
     import pandas as pd
 
     rng = np.random.default_rng(seed)
-    halves = []
+    heads, sentences = [], []
     for text in reviews["text"]:
-        words = text.split()
-        cut = len(words) // 2
-        halves.append((" ".join(words[:cut]), " ".join(words[cut:])))
+        head = " ".join(text.split()[:SCORED_WORDS])
+        found = [s for s in SENTENCE_END.split(head) if len(s.split()) >= 5]
+        if found:
+            heads.append(head)
+            sentences.append(found)
     rows = []
-    for i, (first, second) in enumerate(halves):
-        if i % 2 == 0:
-            rows.append({"text": first, "text_pair": second, "label": "continues"})
-        else:
-            j = int(rng.choice([k for k in range(len(halves)) if k != i]))
-            rows.append({"text": first, "text_pair": halves[j][1], "label": "other"})
+    for i, head in enumerate(heads):
+        j = i if i % 2 == 0 else int(rng.choice([k for k in range(len(heads)) if k != i]))
+        pick = sentences[j][int(rng.integers(len(sentences[j])))]
+        rows.append({"text": head, "text_pair": pick, "label": "quoted" if i % 2 == 0 else "other"})
     return pd.DataFrame(rows)
 
 
