@@ -56,8 +56,8 @@ class TextRowsTask(Task):
         d, p = cfg.data, []
         columns = [c for c in (d.text_column, d.label_column, d.text_pair_column) if c]
         if len(set(columns)) < len(columns):
-            p.append(f"data.text_column, data.label_column and data.text_pair_column must name different columns "
-                     f"(they are {columns})")
+            named = " and ".join(f"data.{k}_column" for k in ("text", "label", "text_pair")[:len(columns)])
+            p.append(f"{named} name the same column ({columns}): they must differ")
         if d.text_pair_column and cfg.loader.kind == "petastorm":
             p.append("data.text_pair_column with loader.kind = 'petastorm': the petastorm loader stages no token "
                      "type ids; use loader.kind: parquet")
