@@ -143,7 +143,24 @@ class LoraSettings:
 
 
 @dataclass
+class FsdpConfig:
+    """distributed.strategy: fsdp (FSDP2, `fully_shard` per transformer block and at the root)."""
+
+    # Free each block's gathered parameters after its forward (gathered again for backward): least memory.
+    # false: keep them until backward (one all-gather per block and step less, more memory).
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False  # GPUs: parameters, gradients and optimizer state in host memory (slow, least GPU memory)
+    reduce_dtype: str = "fp32"  # gradients are reduce-scattered in fp32, or in bf16/fp16 (the run's precision)
+    # The module classes sharded one by one; None: the model's own list (`_no_split_modules`).
+    block_class: Optional[list[str]] = None
+
+
+@dataclass
 class DistributedConfig:
+    # ddp: every process holds the whole model (DistributedDataParallel); fsdp: the model, its gradients and
+    # optimizer state sharded over the processes (FSDP2), for models that do not fit one device with DDP.
+    strategy: str = "ddp"
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     num_processes: int = 2
     local_mode: bool = True  # True: torchrun on the driver; False: barrier tasks on executors
     use_gpu: bool = False
@@ -400,6 +417,7 @@ def _check_values(cfg: Config) -> list[str]:
     one_of("train.regression_loss", cfg.train.regression_loss, REGRESSION_LOSSES)
     positive("train.huber_delta", cfg.train.huber_delta)
     one_of("loader.kind", cfg.loader.kind, LOADERS)
+    p.extend(_check_fsdp_values(cfg))
     if not cfg.output_dir.strip():
         p.append("output_dir is empty: name a folder (or dbfs:/... on Databricks)")
     for name, value in [
@@ -451,6 +469,39 @@ def _check_values(cfg: Config) -> list[str]:
     return p
 
 
+STRATEGIES = ("ddp", "fsdp")
+
+
+def _check_fsdp_values(cfg: Config) -> list[str]:
+    """distributed.strategy and the fsdp settings that do not combine with others. (One process, and a
+    model without a block class to shard, are refused by the preflight, which knows the model.)"""
+    from spark_tuning.train.fsdp import REDUCE_DTYPES
+
+    d, t, p = cfg.distributed, cfg.train, []
+    if d.strategy not in STRATEGIES:
+        p.append(f"distributed.strategy = {d.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        return p
+    if d.fsdp.reduce_dtype not in REDUCE_DTYPES:
+        p.append(f"distributed.fsdp.reduce_dtype = {d.fsdp.reduce_dtype!r} is not one of {', '.join(REDUCE_DTYPES)}")
+    if d.strategy != "fsdp":
+        return p
+    if t.precision == "fp16":
+        p.append("train.precision = 'fp16' with distributed.strategy = 'fsdp': fp16 loss scaling over sharded "
+                 "gradients is not supported here; use train.precision: bf16 (GPUs of compute capability 8.0 and "
+                 "up) or fp32, or distributed.strategy: ddp")
+    if d.fsdp.reduce_dtype != "fp32" and d.fsdp.reduce_dtype != t.precision:
+        p.append(f"distributed.fsdp.reduce_dtype = {d.fsdp.reduce_dtype!r} differs from train.precision = "
+                 f"{t.precision!r}: reduce in fp32, or in the run's own half precision")
+    if t.compile:
+        p.append("train.compile = true with distributed.strategy = 'fsdp' is not supported: set train.compile: false")
+    if d.fsdp.cpu_offload and not d.use_gpu:
+        p.append("distributed.fsdp.cpu_offload = true on CPU processes: the weights are in host memory already; "
+                 "set distributed.fsdp.cpu_offload: false (it is for GPU runs)")
+    if d.fsdp.block_class is not None and not d.fsdp.block_class:
+        p.append("distributed.fsdp.block_class is an empty list: name the block class, or remove it for the model's own")
+    return p
+
+
 def task_names() -> tuple[str, ...]:
     """The tasks `task:` accepts: one per file in spark_tuning/tasks/."""
     from spark_tuning.tasks import all_tasks
@@ -483,7 +534,10 @@ def _tasks() -> dict:
 
 
 # Settings that do not change what is trained: a resumed run may differ from the original in these.
-RESUME_NEUTRAL = ("run_name", "spark.", "tracking.", "loader.staging_dir", "checkpoint.", "train.log_every_steps")
+# distributed.*: a run may resume onto another number of processes or strategy (the checkpoint says whether it
+# can be read so: train/state.restore); the global batch then changes with the number of processes.
+RESUME_NEUTRAL = ("run_name", "spark.", "tracking.", "loader.staging_dir", "checkpoint.", "train.log_every_steps",
+                  "distributed.")
 
 
 def training_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

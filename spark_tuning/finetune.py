@@ -122,6 +122,12 @@ def plan_output(cfg: Config, overwrite: bool, resume: bool) -> Plan:
             f"output_dir {out} holds an interrupted run with another config ({'; '.join(changed)}): rerun with "
             "the same config to resume it, pass --overwrite to start over, or set another output_dir"
         )
+    from spark_tuning.train.fsdp import has_sharded
+
+    if cfg.distributed.strategy == "fsdp" and not has_sharded(latest):
+        raise InputError(
+            f"output_dir {out}: checkpoint {latest} was written by distributed.strategy: ddp (whole weights), which "
+            "an fsdp run does not resume: resume it with distributed.strategy: ddp, or pass --overwrite to start over")
     log.info("resuming the interrupted run in %s from %s", out, latest)
     return Plan(resume_from=latest, earlier_run=earlier)
 
@@ -154,6 +160,10 @@ def preflight(cfg: Config, overwrite: bool, resume: bool, task):
         raise InputError(f"data.max_length = {cfg.data.max_length} is more than the {positions} positions model "
                          f"{src.location} takes: set data.max_length to at most {positions}")
     check_resources(cfg.distributed)
+    if cfg.distributed.strategy == "fsdp" and cfg.distributed.num_processes < 2:
+        raise InputError("distributed.strategy = 'fsdp' with distributed.num_processes = 1: one process has nothing "
+                         "to shard the model over; set distributed.num_processes to 2 or more (one per GPU), or "
+                         "distributed.strategy: ddp")
     src, info = llm.prepare(cfg, src, os.path.join(output_root(cfg.output_dir), ".models"), task)
     return src, plan, info
 

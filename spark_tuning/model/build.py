@@ -47,5 +47,24 @@ def export_model(model, task, cfg, src, tokenizer, id2label: dict):
     return export
 
 
+def rebuild_from(state: dict, task, cfg, src, tokenizer, id2label: dict):
+    """A plain fp32 model on the CPU holding `state`, a sharded run's gathered weights. Full fine-tuning: every
+    tensor of it. LoRA: the trained tensors only (adapters, new head) on the base as published, as in
+    `export_model`: the run's half-precision copy of the base would only round it."""
+    import torch
+
+    export = build_model(task, cfg, src, tokenizer, id2label, "cpu", torch.float32)
+    trained = {name for name, p in export.named_parameters() if p.requires_grad}
+    wanted = {k: v for k, v in state.items() if not cfg.lora.enabled or k in trained}
+    missing = trained - set(wanted)
+    if missing:
+        raise RuntimeError(f"the gathered weights lack trained parameters {sorted(missing)[:5]}")
+    result = export.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in wanted.items()},
+                                    strict=not cfg.lora.enabled)
+    if result.unexpected_keys:
+        raise RuntimeError(f"the gathered weights hold tensors the model does not: {result.unexpected_keys[:5]}")
+    return export
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

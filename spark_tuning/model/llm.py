@@ -15,6 +15,7 @@ import shutil
 import uuid
 from typing import TYPE_CHECKING
 
+from spark_tuning.errors import InputError
 from spark_tuning.model.sources import ModelSource
 
 if TYPE_CHECKING:  # annotations only: config is a leaf that tasks/ sit above
@@ -99,7 +100,16 @@ def prepare(cfg: Config, src: ModelSource, cache_root: str, task) -> tuple[Model
                   **task.check_model(cfg, src, tokenizer, config)}
     if cfg.lora.enabled:
         info["lora_targets"] = lora.check_targets_from_config(config, cfg.lora, task.auto_model)
-    total, trainable = count_trainable(cfg, config, task)
+    model = meta_model(cfg, config, task)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if cfg.distributed.strategy == "fsdp":
+        from spark_tuning.train.fsdp import block_classes, blocks_problem
+
+        problem = blocks_problem(model, cfg.distributed.fsdp.block_class)
+        if problem:
+            raise InputError(problem)
+        info["fsdp_blocks"] = block_classes(model, cfg.distributed.fsdp.block_class)
     info.update(parameters=total, trainable_parameters=trainable,
                 trainable_percent=round(100 * trainable / max(1, total), 3))
     log.info("model %s: %d parameters, %d trainable (%.3f%%)%s", src.location, total, trainable,
@@ -107,8 +117,8 @@ def prepare(cfg: Config, src: ModelSource, cache_root: str, task) -> tuple[Model
     return src, info
 
 
-def count_trainable(cfg: Config, config, task) -> tuple[int, int]:
-    """Parameter counts of the model as it will train, built on the meta device (no weights loaded)."""
+def meta_model(cfg: Config, config, task):
+    """The model as it will train (head, LoRA), built on the meta device: no weights loaded."""
     import torch
     import transformers
 
@@ -118,5 +128,4 @@ def count_trainable(cfg: Config, config, task) -> tuple[int, int]:
         model = getattr(transformers, task.auto_model).from_config(config)
         if cfg.lora.enabled:
             model = lora.apply(model, cfg.lora, task.peft_task_type)
-    total = sum(p.numel() for p in model.parameters())
-    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model

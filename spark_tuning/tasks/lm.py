@@ -125,8 +125,10 @@ class LanguageModelTask(Task):
         if first_tokens and any("preds" in p for p in parts):
             scores, eval_out = label_scores(parts, extras["label_names"])
             rec.update(scores)
+        # Rank 0's samples; a sharded model's ranks all generate them (calls into a peft model's inner modules
+        # on one rank alone left FSDP's state out of step with the other ranks': the next step hung).
+        samples = self.generate_samples(plain, tokenizer, cfg, extras, ctx.device) if ctx.is_rank_zero or ctx.sharded else []
         if ctx.is_rank_zero:
-            samples = self.generate_samples(plain, tokenizer, cfg, extras, ctx.device)
             if samples:
                 rec["samples"] = samples
                 tracker.table({"step": [step] * len(samples), "prompt": [s["prompt"] for s in samples],
@@ -134,7 +136,8 @@ class LanguageModelTask(Task):
         return rec, eval_out
 
     def generate_samples(self, model, tokenizer, cfg, extras: dict, device: str) -> list[dict]:
-        """Greedy continuations of the configured prompts (rank 0 only; a few short generations)."""
+        """Greedy continuations of the configured prompts (a few short generations). synced_gpus=False: for a
+        sharded model transformers would otherwise step every rank's generation together, token by token."""
         import torch
 
         out = []
@@ -143,7 +146,7 @@ class LanguageModelTask(Task):
             for prompt in cfg.train.sample_prompts:
                 ids = torch.tensor([self.prompt_ids(tokenizer, prompt, cfg, extras)], device=device)
                 gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=cfg.train.sample_max_new_tokens,
+                                     max_new_tokens=cfg.train.sample_max_new_tokens, synced_gpus=False,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
                 out.append({"prompt": prompt, "generated": tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)})
         return out

@@ -1,6 +1,7 @@
 """Checkpoints: written atomically by rank 0, found again on resume. No distributed code here.
 
-A checkpoint is a folder `<output_dir>/checkpoints/step-00000120/` holding the model (safetensors), the
+A checkpoint is a folder `<output_dir>/checkpoints/step-00000120/` holding the model (safetensors; a sharded
+run's weights and optimizer state in dcp/ instead, each rank's shards, see train/fsdp.py), the
 optimizer, scheduler and loss-scaler states, every rank's RNG states (CPU and GPU), and `trainer_state.json` (step, epoch, position in
 the epoch's batch plan, metrics so far). It is written under a temporary name and renamed into place; the
 marker file COMPLETE is written last, so a folder without it is a checkpoint that was cut short.
@@ -29,19 +30,33 @@ def checkpoint_dir(output_dir: str) -> str:
 
 def save(root: str, step: int, model, optimizer, scheduler, rng_states: list, state: dict[str, Any],
          keep_last: int, scaler: Optional[dict] = None) -> str:
-    import torch
-
-    os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"{PREFIX}{step:08d}")
-    tmp = os.path.join(root, f".tmp-{PREFIX}{step:08d}-{uuid.uuid4().hex[:6]}")
-    os.makedirs(tmp)
+    """Rank 0 writes a whole checkpoint: the weights, the optimizer and the rest."""
+    tmp = begin(root, step)
     # The whole module's weights (base and any LoRA adapter) as safetensors: save_pretrained of a peft
     # model would keep only the adapter, and resuming needs everything the optimizer state refers to.
     from safetensors.torch import save_model
 
     save_model(model, os.path.join(tmp, "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states,
-                "scaler": scaler}, os.path.join(tmp, TRAINING_STATE))
+    return finish(root, tmp, step, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                    "rng": rng_states, "scaler": scaler}, state, keep_last)
+
+
+def begin(root: str, step: int) -> str:
+    """A fresh temporary folder for the checkpoint of `step` (a sharded checkpoint: every rank writes its
+    shards into it before rank 0 calls `finish`)."""
+    os.makedirs(root, exist_ok=True)
+    tmp = os.path.join(root, f".tmp-{PREFIX}{step:08d}-{uuid.uuid4().hex[:6]}")
+    os.makedirs(tmp)
+    return tmp
+
+
+def finish(root: str, tmp: str, step: int, training: dict, state: dict[str, Any], keep_last: int) -> str:
+    """The rest of the checkpoint (the `training` states, the TrainState, the COMPLETE marker last), then
+    the folder renamed into place and older ones pruned."""
+    import torch
+
+    final = os.path.join(root, f"{PREFIX}{step:08d}")
+    torch.save(training, os.path.join(tmp, TRAINING_STATE))
     with open(os.path.join(tmp, STATE), "w") as f:
         json.dump(state, f)
     with open(os.path.join(tmp, COMPLETE), "w") as f:
@@ -56,6 +71,8 @@ def save(root: str, step: int, model, optimizer, scheduler, rng_states: list, st
 
 def _fsync_dir(path: str) -> None:
     for name in os.listdir(path):
+        if os.path.isdir(os.path.join(path, name)):
+            continue  # a sharded checkpoint's dcp/: its writers synced their own files
         with open(os.path.join(path, name), "rb") as f:
             os.fsync(f.fileno())
 

@@ -13,6 +13,7 @@ default group is gloo already and serves both.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -31,6 +32,7 @@ class Context:
     device: str  # "cpu" or "cuda:<local rank>"
     grouped: bool = False  # a process group exists (under torchrun): collectives run, DDP wraps
     host_group: Any = None  # the group for CPU tensors and objects; None: the default group
+    sharded: bool = False  # distributed.strategy fsdp: the model is sharded over the ranks (train/fsdp.py)
 
     @property
     def is_rank_zero(self) -> bool:
@@ -49,7 +51,8 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", 1)) > 1
 
 
-def init(use_gpu: bool, timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES, backend: Optional[str] = None) -> Context:
+def init(use_gpu: bool, timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES, backend: Optional[str] = None,
+         strategy: str = "ddp") -> Context:
     """Join the process group: NCCL on GPUs, gloo on CPUs (`backend` overrides, e.g. "cuda:gloo" in a test
     to get a group that, like NCCL, serves no CPU tensors). `timeout_minutes` bounds every collective:
     a rank that waits longer (its peer died, or rank 0 is still writing a large checkpoint) fails."""
@@ -74,7 +77,8 @@ def init(use_gpu: bool, timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES, backend:
         extra = {"device_id": torch.device(device)} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, timeout=timeout, **extra)
     host_group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-    ctx = Context(rank, local_rank, world, local_world, device, grouped=True, host_group=host_group)
+    ctx = Context(rank, local_rank, world, local_world, device, grouped=True, host_group=host_group,
+                  sharded=strategy == "fsdp")
     if use_gpu:
         check_distinct_gpus(ctx)
     return ctx
@@ -115,8 +119,9 @@ def threads_per_process(ctx: Context) -> int:
 
 
 def wrap(model, ctx: Context):
-    """DDP whenever there is a process group (one process included: the same path as many)."""
-    if not ctx.is_distributed:
+    """DDP whenever there is a process group (one process included: the same path as many). A sharded
+    model (fsdp.shard, before the optimizer was built) trains as it is."""
+    if not ctx.is_distributed or ctx.sharded:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -124,6 +129,26 @@ def wrap(model, ctx: Context):
     # gradient_as_bucket_view: gradients live in DDP's buckets, not in a second copy (one model's worth
     # of memory less per rank).
     return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+
+
+def no_sync(model, ctx: Context, sync: bool):
+    """Around an accumulation micro-step's backward: no gradient reduction there (only the last one needs it)."""
+    if not ctx.is_distributed:
+        return contextlib.nullcontext()
+    if ctx.sharded:
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else model.no_sync()
+
+
+def for_evaluation(model, ctx: Context, reshard_after_forward: bool = True):
+    """The model as evaluation uses it on every rank: a sharded one gathered whole (fsdp.unsharded), so
+    that ranks may run different numbers of forwards."""
+    if not ctx.sharded:
+        return contextlib.nullcontext(model)
+    from spark_tuning.train.fsdp import unsharded
+
+    return unsharded(model, reshard_after_forward)
 
 
 def unwrap(model):

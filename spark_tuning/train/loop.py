@@ -71,6 +71,7 @@ class Rank:
     scaler: Any = None
     peak: float = 0.0
     flops_per_token: int = 0
+    parameters: tuple = (0, 0)  # (all, trainable), counted before saving (a LoRA merge removes the adapters)
     window: Window = field(default_factory=Window)
     clock: dict = field(default_factory=lambda: {"data": 0.0, "train": 0.0})
 
@@ -197,12 +198,17 @@ def setup_rank(cfg, task, payload) -> Rank:
     from spark_tuning.track.tracking import RankZeroLogger
     from spark_tuning.train import distributed, precision as numerics
 
-    ctx = distributed.init(cfg.distributed.use_gpu, cfg.distributed.timeout_minutes)
+    ctx = distributed.init(cfg.distributed.use_gpu, cfg.distributed.timeout_minutes,
+                           strategy=cfg.distributed.strategy)
     _quiet_libraries(ctx.is_rank_zero)
     torch.set_num_threads(distributed.threads_per_process(ctx))
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     precision = numerics.resolve_precision(cfg.train.precision, ctx.device)
+    if ctx.sharded and precision == "fp16":  # `auto` on a V100 / T4
+        raise RuntimeError(f"train.precision {cfg.train.precision!r} means fp16 on {ctx.device}, and fp16 loss scaling "
+                           "over sharded gradients is not supported: set train.precision: fp32, or "
+                           "distributed.strategy: ddp")
     warning = numerics.emulated_warning(precision, ctx.device)
     if warning and ctx.is_rank_zero:
         log.warning("%s", warning)
@@ -215,7 +221,8 @@ def setup_rank(cfg, task, payload) -> Rank:
 
 def build(run: Rank) -> None:
     """The model (straight onto this rank's device: no full copy in host memory per rank; every rank from
-    the same seed, and DDP broadcasts rank 0's weights too), this rank's shards, the schedule, the optimizer."""
+    the same seed, and DDP broadcasts rank 0's weights too; fsdp then keeps only this rank's shard of it),
+    this rank's data shards, the schedule, the optimizer."""
     import torch
 
     from spark_tuning.cluster.faults import rank_only
@@ -227,6 +234,10 @@ def build(run: Rank) -> None:
     cfg, ctx, tc = run.cfg, run.ctx, run.cfg.train
     run.model = build_model(run.task, cfg, run.src, run.tokenizer, run.id2label, ctx.device,
                             numerics.weights_dtype(run.precision, frozen_base=cfg.lora.enabled))
+    if ctx.sharded:  # before the optimizer: it must hold the shards, not the whole parameters
+        from spark_tuning.train.fsdp import shard
+
+        run.model = shard(run.model, cfg.distributed.fsdp, run.precision, ctx.device)
     t = time.perf_counter()  # each rank reads only its own row groups (loader.kind picks the reader)
     run.train_shard = read_shard_as(cfg.loader.kind, run.payload.train_ref, ctx.rank, ctx.world_size)
     run.eval_shard = read_shard_as(cfg.loader.kind, run.payload.eval_ref, ctx.rank, ctx.world_size)
@@ -275,9 +286,9 @@ def probe_peak(run: Rank) -> None:
                         "mfu.formula": "6 x non-embedding parameters (all, trainable or not) x useful tokens/s "
                                        "/ (matmul peak per process x processes); attention FLOPs not counted"})
     run.tracker.metrics({"matmul_peak_gflops": run.peak}, 0)
+    run.parameters = count_parameters(run.model)
     if ctx.is_rank_zero:
-        total, trainable = count_parameters(run.model)
-        s = run.schedule
+        (total, trainable), s = run.parameters, run.schedule
         log.info("training %s (%s): %d parameters (%d trainable, %.1f%%), %d processes, precision %s%s, "
                  "%d steps (%d batches in the first epoch), warm-up %d", run.src.location, run.task.name, total,
                  trainable, 100 * trainable / total, ctx.world_size, run.precision,
@@ -340,14 +351,14 @@ def micro_step(run: Rank, batch: dict, tensors: dict, sync: bool, step: int):
     """Forward and backward of one batch, and the optimizer step on the last of an accumulation."""
     import torch
 
-    from spark_tuning.train import precision as numerics
+    from spark_tuning.train import distributed, precision as numerics
     from spark_tuning.train.feed import to_device
     from spark_tuning.train.optim import optimizer_step
 
     ctx, tc = run.ctx, run.cfg.train
     try:
         # Skip the gradient all-reduce on accumulation micro-steps: it is only needed on the last.
-        with (contextlib.nullcontext() if sync or not ctx.is_distributed else run.ddp_model.no_sync()):
+        with distributed.no_sync(run.ddp_model, ctx, sync):
             with numerics.autocast(run.precision, ctx.device):
                 loss = run.task.loss(run.ddp_model, to_device(tensors, ctx.device), run.cfg)
             run.scaler.scale(loss / tc.grad_accum_steps).backward()
@@ -389,7 +400,9 @@ def log_window(run: Rank, state, epoch: float) -> None:
 
 def evaluate(run: Rank, state, epoch: int, seconds: Optional[float] = None) -> dict:
     """The task's evaluation on every rank; its record joins state.epochs and rank 0's events."""
-    with paused(run):
+    from spark_tuning.train import distributed
+
+    with paused(run), distributed.for_evaluation(run.model, run.ctx, run.cfg.distributed.fsdp.reshard_after_forward):
         rec, out = run.task.evaluate(run.model, run.eval_shard, run.cfg, run.payload.task_extras, run.tokenizer,
                                      run.ctx, run.precision, state.step, run.tracker, run.id2label)
     rec = {"epoch": epoch, **rec}
@@ -408,7 +421,7 @@ def checkpoint(run: Rank, state, epoch: int, micro: int) -> None:
     """Every rank hands over its RNG states (dropout masks differ per rank); rank 0 writes the TrainState,
     the weights and the optimizer. Positioned at (epoch, micro): where a resume starts."""
     from spark_tuning.train import distributed
-    from spark_tuning.train.state import rng_state, save
+    from spark_tuning.train.state import rng_state, save, save_sharded
 
     ckpt = run.payload.checkpoint
     if not ckpt:
@@ -416,7 +429,12 @@ def checkpoint(run: Rank, state, epoch: int, micro: int) -> None:
     with paused(run):
         state.epoch, state.micro = epoch, micro
         rng = distributed.gather(rng_state(run.ctx.device), run.ctx)
-        if run.ctx.is_rank_zero:
+        if run.ctx.sharded:
+            path = save_sharded(ckpt["dir"], state, run.model, run.optimizer, run.scheduler, run.scaler, rng,
+                                ckpt["keep_last"], run.ctx)
+            if run.ctx.is_rank_zero:
+                log.info("checkpoint written: %s", path)
+        elif run.ctx.is_rank_zero:
             path = save(ckpt["dir"], state, run.model, run.optimizer, run.scheduler, run.scaler, rng, ckpt["keep_last"])
             log.info("checkpoint written: %s", path)
 
@@ -425,21 +443,28 @@ def save_model(run: Rank) -> None:
     """Rank 0: weights in fp32 safetensors, with the tokenizer and the label names in config.json. LoRA:
     the adapter alone in adapter/, and the merged model beside it."""
     from spark_tuning.model import lora
-    from spark_tuning.model.build import export_model
+    from spark_tuning.model.build import export_model, rebuild_from
 
-    if run.ctx.is_rank_zero:
+    if run.ctx.sharded:  # gathered once, on rank 0, into a plain model of the same shape
+        from spark_tuning.train.fsdp import full_state_dict
+
+        full = full_state_dict(run.model)
+        if run.ctx.is_rank_zero:
+            model = rebuild_from(full, run.task, run.cfg, run.src, run.tokenizer, run.id2label)
+            lora.save(model, run.tokenizer, run.payload.model_dir)
+    elif run.ctx.is_rank_zero:
         model = export_model(run.model, run.task, run.cfg, run.src, run.tokenizer, run.id2label)
         lora.save(model, run.tokenizer, run.payload.model_dir)
 
 
 def result(run: Rank, state, eval_out: dict) -> dict:
     from spark_tuning.model.build import peak_rss_mb
-    from spark_tuning.model.sources import count_parameters
     from spark_tuning.train import distributed
     from spark_tuning.train.mfu import mfu
 
     t, ctx = state.totals, run.ctx
-    total, trainable = count_parameters(run.model)
+    rss = distributed.gather(peak_rss_mb(), ctx)  # host memory, per rank: fsdp's point is to lower it
+    total, trainable = run.parameters
     tps = t["tokens"] / max(1e-9, t["seconds"])
     return {
         "history": state.history, "epochs": state.epochs, "eval": eval_out, "steps": state.step,
@@ -453,5 +478,5 @@ def result(run: Rank, state, eval_out: dict) -> dict:
         "shard_read_seconds": run.read_seconds, "data_wait_seconds": run.clock["data"],
         "data_wait_share": run.clock["data"] / max(1e-9, run.clock["train"]),
         "peak_gpu_memory_bytes": device_memory(ctx.device).get("peak"),
-        "peak_rss_mb": max(distributed.gather(peak_rss_mb(), ctx)),
+        "peak_rss_mb": max(rss), "peak_rss_mb_per_rank": rss,
     }

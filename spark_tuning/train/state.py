@@ -1,6 +1,7 @@
 """What a checkpoint saves and a resume restores, whole: the loop's progress (`TrainState`), the weights,
 the optimizer, schedule and loss-scale states, and every rank's RNG states. No distributed code: the
-loop gathers the RNG states and rank 0 calls `save`."""
+loop gathers the RNG states and rank 0 calls `save`; a sharded (fsdp) run's ranks all call `save_sharded`,
+whose collectives are train/fsdp.py's."""
 
 from __future__ import annotations
 
@@ -59,25 +60,56 @@ def save(folder: str, state: TrainState, model, optimizer, scheduler, scaler, rn
                            scaler=scaler.state_dict() if scaler.is_enabled() else None)
 
 
+def save_sharded(folder: str, state: TrainState, model, optimizer, scheduler, scaler, rng: list, keep_last: int,
+                 ctx) -> str:
+    """A sharded (fsdp) checkpoint, on every rank: each writes its shards of the weights and the optimizer
+    into one temporary folder (rank 0 names it), then rank 0 adds the rest and renames it into place."""
+    from spark_tuning.train import checkpoint, distributed, fsdp
+
+    tmp = distributed.broadcast(checkpoint.begin(folder, state.step) if ctx.is_rank_zero else None, ctx)
+    fsdp.save_sharded(tmp, model, optimizer)  # returns once every rank's shards and the metadata are written
+    path = None
+    if ctx.is_rank_zero:
+        path = checkpoint.finish(folder, tmp, state.step, {"scheduler": scheduler.state_dict(), "rng": rng,
+                                                           "scaler": scaler.state_dict() if scaler.is_enabled() else None},
+                                 state.to_dict(), keep_last)
+    return distributed.broadcast(path, ctx)
+
+
 def restore(path: Optional[str], model, optimizer, scheduler, scaler, rank: int, world_size: int,
             device: str) -> TrainState:
     """The state of checkpoint `path` loaded into the model, optimizer, scaler and this rank's RNGs (before
-    DDP wraps the model); a fresh TrainState when `path` is None. Optimizer states load onto the CPU first
-    and go to the parameters' device."""
-    from spark_tuning.train import checkpoint
+    DDP wraps the model; after FSDP shards it); a fresh TrainState when `path` is None. Optimizer states load
+    onto the CPU first and go to the parameters' device. A checkpoint of another number of processes resumes
+    too: a sharded one is resharded on load, and the interrupted epoch goes on where as many rows were seen."""
+    from spark_tuning.train import checkpoint, fsdp
 
     if not path:
         return TrainState(world_size=world_size)
     state = TrainState.from_dict(checkpoint.load_state(path))
-    if state.world_size != world_size:
-        raise RuntimeError(f"checkpoint {path} was written by {state.world_size} processes, not {world_size}")
-    checkpoint.load_weights(path, model)
     training = checkpoint.load_training_state(path)
-    optimizer.load_state_dict(training["optimizer"])
+    if fsdp.has_sharded(path):  # a collective: every rank reads the shards it needs
+        fsdp.load_sharded(path, model, optimizer)
+    elif fsdp.is_sharded(model):
+        raise RuntimeError(f"checkpoint {path} holds whole weights (distributed.strategy: ddp); an fsdp run does "
+                           "not resume it: resume with distributed.strategy: ddp")
+    else:
+        checkpoint.load_weights(path, model)
+        optimizer.load_state_dict(training["optimizer"])
     scheduler.load_state_dict(training["scheduler"])
     if training.get("scaler"):
         scaler.load_state_dict(training["scaler"])
-    set_rng_state(training["rng"][rank], device)
+    rng = training["rng"]
+    set_rng_state(rng[rank % len(rng)], device)  # more processes than wrote it: some start from the same state
+    if state.world_size != world_size:
+        before = state.micro
+        state.micro = round(state.micro * state.world_size / world_size)  # the same rows seen, over the new ranks
+        if rank == 0:
+            log.warning("checkpoint %s was written by %d processes, resumed on %d: the global batch changes with "
+                        "them, and the interrupted epoch goes on from batch %d of each rank's new plan (batch %d of "
+                        "the old); rows are dealt to the ranks anew, so a few may be seen twice or not at all in "
+                        "this epoch", path, state.world_size, world_size, state.micro, before)
+        state.world_size = world_size
     if rank == 0:
         log.info("resumed from %s: step %d, epoch %d, %d batches of that epoch already done",
                  path, state.step, state.epoch, state.micro)

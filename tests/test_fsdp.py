@@ -1,0 +1,161 @@
+"""distributed.strategy: fsdp (FSDP2) on CPU: gloo, 2 processes, tiny models, the job's train_fn under torchrun
+as TorchDistributor runs it (bench/gpu_check.py's helpers stage the data with pyarrow: no Spark here; the
+job's own end-to-end fsdp run is in test_finetune.py).
+
+What must hold: fsdp trains to the same losses as ddp for the same seed and batches (fp32: to float rounding
+of another reduction order); a resumed fsdp run equals the uninterrupted one; an fsdp checkpoint resumes
+onto 1 process (ddp); the exported model is a plain Hugging Face folder (and a LoRA adapter) that
+transformers and peft load, giving the run's own predictions."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import FILLER, NEGATIVE, POSITIVE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import gpu_check  # noqa: E402
+
+pytestmark = pytest.mark.slow
+TIMEOUT = 300
+
+
+def _texts(n: int, seed: int) -> tuple[list[str], list[int]]:
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for i in range(n):
+        words = list(rng.choice(FILLER, 12)) + list(rng.choice(POSITIVE if i % 2 else NEGATIVE, 2))
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        labels.append(i % 2)
+    return texts, labels
+
+
+@pytest.fixture(scope="module")
+def classify_data(tmp_path_factory, tiny_bert_dir):
+    from transformers import AutoTokenizer
+
+    from spark_tuning.loader.staging import write_staged
+
+    work = str(tmp_path_factory.mktemp("fsdp-cls"))
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    data = {}
+    for split, n, seed in (("train", 192, 1), ("eval", 48, 2)):
+        texts, labels = _texts(n, seed)
+        data[split] = vars(write_staged(os.path.join(work, split), tok(texts)["input_ids"], labels, num_files=4))
+    return work, data
+
+
+def _run(work, name, model_dir, data, sets, processes=2, checkpoint_every=None, resume_from=None, **kw):
+    ckpt = {"dir": os.path.join(work, name, "checkpoints"), "every_steps": checkpoint_every, "keep_last": 5}
+    payload = gpu_check.leg_payload(work, name, model_dir, data, sets, True, processes, checkpoint=ckpt,
+                                    resume_from=resume_from, **kw)
+    return gpu_check.run_leg(work, name, payload, processes, True, TIMEOUT)
+
+
+def _losses(result) -> dict[int, float]:
+    return {h["step"]: h["train_loss"] for h in result["history"]}
+
+
+CLS = {"data.max_length": 64, "train.batch_size": 8, "train.max_steps": 8, "train.learning_rate": 5e-3,
+       "train.precision": "fp32", "train.log_every_steps": 1}
+
+
+def test_fsdp_matches_ddp_resumes_exactly_and_onto_one_process(classify_data, tiny_bert_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    work, data = classify_data
+    ddp = _run(work, "ddp", tiny_bert_dir, data, CLS)
+    fsdp = _run(work, "fsdp", tiny_bert_dir, data, {**CLS, "distributed.strategy": "fsdp"}, checkpoint_every=4)
+
+    # The same losses as DDP, step by step (another reduction order: float rounding only).
+    a, b = _losses(ddp), _losses(fsdp)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert max(abs(a[s] - b[s]) / abs(a[s]) for s in a) < 1e-4, (a, b)
+    np.testing.assert_allclose(fsdp["eval"]["probs"], ddp["eval"]["probs"], atol=1e-4)
+    assert len(fsdp["peak_rss_mb_per_rank"]) == 2
+
+    # The checkpoint is sharded: each rank's shards and the metadata, under the COMPLETE marker.
+    step4 = os.path.join(work, "fsdp", "checkpoints", "step-00000004")
+    assert os.path.isfile(os.path.join(step4, "COMPLETE"))
+    shards = sorted(os.listdir(os.path.join(step4, "dcp")))
+    assert ".metadata" in shards and sum(s.endswith(".distcp") for s in shards) == 2
+    assert not os.path.exists(os.path.join(step4, "model.safetensors"))
+
+    # Resumed on 2 processes: exactly the uninterrupted run from step 5 on.
+    resumed = _run(work, "resumed", tiny_bert_dir, data, {**CLS, "distributed.strategy": "fsdp"}, resume_from=step4)
+    r = _losses(resumed)  # steps 1-4 come back from the checkpoint's history
+    assert sorted(r) == list(range(1, 9)) and all(r[s] == b[s] for s in range(1, 5))
+    assert max(abs(r[s] - b[s]) / abs(b[s]) for s in r) < 1e-5, (r, b)
+    np.testing.assert_allclose(resumed["eval"]["probs"], fsdp["eval"]["probs"], atol=1e-5)
+
+    # Onto 1 process (ddp, the checkpoint resharded on load): it goes on from step 4 and finishes.
+    one = _run(work, "one", tiny_bert_dir, data, CLS, processes=1, resume_from=step4)
+    assert one["world_size"] == 1 and one["steps"] == 8 and sorted(_losses(one))[-4:] == [5, 6, 7, 8]
+    assert all(np.isfinite(v) for v in _losses(one).values())
+    assert abs(_losses(one)[5] - b[5]) / b[5] < 0.2  # the same weights: a loss near the 2-process run's
+
+    # The exported model is a plain folder that transformers loads, giving the run's probabilities.
+    model_dir = os.path.join(work, "fsdp", "model")
+    assert "model.safetensors" in os.listdir(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    mine = _predict(model, data["eval"])
+    np.testing.assert_allclose(mine, np.asarray(fsdp["eval"]["probs"]), atol=1e-4)
+    untrained = _predict(AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval(), data["eval"])
+    assert np.abs(mine - untrained).max() > 1e-3  # and it trained
+
+
+def _predict(model, ref) -> np.ndarray:
+    import pyarrow.parquet as pq
+    import torch
+
+    table = pq.read_table(ref["path"]).to_pandas().sort_values("row_id")
+    out = []
+    with torch.no_grad():
+        for ids in table["input_ids"]:
+            logits = model(input_ids=torch.tensor([list(ids)])).logits
+            out.append(torch.softmax(logits, -1)[0].numpy())
+    return np.stack(out)
+
+
+def test_fsdp_lora_sft_on_a_decoder_matches_ddp_and_exports_the_adapter(tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    shape = gpu_check.shapes(cpu=True)
+    shape.update(rows=128, eval_rows=32, max_length=64, processes=2)
+    texts = [" ".join(_texts(1, i)[0]) for i in range(40)]
+    work = str(tmp_path)
+    models = gpu_check.make_models(work, shape, texts + POSITIVE + NEGATIVE)
+    sft = gpu_check.stage_sft(work, models["tokenizer"], shape, texts)
+    sets = {"task": "sft", "data.max_length": 64, "train.batch_size": 8, "train.max_steps": 6,
+            "train.learning_rate": 2e-3, "train.precision": "fp32", "train.log_every_steps": 1,
+            "train.gradient_checkpointing": True, "lora.enabled": True, "lora.r": 4, "lora.alpha": 8,
+            "lora.dropout": 0.0, "data.chat_template": "none", "train.sample_prompts": ["user: great film\nassistant: "],
+            "train.sample_max_new_tokens": 4}
+    extra = {"lm": {"chat_template": False}, "id2label": {}}
+    ddp = _run(work, "ddp", models["llama"], sft, sets, **extra)
+    fsdp = _run(work, "fsdp", models["llama"], sft, {**sets, "distributed.strategy": "fsdp"}, **extra)
+    a, b = _losses(ddp), _losses(fsdp)
+    assert sorted(a) == sorted(b) and max(abs(a[s] - b[s]) / abs(a[s]) for s in a) < 1e-4, (a, b)
+    assert fsdp["epochs"][-1]["eval_loss"] < fsdp["epochs"][0]["eval_loss"]
+    assert fsdp["trainable_parameters"] == ddp["trainable_parameters"] < 0.1 * fsdp["parameters"]
+    # Rank 0's generated samples came through evaluation on the gathered model.
+    assert fsdp["epochs"][-1]["samples"][0]["generated"] == ddp["epochs"][-1]["samples"][0]["generated"]
+
+    folder = os.path.join(work, "fsdp", "model")
+    merged = AutoModelForCausalLM.from_pretrained(folder).eval()
+    base = AutoModelForCausalLM.from_pretrained(models["llama"])
+    adapted = PeftModel.from_pretrained(base, os.path.join(folder, "adapter")).eval()
+    ids = torch.tensor([models["tokenizer"]("user: great film\nassistant: ")["input_ids"]])
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(ids).logits.numpy(), adapted(ids).logits.numpy(), atol=1e-4)
+        plain = AutoModelForCausalLM.from_pretrained(models["llama"])(ids).logits.numpy()
+    assert np.abs(merged(ids).logits.detach().numpy() - plain).max() > 1e-4  # the adapter changed the model
