@@ -71,6 +71,7 @@ class Rank:
     scaler: Any = None
     peak: float = 0.0
     flops_per_token: int = 0
+    rss_start_mb: float = 0.0  # host memory before the model is built (interpreter, torch, transformers)
     parameters: tuple = (0, 0)  # (all, trainable), counted before saving (a LoRA merge removes the adapters)
     window: Window = field(default_factory=Window)
     clock: dict = field(default_factory=lambda: {"data": 0.0, "train": 0.0})
@@ -175,10 +176,13 @@ def _train(raw: dict[str, Any]) -> dict[str, Any]:
         # batches of the interrupted epoch that were already seen are skipped (plans are seeded).
         state = restore(payload.resume_from, run.model, run.optimizer, run.scheduler, run.scaler, run.ctx.rank,
                         run.ctx.world_size, run.ctx.device)
+        memory_note(run, "model built and restored")
         wrap(run)
         probe_peak(run)
         eval_out = train(run, state)
+        memory_note(run, "training done")
         save_model(run)
+        memory_note(run, "model saved")
         return distributed.broadcast(result(run, state, eval_out), run.ctx)  # (every rank gathers in it)
     finally:
         # A torchrun process ends with os._exit right after this: the process group goes with it. Destroying
@@ -190,10 +194,20 @@ def _train(raw: dict[str, Any]) -> dict[str, Any]:
             distributed.shutdown(run.ctx)
 
 
+def memory_note(run: Rank, stage: str) -> None:
+    """Each rank's host memory (now, and the peak so far) into its own log: where a rank's peak came from."""
+    from spark_tuning.cluster.faults import rank_only
+    from spark_tuning.model.build import peak_rss_mb, rss_mb
+
+    rank_only.info("rank %d: %s: host memory %.0f MB (peak %.0f MB, %.0f MB at start)", run.ctx.rank, stage, rss_mb(),
+                   peak_rss_mb(), run.rss_start_mb)
+
+
 def setup_rank(cfg, task, payload) -> Rank:
     """Join the group, pick threads, seeds, precision (and TF32), and the tracker of rank 0's events."""
     import torch
 
+    from spark_tuning.model.build import rss_mb
     from spark_tuning.model.sources import ModelSource, load_tokenizer
     from spark_tuning.track.tracking import RankZeroLogger
     from spark_tuning.train import distributed, precision as numerics
@@ -216,7 +230,8 @@ def setup_rank(cfg, task, payload) -> Rank:
         torch.cuda.reset_peak_memory_stats(ctx.device)
     src = ModelSource(**payload.model_source)
     return Rank(cfg, task, ctx, payload, src, load_tokenizer(src, cfg.model), precision,
-                numerics.enable_tf32(ctx.device), RankZeroLogger(payload.events, ctx.is_rank_zero))
+                numerics.enable_tf32(ctx.device), RankZeroLogger(payload.events, ctx.is_rank_zero),
+                rss_start_mb=rss_mb())
 
 
 def build(run: Rank) -> None:
@@ -448,6 +463,7 @@ def save_model(run: Rank) -> None:
     if run.ctx.sharded:  # gathered once, on rank 0, into a plain model of the same shape
         from spark_tuning.train.fsdp import full_state_dict
 
+        run.optimizer.state.clear()  # training is over (and checkpointed): room for the gathered copy
         full = full_state_dict(run.model)
         if run.ctx.is_rank_zero:
             model = rebuild_from(full, run.task, run.cfg, run.src, run.tokenizer, run.id2label)
@@ -463,7 +479,7 @@ def result(run: Rank, state, eval_out: dict) -> dict:
     from spark_tuning.train.mfu import mfu
 
     t, ctx = state.totals, run.ctx
-    rss = distributed.gather(peak_rss_mb(), ctx)  # host memory, per rank: fsdp's point is to lower it
+    rss, start = zip(*distributed.gather((peak_rss_mb(), run.rss_start_mb), ctx))  # per rank: fsdp lowers it
     total, trainable = run.parameters
     tps = t["tokens"] / max(1e-9, t["seconds"])
     return {
@@ -478,5 +494,5 @@ def result(run: Rank, state, eval_out: dict) -> dict:
         "shard_read_seconds": run.read_seconds, "data_wait_seconds": run.clock["data"],
         "data_wait_share": run.clock["data"] / max(1e-9, run.clock["train"]),
         "peak_gpu_memory_bytes": device_memory(ctx.device).get("peak"),
-        "peak_rss_mb": max(rss), "peak_rss_mb_per_rank": rss,
+        "peak_rss_mb": max(rss), "peak_rss_mb_per_rank": list(rss), "start_rss_mb_per_rank": list(start),
     }
