@@ -15,6 +15,8 @@ under torchrun, as TorchDistributor does. The legs:
              precision
   serve      the classify run's saved model through the served model's own code (serving_model), on the
              GPU: the same labels, probabilities within the precision tolerance
+  fsdp       the classify run with distributed.strategy: fsdp (FSDP2; a world of one on one GPU): losses equal
+             DDP's to the precision, its sharded checkpoint resumed exactly, its gathered export served
 Each training leg records tokens/s, MFU (6 x non-embedding parameters x useful tokens/s, against the matmul
 peak measured in the run and against the data sheet), peak GPU memory and the share of time spent waiting for
 data, and checks that the loss is finite and falls and that no rank imported pyspark or MLflow. OUT_DIR gets
@@ -461,6 +463,36 @@ def main(argv: Optional[list[str]] = None) -> int:
             checks["adapters only (< 5% trainable)"] = res["trainable_parameters"] < 0.05 * res["parameters"]
             legs["lora_sft"] = {"checks": checks, "figures": figures(res, gpu_name)}
 
+        def fsdp() -> None:
+            # The classify run again with distributed.strategy: fsdp (FSDP2 over the same processes; on one GPU a
+            # world of one, which exercises fully_shard, mixed precision, DCP and the export on CUDA): the same
+            # losses as DDP's to the precision, its sharded checkpoint resumed exactly, its export served.
+            sets = {**cls_sets, "distributed.strategy": "fsdp"}
+            ckpt = {"dir": os.path.join(work, "fsdp", "checkpoints"), "every_steps": half, "keep_last": 5}
+            res = run_leg(work, "fsdp", leg_payload(work, "fsdp", models["gpt2"], cls, sets, args.cpu, processes,
+                                                    checkpoint=ckpt), processes, True, leg_timeout)
+            checks = training_checks(res, auto)
+            a = {h["step"]: h["train_loss"] for h in legs["classify"]["result"]["history"]}
+            b = {h["step"]: h["train_loss"] for h in res["history"]}
+            tol = 1e-4 if auto == "fp32" else 5e-2  # half precision: params cast once per unit vs per op
+            diff = max((abs(a[k] - b[k]) / max(1e-9, abs(a[k])) for k in a if k in b), default=float("inf"))
+            checks[f"losses equal ddp's (rel. diff <= {tol:g})"] = sorted(a) == sorted(b) and diff <= tol
+            start = os.path.join(work, "fsdp", "checkpoints", f"step-{half:08d}")
+            checks["sharded checkpoint (dcp)"] = os.path.isfile(os.path.join(start, "dcp", ".metadata"))
+            ckpt = {"dir": os.path.join(work, "fsdp_resume", "checkpoints"), "every_steps": half, "keep_last": 5}
+            resumed = run_leg(work, "fsdp_resume", leg_payload(work, "fsdp_resume", models["gpt2"], cls, sets, args.cpu,
+                                                               processes, checkpoint=ckpt, resume_from=start),
+                              processes, True, leg_timeout)
+            rchecks, rfig = resume_checks(res, resumed, half, args.cpu)
+            schecks, sfig = serve_leg(os.path.join(work, "fsdp", "model"), res, cls["eval_texts"], shape, args.cpu)
+            checks.update({f"resume: {k}": v for k, v in rchecks.items()})
+            checks.update({f"export served: {k}": v for k, v in schecks.items()})
+            fig = figures(res, gpu_name)
+            fig.update(loss_rel_diff_vs_ddp=round(diff, 6), resume_loss_rel_diff=round(rfig["loss_rel_diff"], 6),
+                       served_max_probability_diff=round(sfig["max_probability_diff"], 6),
+                       peak_rss_mb_per_rank=[round(x) for x in res["peak_rss_mb_per_rank"]])
+            legs["fsdp"] = {"checks": checks, "figures": fig}
+
         def serve() -> None:
             checks, fig = serve_leg(os.path.join(work, "classify", "model"), legs["classify"]["result"],
                                     cls["eval_texts"], shape, args.cpu)
@@ -470,6 +502,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "result" in legs.get("classify", {}):
             attempt("resume", resume)
             attempt("serve", serve)
+            attempt("fsdp", fsdp)
         attempt("fp32_tf32", fp32)
         attempt("lora_sft", lora_sft)
     finally:
@@ -481,7 +514,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         leg.pop("result", None)
     report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": args.cpu,
               "environment": environment(args.cpu), "seconds": time.perf_counter() - t0, "legs": legs}
-    wanted = ["classify", "resume", "serve", "fp32_tf32", "lora_sft"]
+    wanted = ["classify", "resume", "serve", "fsdp", "fp32_tf32", "lora_sft"]
     report["ok"] = all(name in legs and all(legs[name]["checks"].values()) for name in wanted)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(report, f, indent=2, default=str)

@@ -262,10 +262,11 @@ def test_gpu_check_runs_every_leg_on_cpu_without_spark_or_mlflow(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "gpu_check.json") as f:
         report = json.load(f)
-    assert report["ok"] and set(report["legs"]) == {"classify", "resume", "serve", "fp32_tf32", "lora_sft"}
+    assert report["ok"] and set(report["legs"]) == {"classify", "resume", "serve", "fsdp", "fp32_tf32", "lora_sft"}
     for leg in report["legs"].values():
         assert leg["checks"] and all(leg["checks"].values())
     assert report["legs"]["classify"]["checks"]["no pyspark or mlflow in the ranks"]
     assert report["legs"]["resume"]["figures"]["steps_compared"] >= 1
     assert report["legs"]["resume"]["figures"]["probability_abs_diff"] <= 1e-5
     assert "| classify |" in (out / "gpu_check.md").read_text()
+    assert report["legs"]["fsdp"]["figures"]["processes"] == 2
