@@ -125,8 +125,9 @@ def tiny_job_config(tmp_path, data: str, model: str, **overrides):
 @pytest.fixture(scope="session")
 def packaged_run(spark, tmp_path_factory, reviews_jsonl, tiny_bert_dir):
     """A finished tiny run whose model is logged as an MLflow pyfunc model, registered as `tiny-reviews`
-    (alias `candidate`), trained with a token budget per batch, and checked through a real local server by
-    the job itself (deploy.verify)."""
+    (alias `candidate`), trained with a token budget per batch and the model sharded over the two processes
+    (distributed.strategy: fsdp; tests/test_fsdp.py holds it to ddp's losses), and checked through a real local
+    server by the job itself (deploy.verify)."""
     from spark_tuning import finetune
 
     tmp = tmp_path_factory.mktemp("packaged")
@@ -134,5 +135,5 @@ def packaged_run(spark, tmp_path_factory, reviews_jsonl, tiny_bert_dir):
     # A token budget per batch instead of a row count: both ranks must still run the same steps (DDP).
     cfg = tiny_job_config(tmp, reviews_jsonl, tiny_bert_dir, **{
         "tracking.log_model": True, "deploy.registered_model_name": "tiny-reviews", "deploy.verify": True,
-        "train.max_tokens_per_batch": 256})
+        "train.max_tokens_per_batch": 256, "distributed.strategy": "fsdp"})
     return cfg, finetune.run(cfg, spark=spark)

@@ -121,6 +121,15 @@ CASES = [
     # resources
     Case("more processes than cores", lambda t, e: ["distributed.num_processes=512"], "more than the"),
     Case("GPU where there is none", lambda t, e: ["distributed.use_gpu=true"], "no GPU is visible"),
+    Case("fsdp with one process", lambda t, e: ["distributed.strategy=fsdp", "distributed.num_processes=1"],
+         "one process has nothing to shard the model over"),
+    Case("fsdp block class not in the model", lambda t, e: ["distributed.strategy=fsdp",
+                                                           'distributed.fsdp.block_class=["NoSuchLayer"]'],
+         "names no module of BertForSequenceClassification"),
+    Case("fsdp with fp16", lambda t, e: ["distributed.strategy=fsdp", "train.precision=fp16"],
+         "fp16 loss scaling over sharded gradients is not supported"),
+    Case("fsdp CPU offload on CPUs", lambda t, e: ["distributed.strategy=fsdp", "distributed.fsdp.cpu_offload=true"],
+         "the weights are in host memory already"),
     # model
     Case("model folder missing", lambda t, e: [f"model.source={t / 'nope'}"], "does not exist"),
     Case("model folder without weights", lambda t, e: [model_copy(t, e, drop=["model.safetensors"])],

@@ -22,7 +22,6 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import gpu_check  # noqa: E402
 
-pytestmark = pytest.mark.slow
 TIMEOUT = 300
 
 
@@ -67,6 +66,60 @@ CLS = {"data.max_length": 64, "train.batch_size": 8, "train.max_steps": 8, "trai
        "train.precision": "fp32", "train.log_every_steps": 1}
 
 
+def test_block_classes_come_from_the_model_or_the_config():
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from spark_tuning.train.fsdp import block_classes, blocks_problem
+
+    bert = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32))
+    assert sorted(block_classes(bert)) == ["BertEmbeddings", "BertLayer"] and blocks_problem(bert, None) is None
+    assert block_classes(bert, ["BertEncoder"]) == ["BertEncoder"]
+    assert "names no module of BertForSequenceClassification" in blocks_problem(bert, ["LlamaDecoderLayer"])
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert "set distributed.fsdp.block_class" in blocks_problem(plain, None)
+
+
+def test_fsdp_settings_that_do_not_combine_are_listed_at_once():
+    from spark_tuning.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["distributed.strategy=fsdp", "train.precision=bf16", "distributed.fsdp.reduce_dtype=fp16",
+                           "train.compile=true", "distributed.fsdp.block_class=[]"])
+    msg = str(err.value)
+    assert "reduce_dtype = 'fp16' differs from train.precision = 'bf16'" in msg
+    assert "train.compile = true with distributed.strategy = 'fsdp'" in msg
+    assert "block_class is an empty list" in msg
+    with pytest.raises(ConfigError, match="distributed.strategy = 'zero3' is not one of ddp, fsdp"):
+        load_config(None, ["distributed.strategy=zero3"])
+    assert load_config(None, ["distributed.strategy=fsdp"]).distributed.fsdp.reshard_after_forward
+
+
+def test_an_fsdp_run_refuses_to_resume_a_ddp_checkpoint(tmp_path):
+    import json
+
+    import torch
+
+    from spark_tuning.config import load_config
+    from spark_tuning.errors import InputError
+    from spark_tuning.finetune import RUN_MARKER, plan_output
+    from spark_tuning.train import checkpoint
+
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"output_dir={out}"])
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    checkpoint.save(checkpoint.checkpoint_dir(str(out)), 3, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1),
+                    [], {"step": 3}, keep_last=1)
+    (out / RUN_MARKER).write_text(json.dumps({"config": cfg.to_dict()}))
+    assert plan_output(cfg, False, True).resume_from.endswith("step-00000003")  # ddp resumes it
+    fsdp = load_config(None, [f"output_dir={out}", "distributed.strategy=fsdp"])  # distributed.*: resume-neutral
+    with pytest.raises(InputError, match="was written by distributed.strategy: ddp"):
+        plan_output(fsdp, False, True)
+
+
+@pytest.mark.slow
 def test_fsdp_matches_ddp_resumes_exactly_and_onto_one_process(classify_data, tiny_bert_dir):
     from transformers import AutoModelForSequenceClassification
 
@@ -124,6 +177,7 @@ def _predict(model, ref) -> np.ndarray:
     return np.stack(out)
 
 
+@pytest.mark.slow
 def test_fsdp_lora_sft_on_a_decoder_matches_ddp_and_exports_the_adapter(tmp_path):
     import torch
     from peft import PeftModel
