@@ -133,6 +133,8 @@ def test_fsdp_matches_ddp_resumes_exactly_and_onto_one_process(classify_data, ti
     assert max(abs(a[s] - b[s]) / abs(a[s]) for s in a) < 1e-4, (a, b)
     np.testing.assert_allclose(fsdp["eval"]["probs"], ddp["eval"]["probs"], atol=1e-4)
     assert len(fsdp["peak_rss_mb_per_rank"]) == 2
+    # Only rank 0 read the pretrained weights; rank 1 got its shards from it (and still matched DDP).
+    assert fsdp["read_weights_per_rank"] == [True, False] and ddp["read_weights_per_rank"] == [True, True]
 
     # The checkpoint is sharded: each rank's shards and the metadata, under the COMPLETE marker.
     step4 = os.path.join(work, "fsdp", "checkpoints", "step-00000004")
@@ -213,3 +215,40 @@ def test_fsdp_lora_sft_on_a_decoder_matches_ddp_and_exports_the_adapter(tmp_path
         np.testing.assert_allclose(merged(ids).logits.numpy(), adapted(ids).logits.numpy(), atol=1e-4)
         plain = AutoModelForCausalLM.from_pretrained(models["llama"])(ids).logits.numpy()
     assert np.abs(merged(ids).logits.detach().numpy() - plain).max() > 1e-4  # the adapter changed the model
+
+
+ALLOCATOR_PROBE = """
+import ctypes, sys
+from spark_tuning.model.build import return_large_frees_to_os
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+libc.mallinfo2.restype = MallInfo2
+libc.free(libc.malloc(8 << 20))  # glibc now serves blocks up to 8 MiB from its heap, which only grows
+applied = return_large_frees_to_os() if sys.argv[1] == "on" else False
+before = libc.mallinfo2().hblks
+block = libc.malloc(2 << 20)
+print(applied, libc.mallinfo2().hblks - before)  # mmapped blocks: 1 when the 2 MiB block got its own mapping
+libc.free(block)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator (Linux) only")
+def test_ranks_return_large_freed_host_blocks_to_the_os():
+    """Each rank serves host blocks of 1 MiB and more from their own mappings (freed -> back to the OS):
+    the heap growth that kept fsdp's CPU ranks ~1 GB larger (bench/bench_fsdp.py) cannot happen."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    out = {arm: subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE, arm], env=env, capture_output=True,
+                               text=True, check=True).stdout.split() for arm in ("off", "on")}
+    assert out["off"] == ["False", "0"]  # glibc's own behaviour: the block comes from the heap
+    assert out["on"] == ["True", "1"]
+    user_set = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE, "on"], capture_output=True, text=True,
+                              env={**env, "MALLOC_MMAP_THRESHOLD_": "65536"}, check=True).stdout.split()
+    assert user_set[0] == "False"  # a user's own setting is left alone

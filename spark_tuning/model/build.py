@@ -4,7 +4,9 @@ the task object says which head (`task.load_model`) and which peft task type."""
 
 from __future__ import annotations
 
+import os
 import resource
+import sys
 
 
 def build_model(task, cfg, src, tokenizer, id2label: dict, device: str = "cpu", dtype=None):
@@ -64,6 +66,27 @@ def rebuild_from(state: dict, task, cfg, src, tokenizer, id2label: dict):
     if result.unexpected_keys:
         raise RuntimeError(f"the gathered weights hold tensors the model does not: {result.unexpected_keys[:5]}")
     return export
+
+
+MMAP_THRESHOLD = 1 << 20  # bytes
+
+
+def return_large_frees_to_os() -> bool:
+    """Serve host allocations of 1 MiB and more with their own mmap, returned to the OS when freed (glibc's
+    M_MMAP_THRESHOLD; a user's MALLOC_MMAP_THRESHOLD_ wins). glibc's default raises that threshold as large
+    blocks are freed, up to 32 MiB, so tensors of a few MiB land in the heap, which only grows: fsdp's
+    per-block all-gathers and reduce-scatters on CPU then held ~1 GB more per rank after a few steps (the
+    SmolLM2-135M shape, bench/bench_fsdp.py), at no measured cost in tokens/s. False where it does not apply."""
+    import ctypes
+    import ctypes.util
+
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD; 1 on success
+    except (OSError, AttributeError):  # not glibc (musl lacks mallopt)
+        return False
 
 
 def peak_rss_mb() -> float:

@@ -9,6 +9,10 @@ parameter, its gradient and its AdamW state; a unit's full parameters exist only
 Memory per parameter and rank, AdamW in fp32 master weights: DDP 16 bytes (4 weights + 4 gradients + 8
 optimizer); FSDP 16 / world plus the units being computed.
 
+Loading: with several processes only rank 0 reads the pretrained weights; the other ranks build the model
+on the meta device and receive their shards from rank 0 (`load_from_rank0`), so no rank but the first ever
+holds a full copy (CPU offload excepted: there every rank loads, as DDP does).
+
 Mixed precision: the sharded master weights stay fp32; a unit is all-gathered in the run's half precision
 (`MixedPrecisionPolicy.param_dtype`) and its gradients are reduce-scattered in `distributed.fsdp.reduce_dtype`
 (fp32 by default: summing many ranks' bf16 gradients loses bits).
@@ -82,6 +86,23 @@ def shard(model, fsdp_cfg, precision: str, device: str):
              "/".join(sorted(names)), precision if half else "fp32", fsdp_cfg.reduce_dtype,
              ", parameters and optimizer state offloaded to CPU" if isinstance(offload, CPUOffloadPolicy) else "")
     return model
+
+
+def load_from_rank0(model, full: Optional[dict], device: str, rank: int) -> None:
+    """Rank 0's weights into every rank's shards, after `shard`: rank 0 built the model with its pretrained
+    weights (`full`: its state dict, taken before sharding), the other ranks on the meta device (no memory,
+    nothing read); each tensor is broadcast from rank 0 and every rank keeps its own shard of it. Buffers,
+    which a state dict lacks where they are not persistent (e.g. rotary frequencies), are broadcast whole.
+    A collective."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if rank != 0:
+        model.to_empty(device=device)  # storage for this rank's shards and the buffers, filled below
+    set_model_state_dict(model, full if rank == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def is_sharded(model) -> bool:

@@ -72,6 +72,7 @@ class Rank:
     peak: float = 0.0
     flops_per_token: int = 0
     rss_start_mb: float = 0.0  # host memory before the model is built (interpreter, torch, transformers)
+    read_weights: bool = True  # False: this rank read no pretrained weights (fsdp: its shards came from rank 0)
     parameters: tuple = (0, 0)  # (all, trainable), counted before saving (a LoRA merge removes the adapters)
     window: Window = field(default_factory=Window)
     clock: dict = field(default_factory=lambda: {"data": 0.0, "train": 0.0})
@@ -207,11 +208,12 @@ def setup_rank(cfg, task, payload) -> Rank:
     """Join the group, pick threads, seeds, precision (and TF32), and the tracker of rank 0's events."""
     import torch
 
-    from spark_tuning.model.build import rss_mb
+    from spark_tuning.model.build import return_large_frees_to_os, rss_mb
     from spark_tuning.model.sources import ModelSource, load_tokenizer
     from spark_tuning.track.tracking import RankZeroLogger
     from spark_tuning.train import distributed, precision as numerics
 
+    return_large_frees_to_os()  # before the first tensor: host memory freed is host memory back
     ctx = distributed.init(cfg.distributed.use_gpu, cfg.distributed.timeout_minutes,
                            strategy=cfg.distributed.strategy)
     _quiet_libraries(ctx.is_rank_zero)
@@ -236,7 +238,7 @@ def setup_rank(cfg, task, payload) -> Rank:
 
 def build(run: Rank) -> None:
     """The model (straight onto this rank's device: no full copy in host memory per rank; every rank from
-    the same seed, and DDP broadcasts rank 0's weights too; fsdp then keeps only this rank's shard of it),
+    the same seed, and DDP broadcasts rank 0's weights too; fsdp: rank 0's weights, each rank its shard),
     this rank's data shards, the schedule, the optimizer."""
     import torch
 
@@ -247,12 +249,22 @@ def build(run: Rank) -> None:
     from spark_tuning.train.optim import adamw, linear_schedule, param_groups
 
     cfg, ctx, tc = run.cfg, run.ctx, run.cfg.train
-    run.model = build_model(run.task, cfg, run.src, run.tokenizer, run.id2label, ctx.device,
+    # fsdp over several processes: rank 0 alone reads the pretrained weights, the others build the model on
+    # the meta device and get their shards from rank 0 (CPU offload keeps its shards off the device: there
+    # every rank loads, as DDP does).
+    from_rank0 = ctx.sharded and ctx.world_size > 1 and not cfg.distributed.fsdp.cpu_offload
+    run.model = build_model(run.task, cfg, run.src, run.tokenizer, run.id2label,
+                            "meta" if from_rank0 and not ctx.is_rank_zero else ctx.device,
                             numerics.weights_dtype(run.precision, frozen_base=cfg.lora.enabled))
     if ctx.sharded:  # before the optimizer: it must hold the shards, not the whole parameters
-        from spark_tuning.train.fsdp import shard
+        from spark_tuning.train.fsdp import load_from_rank0, shard
 
+        full = run.model.state_dict() if from_rank0 and ctx.is_rank_zero else None  # the weights, not a copy
         run.model = shard(run.model, cfg.distributed.fsdp, run.precision, ctx.device)
+        if from_rank0:
+            load_from_rank0(run.model, full, ctx.device, ctx.rank)
+            run.read_weights = ctx.is_rank_zero
+        del full
     t = time.perf_counter()  # each rank reads only its own row groups (loader.kind picks the reader)
     run.train_shard = read_shard_as(cfg.loader.kind, run.payload.train_ref, ctx.rank, ctx.world_size)
     run.eval_shard = read_shard_as(cfg.loader.kind, run.payload.eval_ref, ctx.rank, ctx.world_size)
@@ -479,7 +491,8 @@ def result(run: Rank, state, eval_out: dict) -> dict:
     from spark_tuning.train.mfu import mfu
 
     t, ctx = state.totals, run.ctx
-    rss, start = zip(*distributed.gather((peak_rss_mb(), run.rss_start_mb), ctx))  # per rank: fsdp lowers it
+    # per rank: fsdp lowers them
+    rss, start, read = zip(*distributed.gather((peak_rss_mb(), run.rss_start_mb, run.read_weights), ctx))
     total, trainable = run.parameters
     tps = t["tokens"] / max(1e-9, t["seconds"])
     return {
@@ -495,4 +508,5 @@ def result(run: Rank, state, eval_out: dict) -> dict:
         "data_wait_share": run.clock["data"] / max(1e-9, run.clock["train"]),
         "peak_gpu_memory_bytes": device_memory(ctx.device).get("peak"),
         "peak_rss_mb": max(rss), "peak_rss_mb_per_rank": list(rss), "start_rss_mb_per_rank": list(start),
+        "read_weights_per_rank": list(read),
     }
