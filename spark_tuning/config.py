@@ -53,6 +53,10 @@ class DataConfig:
     train_limit: Optional[int] = None  # seeded random sample of this many training rows
     eval_limit: Optional[int] = None
     max_length: int = 256  # truncation only: batches are padded to their own longest row
+    # Which tokens of a longer text are kept (classification, regression, multilabel; text/truncation.py):
+    # head (the first ones), tail (the last ones), head_tail (head_tokens from the start, the rest from the end).
+    truncation: str = "head"
+    head_tokens: Optional[int] = None  # head_tail: tokens kept from the start (None: max_length // 4)
     encoding: str = "utf-8"  # of CSV and JSON files
     # --- causal_lm and sft (see lm_data.py) ---
     block_size: int = 256  # causal_lm: texts joined with EOS and cut into blocks of this many tokens
@@ -418,6 +422,7 @@ def _check_values(cfg: Config) -> list[str]:
     positive("train.huber_delta", cfg.train.huber_delta)
     one_of("loader.kind", cfg.loader.kind, LOADERS)
     p.extend(_check_fsdp_values(cfg))
+    p.extend(_check_truncation_values(cfg))
     if not cfg.output_dir.strip():
         p.append("output_dir is empty: name a folder (or dbfs:/... on Databricks)")
     for name, value in [
@@ -466,6 +471,27 @@ def _check_values(cfg: Config) -> list[str]:
         p.append("deploy.verify = true needs the logged MLflow model: set tracking.log_model: true")
     p.extend(_check_lm_values(cfg))
     p.extend(_check_task_values(cfg))
+    return p
+
+
+TRUNCATIONS = ("head", "tail", "head_tail")
+
+
+def _check_truncation_values(cfg: Config) -> list[str]:
+    d, p = cfg.data, []
+    if d.truncation not in TRUNCATIONS:
+        guess = difflib.get_close_matches(d.truncation, TRUNCATIONS, n=1)
+        p.append(f"data.truncation = {d.truncation!r} is not one of {', '.join(TRUNCATIONS)}"
+                 f"{f' (did you mean {guess[0]!r}?)' if guess else ''}")
+    if d.head_tokens is None:
+        return p
+    if d.truncation != "head_tail":
+        p.append(f"data.head_tokens = {d.head_tokens} is only read by data.truncation: head_tail (it is "
+                 f"{d.truncation!r}): set data.truncation: head_tail, or remove data.head_tokens")
+    elif not 0 < d.head_tokens < d.max_length:
+        p.append(f"data.head_tokens = {d.head_tokens} must be at least 1 and less than data.max_length = "
+                 f"{d.max_length} (the rest of max_length comes from the text's end): e.g. "
+                 f"{max(1, d.max_length // 4)}")
     return p
 
 
@@ -520,6 +546,13 @@ def _check_task_values(cfg: Config) -> list[str]:
     if budget is not None and 0 < budget < longest:
         p.append(f"train.max_tokens_per_batch = {budget} is less than {name} = {longest}: a row that "
                  f"long would not fit in a batch; set it to at least {longest} (or lower {name})")
+    if cfg.data.truncation != "head" and not task.chooses_truncation:
+        choosers = ", ".join(n for n, t in sorted(_tasks().items()) if t.chooses_truncation)
+        p.append(f"data.truncation = {cfg.data.truncation!r}: task {cfg.task} cuts its rows its own way ({choosers} "
+                 "choose): remove it")
+    elif cfg.data.truncation != "head" and cfg.data.text_pair_column:
+        p.append(f"data.truncation = {cfg.data.truncation!r} with data.text_pair_column: text pairs are cut longest "
+                 "first, as the tokenizer does; remove data.truncation (or data.text_pair_column)")
     if cfg.data.text_pair_column and not task.reads_pairs:
         readers = ", ".join(n for n, t in sorted(_tasks().items()) if t.reads_pairs)
         p.append(f"data.text_pair_column = {cfg.data.text_pair_column!r}: task {cfg.task} does not read text pairs "

@@ -1,6 +1,6 @@
 """Package a finished run's model as an MLflow pyfunc model and register it.
 
-The logged model is `serving_model.py` (logged as code, with text/token_spans.py beside it) plus the run's Hugging Face folder (for LoRA runs
+The logged model is `serving_model.py` (logged as code, with text/token_spans.py and text/truncation.py beside it) plus the run's Hugging Face folder (for LoRA runs
 the merged model; the adapter is logged beside it as a plain artifact) as its one artifact, with a
 signature, an input example and explicit pip requirements. Classification models answer label and
 probabilities; causal_lm / sft models answer generated text (and, for sft on classification data, the label
@@ -106,6 +106,9 @@ def model_config(cfg: Config, precision: str, folder: str, extras: Optional[dict
         "max_chars": cfg.deploy.max_text_chars,
         "text_column": INPUT_COLUMN,
         **({"text_pair_column": PAIR_COLUMN} if cfg.data.text_pair_column else {}),
+        # data.truncation other than head: the served model cuts long texts as training did (text/truncation.py)
+        **({"truncation": cfg.data.truncation, "head_tokens": cfg.data.head_tokens}
+           if cfg.data.truncation != "head" else {}),
         **task.serving_config(cfg, extras or {}, folder),
     }
 
@@ -147,7 +150,7 @@ def log_model(cfg: Config, run_id: str, tracking_uri: str, output_dir: str, prec
 
     from spark_tuning.deploy import serving_model
     from spark_tuning.tasks import get_task
-    from spark_tuning.text import token_spans
+    from spark_tuning.text import token_spans, truncation
 
     d = cfg.deploy
     name = (d.registered_model_name or cfg.resolved_run_name) if d.register else None
@@ -161,7 +164,8 @@ def log_model(cfg: Config, run_id: str, tracking_uri: str, output_dir: str, prec
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=serving_model.__file__,  # logged as code: no pickled classes
-                code_paths=[token_spans.__file__],  # what it imports beside itself (token classification)
+                # What it imports beside itself: token classification's windows, data.truncation's cut.
+                code_paths=[token_spans.__file__, truncation.__file__],
                 artifacts={"model": folder},
                 model_config=config,
                 signature=signature(get_task(cfg.task).output_columns(config), pairs="text_pair_column" in config),

@@ -3,7 +3,8 @@ a number out (regression), generated text out (causal LM / SFT).
 
 This file is logged *as code* with the model (MLflow "models from code"): MLflow copies it into the model
 and runs it on load, so it must stay self-contained. It imports only torch, transformers, numpy, pandas
-and mlflow, and token_spans.py (logged beside it: the windows and entity decoding token classification
+and mlflow, truncation.py (logged beside it: data.truncation's head / tail / head_tail cut) and token_spans.py
+(logged beside it too: the windows and entity decoding token classification
 shares with training), never the rest of spark_tuning, so the logged model loads wherever those are
 installed (a scoring server, a Spark executor, Databricks Model Serving, Azure ML) without this package.
 
@@ -17,6 +18,8 @@ at load time: mlflow.pyfunc.load_model(uri, model_config={"max_new_tokens": 64})
   target_mean, target_std   regression: the prediction is the output x target_std + target_mean
   max_length    tokens kept per text (classification, sft: data.max_length; causal_lm: data.block_size), so
                 inputs are cut as in training
+  truncation, head_tokens   classification / regression / multilabel: which tokens of a longer text are kept
+                (head where absent; tail; head_tail with head_tokens from the start), as data.truncation
   batch_size    rows per forward pass (classification)
   precision     "fp32", "bf16" or "fp16": the precision the run's own evaluation used (classification)
   device        "auto" (a GPU where one is visible, else the CPU), "cpu", or "cuda:N"
@@ -182,6 +185,10 @@ class TextClassifier:
         self.column = cfg.get("text_column", "text")
         self.pair_column = cfg.get("text_pair_column")  # set for a model trained on text pairs
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        # data.truncation: which tokens of a long text the run trained on (head: the tokenizer's own cut)
+        self.truncation = cfg.get("truncation") or "head"
+        self.head_tokens = cfg.get("head_tokens")
+        self.cutter = _truncation().transformers_encoder(self.tokenizer) if self.truncation != "head" else None
         self.model = AutoModelForSequenceClassification.from_pretrained(
             folder, dtype=torch.float32, use_safetensors=True).to(self.device).eval()
         log.info("serving %s on %s in %s (the run evaluated in %s)", folder, self.device, self.precision,
@@ -219,8 +226,13 @@ class TextClassifier:
         model takes them)."""
         import torch
 
-        enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding=False)
-        ids, types = enc["input_ids"], enc.get("token_type_ids") if pairs is not None else None
+        if self.cutter is not None and pairs is None:
+            plain, specials = self.cutter
+            ids, types = _truncation().encode(plain, texts, self.max_length, self.truncation, self.head_tokens,
+                                              specials), None
+        else:
+            enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding=False)
+            ids, types = enc["input_ids"], enc.get("token_type_ids") if pairs is not None else None
         lengths = np.array([len(x) for x in ids])
         order = np.lexsort((np.arange(len(ids)), lengths))
         out = np.zeros((len(ids), self.model.config.num_labels), dtype=np.float32)
@@ -277,6 +289,15 @@ class TextMultiLabel(TextClassifier):
             "labels": [[n for n, hit in zip(self.names, row >= self.thresholds) if hit] for row in probs],
             "probabilities": [row.astype(np.float64).tolist() for row in probs],
         })
+
+
+def _truncation():
+    """text/truncation.py: the copy logged with the model, else the package's (as _token_spans)."""
+    try:
+        import truncation
+    except ImportError:
+        from spark_tuning.text import truncation
+    return truncation
 
 
 def _token_spans():

@@ -48,6 +48,7 @@ class Task:
     eval_before_training = False  # evaluate the untrained model too (before/after figures)
     verifiable = True  # deploy.verify can compare its served answers with offline predictions
     reads_pairs = False  # data.text_pair_column: a second text per row, the tokenizer's pair input
+    chooses_truncation = False  # data.truncation: head, tail or head_tail of a long text (text/truncation.py)
     length_key = "max_length"  # the data setting that bounds a row (sequence_length)
     answer_columns = ("label_id", "probabilities")  # what verify needs in a served answer to compare
     logged_files: tuple[str, ...] = ()  # files of write_outputs that also go into the MLflow run

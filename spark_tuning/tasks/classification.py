@@ -51,6 +51,7 @@ class TextRowsTask(Task):
     file, and input examples from it."""
 
     reads_pairs = True
+    chooses_truncation = True
 
     def config_problems(self, cfg) -> list[str]:
         d, p = cfg.data, []
@@ -162,9 +163,11 @@ def stage_rows(spark, cfg, src, train_df, eval_df, staging: str):
     from spark_tuning.text.tokenize import tokenize
 
     n_files, kind, max_len = 2 * cfg.distributed.num_processes, cfg.loader.kind, cfg.data.max_length
-    train_ref = stage_as(kind, tokenize(train_df, src, cfg.model, max_len).drop("text", "text_pair"),
+    cut = {"truncation": cfg.data.truncation, "head_tokens": cfg.data.head_tokens}
+    train_ref = stage_as(kind, tokenize(train_df, src, cfg.model, max_len, **cut).drop("text", "text_pair"),
                          os.path.join(staging, "train"), n_files, max_len)
-    eval_ref = stage_as(kind, tokenize(eval_df, src, cfg.model, max_len), os.path.join(staging, "eval"), n_files, max_len)
+    eval_ref = stage_as(kind, tokenize(eval_df, src, cfg.model, max_len, **cut), os.path.join(staging, "eval"),
+                        n_files, max_len)
     stats = length_stats(spark, train_ref.path, max_len)
     return train_ref, eval_ref, {"train_rows": train_ref.num_rows, "mean_tokens_per_row": round(stats["mean_length"], 1),
                                  "eval_rows": eval_ref.num_rows, "truncated_share": stats["truncated_share"]}

@@ -1,6 +1,7 @@
 """The worker side of Spark tokenization: the model tokenizer's Rust backend, rebuilt from its JSON, and
 its ids as flat Arrow arrays. Spark tasks import only this module (numpy, pyarrow, tokenizers): not
-transformers, not pandas, nothing else of spark_tuning, so a fresh Python worker starts in a blink.
+transformers, not pandas, nothing else of spark_tuning but text/truncation.py (standard library only), so a
+fresh Python worker starts in a blink.
 The driver side, which takes the backend from transformers and checks it, is spark_tuning.text.tokenize.
 """
 
@@ -14,6 +15,8 @@ from typing import Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
+from spark_tuning.text import truncation  # standard library only
+
 
 @dataclass(frozen=True)
 class RustEncoder:
@@ -26,6 +29,11 @@ class RustEncoder:
     # Cut long texts where a word ends near max_length x CUT_CHARS_PER_TOKEN characters before tokenizing
     # (see `encode`). The driver turns it off for a tokenizer whose probes come out different with it.
     cut_at_spaces: bool = True
+    # data.truncation other than head: the text's own ids cut by truncation.cut, inside `specials` (the ids
+    # the tokenizer adds before and after a sequence, truncation.frame).
+    truncation: str = "head"
+    head_tokens: Optional[int] = None
+    specials: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
 
     def load(self):
         """The Rust tokenizer, built once per Python worker (workers are reused across tasks)."""
@@ -45,6 +53,12 @@ class RustEncoder:
         again, whole. The driver checks all this on its probe texts before it trusts it
         (spark_tuning.text.tokenize.rust_encoder). Every text is first capped at max_length x
         MAX_CHARS_PER_TOKEN characters, on the side truncation keeps."""
+        if self.max_length is not None and self.truncation != "head":
+            whole = _rust_tokenizer(self.backend_json, None, self.truncation_side, self.split_special_tokens)
+            ids = truncation.encode(lambda batch: [e.ids for e in whole.encode_batch(batch, add_special_tokens=False)],
+                                    texts, self.max_length, self.truncation, self.head_tokens,
+                                    tuple(list(s) for s in self.specials))
+            return flatten(ids)
         tok = self.load()
         if self.max_length is None:
             return encode_flat(tok, texts)

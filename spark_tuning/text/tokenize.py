@@ -27,6 +27,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from spark_tuning.model.sources import ModelSource
+from spark_tuning.text import truncation
 # What Spark tasks run lives in a module of its own, so that they import neither pandas nor transformers.
 from spark_tuning.text.rust_tokenizer import CUT_CHARS_PER_TOKEN, MAX_CHARS_PER_TOKEN, RustEncoder, arrow_ids
 
@@ -53,9 +54,11 @@ def probes(max_length: Optional[int]) -> list[str]:
     return [*PROBES, *(p * (chars // len(p) + 1) for p in LONG_PROBES), "few" + " " * chars + "words after a gap"]
 
 
-def rust_encoder(src: ModelSource, model_cfg: ModelConfig, max_length: Optional[int]) -> Optional[RustEncoder]:
+def rust_encoder(src: ModelSource, model_cfg: ModelConfig, max_length: Optional[int], mode: str = "head",
+                 head_tokens: Optional[int] = None) -> Optional[RustEncoder]:
     """The model tokenizer's Rust backend, when it alone reproduces the tokenizer's ids on the probes;
-    None (with a warning) when it does not, and tokenization then runs through transformers."""
+    None (with a warning) when it does not, and tokenization then runs through transformers. `mode`: the
+    data.truncation of long texts (head: the tokenizer's own truncation)."""
     from spark_tuning.model.sources import load_tokenizer
 
     tok = load_tokenizer(src, model_cfg)
@@ -64,6 +67,20 @@ def rust_encoder(src: ModelSource, model_cfg: ModelConfig, max_length: Optional[
         return None
     side = getattr(tok, "truncation_side", "right")
     texts = probes(max_length)
+    if mode != "head" and max_length is not None:
+        plain, specials = truncation.transformers_encoder(tok)
+        want = truncation.encode(plain, texts, max_length, mode, head_tokens, specials)
+        enc = RustEncoder(backend.to_str(), max_length, side, bool(getattr(tok, "split_special_tokens", False)),
+                          cut_at_spaces=False, truncation=mode, head_tokens=head_tokens,
+                          specials=(tuple(specials[0]), tuple(specials[1])))
+        offsets, values = enc.encode(texts)
+        got = [values[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))]
+        if got == want:
+            return enc
+        log.warning("the Rust backend of %s's tokenizer (%s) encodes the probes differently from the tokenizer "
+                    "itself: tokenizing through transformers in every Spark task (slower start)", src.location,
+                    type(tok).__name__)
+        return None
     if max_length is None:
         want = tok(texts, add_special_tokens=True, truncation=False)["input_ids"]
     else:
@@ -89,14 +106,16 @@ def _has_arrow_udf() -> bool:
     return hasattr(functions, "arrow_udf")  # pyspark >= 4.1; the petastorm stack has 4.0
 
 
-def tokenize(df: DataFrame, src: ModelSource, model_cfg: ModelConfig, max_length: int) -> DataFrame:
-    """`text` -> `text`, `input_ids`, `length` (plus every other column of `df`). With a `text_pair` column:
-    the two texts as the tokenizer's pair input, and `token_type_ids` where the model takes them."""
+def tokenize(df: DataFrame, src: ModelSource, model_cfg: ModelConfig, max_length: int, truncation: str = "head",
+             head_tokens: Optional[int] = None) -> DataFrame:
+    """`text` -> `text`, `input_ids`, `length` (plus every other column of `df`), a long text cut to
+    max_length by `truncation` (data.truncation: head, tail, head_tail). With a `text_pair` column: the two
+    texts as the tokenizer's pair input, and `token_type_ids` where the model takes them."""
     if "text_pair" in df.columns:
         return tokenize_pairs(df, src, model_cfg, max_length)
-    enc = rust_encoder(src, model_cfg, max_length)
+    enc = rust_encoder(src, model_cfg, max_length, truncation, head_tokens)
     if enc is None:
-        udf = _transformers_udf(src, model_cfg, max_length)
+        udf = _transformers_udf(src, model_cfg, max_length, truncation, head_tokens)
     elif _has_arrow_udf():
         udf = _arrow_udf(enc)
     else:
@@ -139,7 +158,8 @@ def _pandas_udf(enc: RustEncoder):
     return encode
 
 
-def _transformers_udf(src: ModelSource, model_cfg: ModelConfig, max_length: int):
+def _transformers_udf(src: ModelSource, model_cfg: ModelConfig, max_length: int, mode: str = "head",
+                      head_tokens: Optional[int] = None):
     """The fallback: the full transformers tokenizer, loaded in every task."""
     from pyspark.sql.functions import pandas_udf
 
@@ -152,9 +172,14 @@ def _transformers_udf(src: ModelSource, model_cfg: ModelConfig, max_length: int)
 
         tok = load_tokenizer(src, model_cfg)  # once per task, not per batch
         keep_end = getattr(tok, "truncation_side", "right") == "left"  # left truncation keeps a text's end
+        cutter = truncation.transformers_encoder(tok) if mode != "head" else None
         for texts in batches:
-            texts = texts.fillna("").str.slice(-max_chars) if keep_end else texts.fillna("").str.slice(0, max_chars)
-            ids = tok(texts.tolist(), truncation=True, max_length=max_length, padding=False)["input_ids"]
+            if cutter is not None:
+                plain, specials = cutter
+                ids = truncation.encode(plain, texts.fillna("").tolist(), max_length, mode, head_tokens, specials)
+            else:
+                texts = texts.fillna("").str.slice(-max_chars) if keep_end else texts.fillna("").str.slice(0, max_chars)
+                ids = tok(texts.tolist(), truncation=True, max_length=max_length, padding=False)["input_ids"]
             yield pd.DataFrame({
                 "input_ids": [np.asarray(x, dtype=np.int32) for x in ids],
                 "length": np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids)),
