@@ -102,6 +102,16 @@ class ModelConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """What "better" means for early stopping and for train.keep_best: a validation metric and its direction."""
+
+    metric: str = "eval_loss"  # any validation metric the task logs (eval_ prefix optional)
+    mode: str = "auto"  # min, max, or auto: min for losses, perplexity and errors, max for the rest
+    patience: Optional[int] = None  # stop after this many evaluations without improvement; None: never stop
+    min_delta: float = 0.0  # an improvement smaller than this does not count
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 3
     batch_size: int = 16  # rows per process per micro-step
@@ -133,6 +143,11 @@ class TrainConfig:
     eval_before_training: bool = True
     sample_prompts: list[str] = field(default_factory=list)  # generated at each evaluation (MLflow table)
     sample_max_new_tokens: int = 32
+    eval_every_steps: Optional[int] = None  # evaluate every this many optimizer steps too (and at every epoch end)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # The model of the best evaluation (early_stopping.metric) becomes the final model, not the last one;
+    # kept as a checkpoint while training, so it needs checkpoint.enabled.
+    keep_best: bool = False
 
 
 @dataclass
@@ -423,6 +438,7 @@ def _check_values(cfg: Config) -> list[str]:
     one_of("loader.kind", cfg.loader.kind, LOADERS)
     p.extend(_check_fsdp_values(cfg))
     p.extend(_check_truncation_values(cfg))
+    p.extend(_check_early_stopping_values(cfg))
     if not cfg.output_dir.strip():
         p.append("output_dir is empty: name a folder (or dbfs:/... on Databricks)")
     for name, value in [
@@ -471,6 +487,39 @@ def _check_values(cfg: Config) -> list[str]:
         p.append("deploy.verify = true needs the logged MLflow model: set tracking.log_model: true")
     p.extend(_check_lm_values(cfg))
     p.extend(_check_task_values(cfg))
+    return p
+
+
+STOP_MODES = ("auto", "min", "max")
+LOWER_IS_BETTER = ("loss", "perplexity", "rmse", "mae", "mse", "error")
+
+
+def metric_key(name: str) -> str:
+    """A validation metric's logged name: "accuracy" and "eval_accuracy" are the same."""
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
+def lower_is_better(name: str, mode: str = "auto") -> bool:
+    if mode != "auto":
+        return mode == "min"
+    return any(word in metric_key(name) for word in LOWER_IS_BETTER)
+
+
+def _check_early_stopping_values(cfg: Config) -> list[str]:
+    t, p = cfg.train, []
+    es = t.early_stopping
+    if es.mode not in STOP_MODES:
+        p.append(f"train.early_stopping.mode = {es.mode!r} is not one of {', '.join(STOP_MODES)}")
+    if es.patience is not None and es.patience < 1:
+        p.append(f"train.early_stopping.patience = {es.patience} must be at least 1 (evaluations without "
+                 "improvement), or null to never stop early")
+    if es.min_delta < 0:
+        p.append(f"train.early_stopping.min_delta = {es.min_delta} must be 0 or more")
+    if t.eval_every_steps is not None and t.eval_every_steps < 1:
+        p.append(f"train.eval_every_steps = {t.eval_every_steps} must be at least 1 (or null: at epoch ends only)")
+    if t.keep_best and not cfg.checkpoint.enabled:
+        p.append("train.keep_best = true keeps the best model as a checkpoint while training: set "
+                 "checkpoint.enabled: true (or train.keep_best: false)")
     return p
 
 
@@ -553,6 +602,10 @@ def _check_task_values(cfg: Config) -> list[str]:
     elif cfg.data.truncation != "head" and cfg.data.text_pair_column:
         p.append(f"data.truncation = {cfg.data.truncation!r} with data.text_pair_column: text pairs are cut longest "
                  "first, as the tokenizer does; remove data.truncation (or data.text_pair_column)")
+    es = cfg.train.early_stopping
+    if (es.patience is not None or cfg.train.keep_best) and metric_key(es.metric) not in task.eval_metrics:
+        p.append(f"train.early_stopping.metric = {es.metric!r} is not a validation metric of task {cfg.task}: "
+                 f"one of {', '.join(task.eval_metrics)}")
     if cfg.data.text_pair_column and not task.reads_pairs:
         readers = ", ".join(n for n, t in sorted(_tasks().items()) if t.reads_pairs)
         p.append(f"data.text_pair_column = {cfg.data.text_pair_column!r}: task {cfg.task} does not read text pairs "

@@ -307,7 +307,11 @@ def training_figures(result: dict) -> dict:
     return {"train_steps": result["steps"], "train_tokens_per_second": result["tokens_per_second"],
             "train_padding_share": result["padding_share"], "train_precision": result["precision"],
             "train_device": result["device"], "train_tf32": result["tf32"], "train_mfu": result["mfu"],
-            "train_matmul_peak_gflops": result["matmul_peak_gflops"], "train_data_wait_share": result["data_wait_share"]}
+            "train_matmul_peak_gflops": result["matmul_peak_gflops"], "train_data_wait_share": result["data_wait_share"],
+            # train.early_stopping / keep_best: the best evaluation's step and value, and whether training stopped early
+            **({"best_step": result["best_step"], "best_value": result["best_value"],
+                "best_metric": result["best_metric"], "stopped_early": result["stopped_early"]}
+               if result.get("best_step") is not None else {})}
 
 
 def write_outputs(cfg: Config, task, staged, result: dict, folder: str) -> dict:

@@ -127,6 +127,11 @@ CASES = [
          "is only read by data.truncation: head_tail"),
     Case("truncation for a task that cuts its own way", lambda t, e: ["task=causal_lm", "data.truncation=tail"],
          "task causal_lm cuts its rows its own way"),
+    Case("early stopping on a metric the task does not log", lambda t, e: ["train.early_stopping.patience=2",
+                                                                          "train.early_stopping.metric=perplexity"],
+         "'perplexity' is not a validation metric of task classification: one of eval_loss, eval_accuracy, eval_f1"),
+    Case("keep_best without checkpoints", lambda t, e: ["train.keep_best=true", "checkpoint.enabled=false"],
+         "train.keep_best = true keeps the best model as a checkpoint while training: set checkpoint.enabled: true"),
     # resources
     Case("more processes than cores", lambda t, e: ["distributed.num_processes=512"], "more than the"),
     Case("GPU where there is none", lambda t, e: ["distributed.use_gpu=true"], "no GPU is visible"),

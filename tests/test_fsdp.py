@@ -51,8 +51,8 @@ def classify_data(tmp_path_factory, tiny_bert_dir):
     return work, data
 
 
-def _run(work, name, model_dir, data, sets, processes=2, checkpoint_every=None, resume_from=None, **kw):
-    ckpt = {"dir": os.path.join(work, name, "checkpoints"), "every_steps": checkpoint_every, "keep_last": 5}
+def _run(work, name, model_dir, data, sets, processes=2, checkpoint_every=None, resume_from=None, keep_last=5, **kw):
+    ckpt = {"dir": os.path.join(work, name, "checkpoints"), "every_steps": checkpoint_every, "keep_last": keep_last}
     payload = gpu_check.leg_payload(work, name, model_dir, data, sets, True, processes, checkpoint=ckpt,
                                     resume_from=resume_from, **kw)
     return gpu_check.run_leg(work, name, payload, processes, True, TIMEOUT)

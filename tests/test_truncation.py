@@ -106,10 +106,23 @@ def test_head_tail_run_learns_labels_at_the_end_and_serves_them(spark, tmp_path,
     data = tmp_path / "ends.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.environ["SPARK_TUNING_STATE_DIR"] = str(tmp_path / "servers")
+    # The same job also keeps its best evaluation (train.keep_best, evaluated every 8 steps too): the job's
+    # end-to-end check of that (tests/test_early_stopping.py has the rest).
     cfg = tiny_job_config(tmp_path, str(data), tiny_bert_dir, **{
         "data.max_length": 16, "data.truncation": "head_tail", "data.head_tokens": 4, "train.epochs": 8,
-        "tracking.log_model": True, "deploy.verify": True})
+        "tracking.log_model": True, "deploy.verify": True, "train.eval_every_steps": 8, "train.keep_best": True,
+        "train.early_stopping.metric": "accuracy"})
     summary = finetune.run(cfg, spark=spark)
     assert summary.metrics["accuracy"] > 0.9  # the words after the cut were seen
     v = summary.deploy["verify"]
     assert v["ok"] and v["agreement"] == 1.0 and v["rows"] == summary.metrics["num_examples"]
+
+    from mlflow import MlflowClient
+
+    evals = [e for e in summary.result["epochs"] if "best_model_from_step" not in e]
+    best = max(evals, key=lambda e: e["eval_accuracy"])  # the first of equals: later ones are no improvement
+    saved = json.load(open(os.path.join(summary.output_dir, "metrics.json")))
+    assert len(evals) > cfg.train.epochs  # evaluations inside epochs too
+    assert saved["best_step"] == best["step"] and saved["best_value"] == best["eval_accuracy"] == saved["accuracy"]
+    run = MlflowClient(summary.tracking_uri).get_run(summary.run_id)
+    assert run.data.metrics["final_best_step"] == best["step"]

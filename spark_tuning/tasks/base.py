@@ -49,6 +49,8 @@ class Task:
     verifiable = True  # deploy.verify can compare its served answers with offline predictions
     reads_pairs = False  # data.text_pair_column: a second text per row, the tokenizer's pair input
     chooses_truncation = False  # data.truncation: head, tail or head_tail of a long text (text/truncation.py)
+    # The validation metrics each evaluation logs: what train.early_stopping.metric (and keep_best) may name.
+    eval_metrics: tuple[str, ...] = ("eval_loss",)
     length_key = "max_length"  # the data setting that bounds a row (sequence_length)
     answer_columns = ("label_id", "probabilities")  # what verify needs in a served answer to compare
     logged_files: tuple[str, ...] = ()  # files of write_outputs that also go into the MLflow run

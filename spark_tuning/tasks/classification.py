@@ -87,6 +87,7 @@ class TextRowsTask(Task):
 
 
 class Classification(TextRowsTask):
+    eval_metrics = ("eval_loss", "eval_accuracy", "eval_f1")
     name = "classification"
     logged_files = ("label_map.json", "confusion_matrix.png")
 

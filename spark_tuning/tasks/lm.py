@@ -75,6 +75,7 @@ def label_scores(parts: list[dict], names: list[str]) -> tuple[dict, dict]:
 
 
 class LanguageModelTask(Task):
+    eval_metrics = ("eval_loss", "eval_perplexity")
     auto_model = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"
     generates_text = True

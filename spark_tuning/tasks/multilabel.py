@@ -46,6 +46,7 @@ def _f1(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 class MultiLabel(TextRowsTask):
+    eval_metrics = ("eval_loss", "eval_f1_micro", "eval_f1_macro", "eval_subset_accuracy")
     name = "multilabel_classification"
     answer_columns = ("labels", "probabilities")
     logged_files = ("label_map.json", THRESHOLDS_FILE, "label_f1.png")

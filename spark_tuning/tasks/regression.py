@@ -26,6 +26,7 @@ METRICS = ("rmse", "mae", "r2", "pearson", "spearman")
 
 
 class Regression(TextRowsTask):
+    eval_metrics = ("eval_loss", "eval_rmse", "eval_mae", "eval_r2")
     name = "regression"
     answer_columns = ("prediction",)
     logged_files = (SCALE_FILE, "predicted_vs_true.png")

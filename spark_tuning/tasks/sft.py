@@ -17,6 +17,8 @@ log = logging.getLogger("spark_tuning")
 
 class SFT(LanguageModelTask):
     name = "sft"
+    # sft on classification data also scores the answered label names
+    eval_metrics = ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_precision", "eval_recall", "eval_f1")
 
     def check_model(self, cfg, src, tokenizer, model_config) -> dict:
         from spark_tuning.text import lm_data

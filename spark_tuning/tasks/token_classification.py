@@ -84,6 +84,7 @@ class TokenClassification(TextRowsTask):
     name = "token_classification"
     auto_model = "AutoModelForTokenClassification"
     peft_task_type = "TOKEN_CLS"
+    eval_metrics = ("eval_loss", "eval_f1", "eval_precision", "eval_recall", "eval_token_accuracy")
     reads_pairs = False
     answer_columns = ("entities",)
     logged_files = ("label_map.json", REPORT, "entity_f1.png")

@@ -29,7 +29,7 @@ def checkpoint_dir(output_dir: str) -> str:
 
 
 def save(root: str, step: int, model, optimizer, scheduler, rng_states: list, state: dict[str, Any],
-         keep_last: int, scaler: Optional[dict] = None) -> str:
+         keep_last: int, scaler: Optional[dict] = None, spare: Optional[int] = None) -> str:
     """Rank 0 writes a whole checkpoint: the weights, the optimizer and the rest."""
     tmp = begin(root, step)
     # The whole module's weights (base and any LoRA adapter) as safetensors: save_pretrained of a peft
@@ -38,7 +38,7 @@ def save(root: str, step: int, model, optimizer, scheduler, rng_states: list, st
 
     save_model(model, os.path.join(tmp, "model.safetensors"))
     return finish(root, tmp, step, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    "rng": rng_states, "scaler": scaler}, state, keep_last)
+                                    "rng": rng_states, "scaler": scaler}, state, keep_last, spare)
 
 
 def begin(root: str, step: int) -> str:
@@ -50,12 +50,13 @@ def begin(root: str, step: int) -> str:
     return tmp
 
 
-def finish(root: str, tmp: str, step: int, training: dict, state: dict[str, Any], keep_last: int) -> str:
+def finish(root: str, tmp: str, step: int, training: dict, state: dict[str, Any], keep_last: int,
+           spare: Optional[int] = None) -> str:
     """The rest of the checkpoint (the `training` states, the TrainState, the COMPLETE marker last), then
-    the folder renamed into place and older ones pruned."""
+    the folder renamed into place and older ones pruned (but the checkpoint of step `spare`: train.keep_best's)."""
     import torch
 
-    final = os.path.join(root, f"{PREFIX}{step:08d}")
+    final = step_folder(root, step)
     torch.save(training, os.path.join(tmp, TRAINING_STATE))
     with open(os.path.join(tmp, STATE), "w") as f:
         json.dump(state, f)
@@ -65,7 +66,7 @@ def finish(root: str, tmp: str, step: int, training: dict, state: dict[str, Any]
     if os.path.exists(final):  # the same step again (e.g. a resumed run): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    prune(root, keep_last)
+    prune(root, keep_last, spare)
     return final
 
 
@@ -96,9 +97,15 @@ def latest(root: str) -> Optional[str]:
     return found[-1] if found else None
 
 
-def prune(root: str, keep_last: int) -> None:
+def step_folder(root: str, step: int) -> str:
+    return os.path.join(root, f"{PREFIX}{step:08d}")
+
+
+def prune(root: str, keep_last: int, spare: Optional[int] = None) -> None:
+    keep = step_folder(root, spare) if spare is not None else None
     for path in complete(root)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        if path != keep:
+            shutil.rmtree(path, ignore_errors=True)
     for name in os.listdir(root):  # leftovers of checkpoints cut short by an earlier crash
         if name.startswith(".tmp-"):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)

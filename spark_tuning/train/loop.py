@@ -324,29 +324,90 @@ def probe_peak(run: Rank) -> None:
 
 
 def train(run: Rank, state) -> dict:
-    """Every epoch, then an evaluation and a checkpoint; returns the last evaluation's per-row output."""
+    """Every epoch, then an evaluation and a checkpoint (and evaluations every train.eval_every_steps); until
+    early stopping says so. Returns the last evaluation's per-row output: the best model's with keep_best."""
     tc, eval_out = run.cfg.train, {}
     if run.task.eval_before_training and tc.eval_before_training and not state.resumed:
         eval_out = evaluate(run, state, 0)  # the untrained model, so that the run reports before and after
     start_epoch, skip = state.epoch, state.micro
     for epoch in range(start_epoch, tc.epochs):
-        if state.step >= run.schedule.total_steps:
+        if state.step >= run.schedule.total_steps or state.stopped:
             break
-        seconds = train_epoch(run, state, epoch, skip if epoch == start_epoch else 0)
+        seconds, inner = train_epoch(run, state, epoch, skip if epoch == start_epoch else 0)
+        if state.stopped and inner:  # stopped by an evaluation inside the epoch: its output stands
+            eval_out = inner
+            break
         eval_out = evaluate(run, state, epoch + 1, seconds)
+        judge(run, state, state.epochs[-1])
         checkpoint(run, state, epoch + 1, 0)
     if not eval_out:  # resumed from the last checkpoint of a finished training: evaluate once more
         if state.epochs and state.epochs[-1]["step"] == state.step:
             state.epochs.pop()
         eval_out = evaluate(run, state, tc.epochs, 0.0)
+    if tc.keep_best and state.best_step is not None and state.best_step != state.step:
+        eval_out = restore_best(run, state)
     return eval_out
 
 
-def train_epoch(run: Rank, state, epoch: int, skip: int) -> float:
-    """One epoch's batches from `skip` on (a resumed epoch skips those already seen); its seconds."""
+def judge(run: Rank, state, rec: dict) -> bool:
+    """After an evaluation during training: whether it is the best so far by train.early_stopping.metric (then
+    state.best_* is this step's), and whether patience ran out (state.stopped). Rank 0 decides for every rank,
+    so that all stop at the same step."""
+    from spark_tuning.config import lower_is_better, metric_key
+    from spark_tuning.train import distributed
+
+    tc = run.cfg.train
+    es = tc.early_stopping
+    if (es.patience is None and not tc.keep_best) or state.step == 0:
+        return False
+    key = metric_key(es.metric)
+    if key not in rec:
+        raise RuntimeError(f"train.early_stopping.metric = {es.metric!r}: this evaluation logged no {key} (it logged "
+                           f"{', '.join(k for k in rec if k.startswith('eval_'))}); name one of those")
+    value = float(rec[key])
+    gain = (state.best_value - value if lower_is_better(es.metric, es.mode) else value - state.best_value) \
+        if state.best_value is not None else float("inf")
+    better = distributed.broadcast(gain > es.min_delta, run.ctx)
+    if better:
+        state.best_step, state.best_value, state.bad_evals = state.step, value, 0
+    else:
+        state.bad_evals += 1
+    state.stopped = es.patience is not None and state.bad_evals >= es.patience
+    if run.ctx.is_rank_zero:
+        log.info("%s %.4g at step %d: %s (best %.4g at step %d)%s", key, value, state.step,
+                 "the best so far" if better else f"{state.bad_evals} evaluation(s) without improvement",
+                 state.best_value, state.best_step,
+                 f"; early stopping: no improvement over {es.min_delta} in {es.patience} evaluations" if state.stopped else "")
+    return better
+
+
+def restore_best(run: Rank, state) -> dict:
+    """train.keep_best: the best evaluation's weights back from its checkpoint, evaluated again (the run's final
+    metrics and predictions are then the best model's)."""
+    from spark_tuning.train.checkpoint import step_folder
+    from spark_tuning.train.state import load_weights_only
+
+    path = step_folder(run.payload.checkpoint["dir"], state.best_step)
+    if not os.path.isfile(os.path.join(path, "COMPLETE")):
+        raise RuntimeError(f"train.keep_best: the best model's checkpoint (step {state.best_step}) is not in {path} "
+                           "any more: was the checkpoints folder cleaned while the run was interrupted? Rerun with "
+                           "train.keep_best: false to keep the last model")
+    if run.ctx.is_rank_zero:
+        log.info("train.keep_best: the final model is step %d's (%s %.4g), from %s", state.best_step,
+                 run.cfg.train.early_stopping.metric, state.best_value, path)
+    load_weights_only(path, run.model, run.optimizer)
+    out = evaluate(run, state, state.epochs[-1]["epoch"] if state.epochs else 0)
+    state.epochs[-1]["best_model_from_step"] = state.best_step
+    return out
+
+
+def train_epoch(run: Rank, state, epoch: int, skip: int) -> tuple[float, dict]:
+    """One epoch's batches from `skip` on (a resumed epoch skips those already seen); its seconds, and the
+    output of its last evaluation inside the epoch (train.eval_every_steps; {} when none ran)."""
     from spark_tuning.train.feed import timed, train_batches
 
     tc, s, every = run.cfg.train, run.schedule, (run.payload.checkpoint or {}).get("every_steps")
+    eval_out: dict = {}
     run.ddp_model.train()
     plan = run.plan_epoch(epoch, s.micro_per_epoch[epoch])
     t = time.perf_counter()
@@ -364,14 +425,21 @@ def train_epoch(run: Rank, state, epoch: int, skip: int) -> float:
         state.step += 1
         if state.step % tc.log_every_steps == 0 or state.step == s.total_steps:
             log_window(run, state, epoch + (micro + 1) / s.micro_per_epoch[epoch])
-        if every and state.step % every == 0 and state.step < s.total_steps:
+        best = False
+        if tc.eval_every_steps and state.step % tc.eval_every_steps == 0 and state.step < s.total_steps \
+                and micro + 1 < len(plan):  # (the epoch's end evaluates anyway)
+            eval_out = evaluate(run, state, epoch + (micro + 1) / s.micro_per_epoch[epoch])
+            run.ddp_model.train()
+            best = judge(run, state, state.epochs[-1])
+        due = every and state.step % every == 0 and state.step < s.total_steps
+        if due or (best and tc.keep_best) or state.stopped:
             checkpoint(run, state, epoch, micro + 1)
-        if state.step >= s.total_steps:
+        if state.step >= s.total_steps or state.stopped:
             break
     batches.close()  # stops the prefetch thread when the epoch ended early (max_steps)
     seconds = time.perf_counter() - t
     run.clock["train"] += seconds
-    return seconds
+    return seconds, eval_out
 
 
 def micro_step(run: Rank, batch: dict, tensors: dict, sync: bool, step: int):
@@ -439,7 +507,7 @@ def evaluate(run: Rank, state, epoch: int, seconds: Optional[float] = None) -> d
     figures = {k: v for k, v in rec.items() if k not in ("step", "epoch") and isinstance(v, (int, float))}
     run.tracker.metrics(figures, state.step)
     if run.ctx.is_rank_zero:
-        log.info("evaluation after epoch %d (step %d): %s", epoch, state.step,
+        log.info("evaluation after epoch %.4g (step %d): %s", epoch, state.step,
                  ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in figures.items() if k.startswith("eval_")))
     return out
 
@@ -456,13 +524,15 @@ def checkpoint(run: Rank, state, epoch: int, micro: int) -> None:
     with paused(run):
         state.epoch, state.micro = epoch, micro
         rng = distributed.gather(rng_state(run.ctx.device), run.ctx)
+        spare = state.best_step if run.cfg.train.keep_best else None  # the best one outlives keep_last
         if run.ctx.sharded:
             path = save_sharded(ckpt["dir"], state, run.model, run.optimizer, run.scheduler, run.scaler, rng,
-                                ckpt["keep_last"], run.ctx)
+                                ckpt["keep_last"], run.ctx, spare)
             if run.ctx.is_rank_zero:
                 log.info("checkpoint written: %s", path)
         elif run.ctx.is_rank_zero:
-            path = save(ckpt["dir"], state, run.model, run.optimizer, run.scheduler, run.scaler, rng, ckpt["keep_last"])
+            path = save(ckpt["dir"], state, run.model, run.optimizer, run.scheduler, run.scaler, rng, ckpt["keep_last"],
+                        spare)
             log.info("checkpoint written: %s", path)
 
 
@@ -497,6 +567,8 @@ def result(run: Rank, state, eval_out: dict) -> dict:
     tps = t["tokens"] / max(1e-9, t["seconds"])
     return {
         "history": state.history, "epochs": state.epochs, "eval": eval_out, "steps": state.step,
+        "best_step": state.best_step, "best_value": state.best_value, "stopped_early": state.stopped,
+        "best_metric": run.cfg.train.early_stopping.metric,
         "precision": run.precision, "device": ctx.device_type, "tf32": run.tf32,
         "loss_scale": run.scaler.get_scale() if run.scaler.is_enabled() else None, "world_size": ctx.world_size,
         "parameters": total, "trainable_parameters": trainable, "train_tokens": t["tokens"],

@@ -22,6 +22,12 @@ class TrainState:
     epochs: list = field(default_factory=list)  # one record per evaluation
     totals: dict = field(default_factory=lambda: {"tokens": 0, "padded": 0, "seconds": 0.0})
     world_size: int = 1
+    # train.early_stopping / keep_best: the best evaluation so far (of early_stopping.metric), and how many
+    # evaluations since have not beaten it; stopped: training ended early at `step`.
+    best_step: Optional[int] = None
+    best_value: Optional[float] = None
+    bad_evals: int = 0
+    stopped: bool = False
     resumed: bool = False  # not saved: whether this run began from a checkpoint
 
     def to_dict(self) -> dict[str, Any]:
@@ -53,15 +59,16 @@ def set_rng_state(state, device: str) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save(folder: str, state: TrainState, model, optimizer, scheduler, scaler, rng: list, keep_last: int) -> str:
+def save(folder: str, state: TrainState, model, optimizer, scheduler, scaler, rng: list, keep_last: int,
+         spare: Optional[int] = None) -> str:
     from spark_tuning.train import checkpoint
 
     return checkpoint.save(folder, state.step, model, optimizer, scheduler, rng, state.to_dict(), keep_last,
-                           scaler=scaler.state_dict() if scaler.is_enabled() else None)
+                           scaler=scaler.state_dict() if scaler.is_enabled() else None, spare=spare)
 
 
 def save_sharded(folder: str, state: TrainState, model, optimizer, scheduler, scaler, rng: list, keep_last: int,
-                 ctx) -> str:
+                 ctx, spare: Optional[int] = None) -> str:
     """A sharded (fsdp) checkpoint, on every rank: each writes its shards of the weights and the optimizer
     into one temporary folder (rank 0 names it), then rank 0 adds the rest and renames it into place."""
     from spark_tuning.train import checkpoint, distributed, fsdp
@@ -72,8 +79,19 @@ def save_sharded(folder: str, state: TrainState, model, optimizer, scheduler, sc
     if ctx.is_rank_zero:
         path = checkpoint.finish(folder, tmp, state.step, {"scheduler": scheduler.state_dict(), "rng": rng,
                                                            "scaler": scaler.state_dict() if scaler.is_enabled() else None},
-                                 state.to_dict(), keep_last)
+                                 state.to_dict(), keep_last, spare)
     return distributed.broadcast(path, ctx)
+
+
+def load_weights_only(path: str, model, optimizer) -> None:
+    """The weights of checkpoint `path` into `model` (train.keep_best, at the end: the best model back); a
+    collective for a sharded checkpoint (which brings its optimizer state along: training is over)."""
+    from spark_tuning.train import checkpoint, fsdp
+
+    if fsdp.has_sharded(path):
+        fsdp.load_sharded(path, model, optimizer)
+    else:
+        checkpoint.load_weights(path, model)
 
 
 def restore(path: Optional[str], model, optimizer, scheduler, scaler, rank: int, world_size: int,
