@@ -9,6 +9,8 @@
 #     from bench/tasks.md.
 #   --fsdp: also bench_fsdp (ddp vs fsdp memory and speed, 2 processes, SmolLM2-135M shape: about 6 minutes with
 #     bf16 units, 13 without); without it, likewise from bench/fsdp.md.
+#   --truncation: also bench_truncation (head vs head_tail accuracy on IMDB at max_length 128 and 256: about
+#     15 minutes); without it, likewise from bench/truncation.md.
 #   --petastorm: also loader_backends (petastorm vs Parquet loader, in .venv-petastorm, which
 #     jobs/bootstrap_petastorm.sh makes on first use: several minutes). Without it, likewise from
 #     bench/loader_petastorm.md.
@@ -18,7 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source jobs/bootstrap.sh  # PY: the project's environment (made on first use)
-MODE=full; ARGS=(); ACCURACY=0; PETASTORM=0; TASKS=0; FSDP=0
+MODE=full; ARGS=(); ACCURACY=0; PETASTORM=0; TASKS=0; FSDP=0; TRUNCATION=0
 for a in "$@"; do
   case "$a" in
     --quick) MODE=quick; ARGS=(--quick) ;;
@@ -26,7 +28,8 @@ for a in "$@"; do
     --petastorm) PETASTORM=1 ;;
     --tasks) TASKS=1 ;;
     --fsdp) FSDP=1 ;;
-    *) echo "usage: bench/run.sh [--quick] [--accuracy] [--petastorm] [--tasks] [--fsdp]" >&2; exit 2 ;;
+    --truncation) TRUNCATION=1 ;;
+    *) echo "usage: bench/run.sh [--quick] [--accuracy] [--petastorm] [--tasks] [--fsdp] [--truncation]" >&2; exit 2 ;;
   esac
 done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -36,6 +39,7 @@ specs=(bench_tokenize:900 bench_train:1200 bench_infer:600 bench_job:900)
 [[ $ACCURACY -eq 1 ]] && specs+=(bench_accuracy:5400)
 [[ $TASKS -eq 1 ]] && specs+=(bench_tasks:2400)
 [[ $FSDP -eq 1 ]] && specs+=(bench_fsdp:1800)
+[[ $TRUNCATION -eq 1 ]] && specs+=(bench_truncation:2400)
 status=()
 for spec in "${specs[@]}"; do
   name=${spec%%:*}; limit=${spec##*:}
@@ -65,6 +69,8 @@ kept_section() {  # section, kept copy, why it did not run, script
 kept_section 2b_accuracy bench/accuracy.md "it takes about an hour: \`bench/run.sh --accuracy\`" bench/bench_accuracy.py
 kept_section 7_tasks bench/tasks.md "it takes about 20 minutes: \`bench/run.sh --tasks\`" bench/bench_tasks.py
 kept_section 8_fsdp bench/fsdp.md "it takes 6-13 minutes: \`bench/run.sh --fsdp\`" bench/bench_fsdp.py
+kept_section 9_truncation bench/truncation.md "it takes about 15 minutes: \`bench/run.sh --truncation\`" \
+  bench/bench_truncation.py
 kept_section 3b_loader_petastorm bench/loader_petastorm.md \
   "it needs .venv-petastorm: \`bench/run.sh --petastorm\`" bench/loader_backends.py
 {
@@ -79,7 +85,7 @@ kept_section 3b_loader_petastorm bench/loader_petastorm.md \
   echo
   echo "| script | exit | seconds |"; echo "|---|---|---|"; printf '%s\n' "${status[@]}"
   echo
-  for f in 1_tokenize 2_train 2b_accuracy 3_loader 3b_loader_petastorm 4_scaling 5_infer 6_end_to_end 7_tasks 8_fsdp; do
+  for f in 1_tokenize 2_train 2b_accuracy 3_loader 3b_loader_petastorm 4_scaling 5_infer 6_end_to_end 7_tasks 8_fsdp 9_truncation; do
     [[ -f "$OUT/$f.md" ]] && { cat "$OUT/$f.md"; echo; } || echo -e "## $f\n\nNot produced in this run (see the script's log).\n"
   done
 } > bench/RESULTS.md
