@@ -227,7 +227,10 @@ def test_the_served_model_keeps_half_precision_only_where_the_device_has_it():
 
     from spark_tuning.deploy.serving_model import serving_placement
 
-    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    from spark_tuning.train.precision import cpu_native_bf16
+
+    native = cpu_native_bf16()  # the training run's own rule for precision: auto
+    assert native == (bool(torch.cpu._is_avx512_bf16_supported()) or bool(torch.cpu._is_amx_tile_supported()))
     assert serving_placement("bf16", "cpu") == ("cpu", "bf16" if native else "fp32")
     assert serving_placement("fp16", "cpu") == ("cpu", "fp32")  # fp16 on a CPU: slow, not what it trained in
     assert serving_placement("fp32", "cpu") == ("cpu", "fp32")

@@ -80,8 +80,19 @@ def serving_placement(run_precision: str, device: str = "auto") -> tuple[str, st
         major = torch.cuda.get_device_capability(device)[0]
         native = major >= 8 if run_precision == "bf16" else major >= 7
     else:
-        native = run_precision == "bf16" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        native = run_precision == "bf16" and _cpu_native_bf16()
     return device, run_precision if native else "fp32"
+
+
+def _cpu_native_bf16() -> bool:
+    """bf16 units on this CPU (AVX512-BF16 or AMX), as spark_tuning.train.precision.cpu_native_bf16 (this file
+    stays self-contained): oneDNN's "bf16 supported" is true wherever it can emulate bf16, which is slow."""
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(p is None for p in probes):
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return any(bool(p()) for p in probes if p is not None)
 
 
 def autocast(precision: str, device: str):

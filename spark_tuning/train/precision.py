@@ -6,8 +6,8 @@ far two runs of the same model in different precisions may disagree. No distribu
 - CUDA 7.x (V100, T4): fp16 autocast with a dynamic loss scale (`torch.amp.GradScaler`): these GPUs have
   fp16 tensor cores but emulate bf16, which `torch.cuda.is_bf16_supported()` counts as support;
 - older GPUs: fp32;
-- CPUs: bf16 where oneDNN reports native bf16 (avx512_bf16 / AMX), else fp32 (emulated bf16 on an
-  AVX2-only CPU ran ~9x slower than fp32 here).
+- CPUs: bf16 where the CPU has bf16 units (avx512_bf16 / AMX), else fp32 (emulated bf16 ran ~9x slower than
+  fp32 on an AVX2-only CPU here, 4x slower on an AVX-512 one without avx512_bf16).
 fp32 on CUDA runs its matmuls on TF32 tensor cores (`torch.set_float32_matmul_precision("high")`): the
 fp32 rate of an A100/H100 is a small fraction of its TF32 rate, at about fp16's precision per product.
 Weights stay fp32 (master weights) under bf16/fp16 autocast; only LoRA's frozen base is stored in the
@@ -44,7 +44,19 @@ def hardware(device: str) -> dict:
 
     if device.startswith("cuda"):
         return {"cuda_capability": tuple(torch.cuda.get_device_capability(device))}
-    return {"cpu_native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
+    return {"cpu_native_bf16": cpu_native_bf16()}
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). oneDNN's own "bf16 supported" is
+    not that: it is true on any AVX-512 CPU, where it emulates bf16, and there a bf16 matmul ran at 0.25x
+    fp32 (a 2-core Xeon with avx512f/bw/vnni and no avx512_bf16, 2026-12-07)."""
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(p is None for p in probes):  # an older torch: oneDNN's answer is all there is
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return any(bool(p()) for p in probes if p is not None)
 
 
 def resolve_precision(precision: str, device: str) -> str:
