@@ -4,6 +4,9 @@
   staged Parquet like a rank does: length buckets, dynamic padding, the config's attention dropout.
 - `run_lab`: the lab's recipe: `transformers.Trainer` on a `datasets.Dataset` tokenized with
   padding="max_length", the model's own dropouts.
+- `run_lab(..., tuned=True)`: what a careful user writes by hand with the Trainer: no padding at tokenization,
+  `DataCollatorWithPadding` (each batch padded to its longest row), `group_by_length=True` (the Trainer's
+  length-grouped sampler), attention dropout 0 as spark-tuning's shipped configs set it.
 
 Both use the Trainer's optimiser defaults (fused AdamW, linear decay, no warm-up, no weight decay, gradient
 norm clipped at 1.0) and the same seed before the model (and its new classification head) is built.
@@ -58,26 +61,36 @@ def run_ours(tmp: str, model_dir: str, train_ref, eval_ref, batch: int, max_leng
 
 
 def run_lab(tmp: str, model_dir: str, texts: list[str], labels: list[int], batch: int, max_length: int,
-            steps: Optional[int] = None, eval_shard=None) -> dict:
+            steps: Optional[int] = None, eval_shard=None, tuned: bool = False) -> dict:
     """`steps` Trainer steps (None: one epoch over the texts); with `eval_shard`, the trained model's
-    predictions on it through spark-tuning's own `predict` (the same scoring for every recipe)."""
+    predictions on it through spark-tuning's own `predict` (the same scoring for every recipe). `tuned`: the
+    careful hand-written Trainer recipe (module docstring) instead of the lab's."""
     import torch
     from datasets import Dataset, disable_progress_bars
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments,
-                              default_data_collator)
+    from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                              Trainer, TrainingArguments, default_data_collator)
+
+    from spark_tuning.model.sources import ATTENTION_DROPOUT_KEYS
 
     disable_progress_bars()
     tok = AutoTokenizer.from_pretrained(model_dir)
     ds = Dataset.from_dict({"text": texts, "label": labels})
-    ds = ds.map(lambda b: tok(b["text"], padding="max_length", truncation=True, max_length=max_length),
+    padding = False if tuned else "max_length"
+    ds = ds.map(lambda b: tok(b["text"], padding=padding, truncation=True, max_length=max_length),
                 batched=True).remove_columns(["text"])
     torch.manual_seed(SEED)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    config = AutoConfig.from_pretrained(model_dir, num_labels=2)
+    if tuned:  # attention dropout 0, under each architecture's own name for it (as model.attention_dropout sets it)
+        for key in ATTENTION_DROPOUT_KEYS:
+            if hasattr(config, key):
+                setattr(config, key, 0.0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config)
     model.config.pad_token_id = tok.pad_token_id
     seen = {"useful": 0, "padded": 0}
+    base_collate = DataCollatorWithPadding(tok) if tuned else default_data_collator
 
     def collate(features):  # the Trainer's own collator, counting what each batch really holds
-        out = default_data_collator(features)
+        out = base_collate(features)
         seen["useful"] += int(out["attention_mask"].sum())
         seen["padded"] += int(out["attention_mask"].numel())
         return out
@@ -85,7 +98,9 @@ def run_lab(tmp: str, model_dir: str, texts: list[str], labels: list[int], batch
     args = TrainingArguments(output_dir=os.path.join(tmp, "lab"), per_device_train_batch_size=batch,
                              max_steps=steps or -1, num_train_epochs=1, learning_rate=LR, report_to=[],
                              save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
-                             dataloader_num_workers=0, seed=SEED)
+                             dataloader_num_workers=0, seed=SEED,
+                             # transformers 5: what group_by_length=True was (LengthGroupedSampler)
+                             train_sampling_strategy="group_by_length" if tuned else "random")
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate)
     t = time.perf_counter()
     state = trainer.train()
