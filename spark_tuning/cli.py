@@ -41,6 +41,20 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from spark_tuning import profile
+    from spark_tuning.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    report = profile.run(cfg, args.out)
+    print(profile.render(report))
+    from spark_tuning.track.tracking import ui_command
+
+    where = f"; files in {args.out}" if args.out else ""
+    print(f"MLflow run {report['mlflow']['run_id']} ({ui_command(report['mlflow']['tracking_uri'])}){where}")
+    return 0
+
+
 def _export_openai(args: argparse.Namespace) -> int:
     from spark_tuning.data import openai_export
     from spark_tuning.config import load_config
@@ -262,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue the interrupted run in output_dir from its newest complete checkpoint "
                          "(done automatically when the config is the same)")
     ft.set_defaults(func=_finetune)
+    pr = sub.add_parser("profile", help="know before you train: the data, truncation, padding, steps, memory and time "
+                        "of a config, without training (its own MLflow run)")
+    pr.add_argument("--config", help="YAML config (default: the built-in quickstart defaults)")
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    pr.add_argument("--out", help="also write profile.md, profile.json and token_lengths.png here (a new or empty folder)")
+    pr.set_defaults(func=_profile)
     ex = sub.add_parser("export-openai", help="write the prepared SFT data as chat JSONL for Azure OpenAI fine-tuning")
     ex.add_argument("--config", help="YAML config of an sft (or classification) job")
     ex.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")

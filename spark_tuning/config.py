@@ -40,6 +40,8 @@ class ConfigError(InputError):
 class DataConfig:
     source: str = "package:spark_tuning/resources/quickstart_reviews.jsonl"
     format: str = "auto"  # auto infers from the path: .parquet, .csv, .json/.jsonl, a folder saved by datasets
+    # A Delta table's version to read (time travel), with or without Spark's Delta connector; None: the current.
+    version: Optional[int] = None
     eval_source: Optional[str] = None  # separate validation data; otherwise a seeded split of `source`
     train_split: str = "train"  # for Hugging Face datasets with named splits
     eval_split: Optional[str] = None  # e.g. "test": use the dataset's own split for validation
@@ -528,6 +530,11 @@ TRUNCATIONS = ("head", "tail", "head_tail")
 
 def _check_truncation_values(cfg: Config) -> list[str]:
     d, p = cfg.data, []
+    if d.version is not None and d.version < 0:
+        p.append(f"data.version = {d.version}: Delta versions start at 0 (or null: the current version)")
+    if d.version is not None and d.format not in ("auto", "delta", "table"):
+        p.append(f"data.version = {d.version} is a Delta table's version, and data.format is {d.format!r}: set "
+                 "data.format: delta (or auto), or remove data.version")
     if d.truncation not in TRUNCATIONS:
         guess = difflib.get_close_matches(d.truncation, TRUNCATIONS, n=1)
         p.append(f"data.truncation = {d.truncation!r} is not one of {', '.join(TRUNCATIONS)}"

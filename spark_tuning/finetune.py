@@ -18,9 +18,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
+import numpy as np
+
 from spark_tuning.config import Config, to_yaml
 from spark_tuning.errors import InputError
-from spark_tuning.paths import holds_output, local_path, new_sibling, output_root, publish
+from spark_tuning.paths import (OWNER_MARKER, check_removable, foreign_names, holds_output, local_path, new_sibling,
+                                output_root, publish, removal_problem, remove_tree, write_owner_marker)
 from spark_tuning.track import tracking
 
 log = logging.getLogger("spark_tuning")
@@ -76,15 +79,22 @@ class Plan:
 
 
 def output_state(out: str) -> str:
-    """'empty', 'model' (a finished run), 'interrupted' (checkpoints of a run that did not finish) or 'other'."""
+    """'empty', 'model' (a finished run of spark-tuning's: its marker lists every name in the folder),
+    'interrupted' (run.json and the checkpoints of a run that did not finish) or 'other' (anything else: a
+    folder of someone's files, a model spark-tuning did not write, a model with files added to it)."""
     if not holds_output(out):
         return "empty"
     names = set(os.listdir(out))
-    if "metrics.json" in names or "config.json" in names:
-        return "model"
     if RUN_MARKER in names and names <= {RUN_MARKER, "checkpoints"}:
         return "interrupted"
+    if OWNER_MARKER in names and not foreign_names(out, (RUN_MARKER, "checkpoints")):
+        return "model"
     return "other"
+
+
+def sources_of(cfg: Config) -> tuple[str, ...]:
+    """The run's local data and model sources: no command deletes a folder that is or holds one."""
+    return tuple(s for s in (cfg.data.source, cfg.data.eval_source, cfg.model.source) if s)
 
 
 def plan_output(cfg: Config, overwrite: bool, resume: bool) -> Plan:
@@ -94,15 +104,18 @@ def plan_output(cfg: Config, overwrite: bool, resume: bool) -> Plan:
     from spark_tuning.config import training_differences
 
     out = local_path(cfg.output_dir)
+    check_removable(out, f"output_dir = {cfg.output_dir!r}", *sources_of(cfg))
     state = output_state(out)
     if state == "model" and not overwrite:
         raise InputError(
             f"output_dir {out} already holds a model: pass --overwrite to replace it, or set another output_dir"
         )
-    if state == "other" and not overwrite:
+    if state == "other":
+        foreign = foreign_names(out, (RUN_MARKER, "checkpoints"))
         raise InputError(
-            f"output_dir {out} already holds files that spark-tuning did not write ({sorted(os.listdir(out))[:5]}): "
-            "pass --overwrite to replace them, or set another output_dir"
+            f"output_dir {out} holds files that spark-tuning did not write ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}): spark-tuning never replaces or deletes them, with or without "
+            "--overwrite; set another output_dir, or move them away"
         )
     if state != "interrupted":
         if resume:
@@ -182,6 +195,7 @@ class RunFolders:
         self.staging = new_sibling(os.path.join(cfg.staging_root, "run"), "data")
         self.partial = new_sibling(self.out, "partial")
         self.logs = os.path.join(self.staging, "logs")  # rank logs (failure reports) and rank 0's events
+        self.profile = os.path.join(self.staging, "profile")  # the start-of-job profile's files
         self._held: list = []
 
     def hold(self, staged):
@@ -195,7 +209,8 @@ class RunFolders:
         from spark_tuning.train import checkpoint
 
         shutil.rmtree(self.partial, ignore_errors=True)
-        if output_state(self.out) == "interrupted" and not checkpoint.latest(checkpoint.checkpoint_dir(self.out)):
+        if output_state(self.out) == "interrupted" and not checkpoint.latest(checkpoint.checkpoint_dir(self.out)) \
+                and removal_problem(self.out) is None:
             shutil.rmtree(self.out, ignore_errors=True)
         shutil.rmtree(self.staging, ignore_errors=True)
         for staged in self._held:
@@ -219,7 +234,7 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
         t = time.perf_counter()
         staged = folders.hold(stage(spark, cfg, task, src, info, folders))
         timings["data"] = time.perf_counter() - t
-        with tracked_run(cfg, plan, staged.figures, folders) as run_ref:
+        with tracked_run(cfg, plan, staged.figures, folders, staged.profile) as run_ref:
             t = time.perf_counter()
             result = train(cfg, src, staged, plan, folders, run_ref)
             timings["training"] = time.perf_counter() - t
@@ -249,22 +264,60 @@ def stage(spark, cfg: Config, task, src, info: dict, folders: RunFolders):
 
     staged = task.stage(spark, cfg, src, info, folders.staging)
     check_training_shards(staged.train_ref, cfg.distributed.num_processes)
-    staged.figures = {**derived_figures(cfg, staged.train_ref.num_rows, staged.figures.get("mean_tokens_per_row")),
-                      **staged.figures, "precision": _expected_precision(cfg)}
-    log.info("data ready: %s", json.dumps(staged.figures))
+    staged.profile, lengths = start_profile(cfg, task, info, staged)
+    from spark_tuning.profile import render, write_files
+
+    write_files(staged.profile, lengths, folders.profile)  # logged into the MLflow run by tracked_run
+    steps = staged.profile["steps"]
+    derived = derived_figures(cfg, staged.train_ref.num_rows, staged.figures.get("mean_tokens_per_row"))
+    derived.pop("steps_per_epoch_at_least", None)
+    # One step count: the one the ranks will run (planned here from the staged rows as each rank plans them).
+    derived.update(steps_per_epoch=steps["steps_per_epoch"], total_steps=steps["total_steps"])
+    staged.figures = {**derived, **staged.figures, "precision": _expected_precision(cfg)}
+    log.info("data ready: %s", json.dumps(staged.figures, default=str))
+    log.info("profile of this run (spark-tuning profile measures the rows whole, before truncation):\n%s",
+             render(staged.profile))
     return staged
 
 
+def start_profile(cfg: Config, task, info: dict, staged) -> tuple[dict, np.ndarray]:
+    """The profile's summary from the staged rows (and their lengths): lengths as cut, steps planned
+    exactly as the ranks plan them (the Parquet loader; petastorm's readers share rows their own way, so
+    there the split is even)."""
+    from spark_tuning.loader.staging import Shard, rank_lengths
+    from spark_tuning.profile import summarize
+
+    n = cfg.distributed.num_processes
+    if cfg.loader.kind == "parquet":
+        shards = rank_lengths(staged.train_ref, n)
+    else:
+        whole = rank_lengths(staged.train_ref, 1)[0].lengths
+        shards = [Shard.of_lengths(whole[r::n]) for r in range(n)]
+    lengths = np.concatenate([s.lengths for s in shards])
+    eval_lengths = rank_lengths(staged.eval_ref, 1)[0].lengths
+    cut_at = cfg.data.max_length if task.truncates else None
+    report = summarize(cfg, task, info, shards, eval_lengths, staged.figures, {}, cut_at, whole=False, lengths=lengths)
+    report["steps"]["exact"] = cfg.loader.kind == "parquet"
+    return report, lengths
+
+
 @contextlib.contextmanager
-def tracked_run(cfg: Config, plan: Plan, figures: dict, folders: RunFolders) -> Iterator[Any]:
+def tracked_run(cfg: Config, plan: Plan, figures: dict, folders: RunFolders,
+                report: Optional[dict] = None) -> Iterator[Any]:
     """The MLflow run: the driver owns it, rank 0 logs into it by id. FINISHED when the body returns,
-    FAILED when it raises (and, through the watchdog, when this process is killed)."""
+    FAILED when it raises (and, through the watchdog, when this process is killed). `report`: the
+    start-of-job profile, logged as profile_* metrics and files under profile/."""
     from spark_tuning.track import watchdog
 
     run_ref = tracking.start_run(cfg)
     try:
         watchdog.start(run_ref.tracking_uri, run_ref.run_id)
         tracking.log_params(run_ref, {**cfg.to_dict(), "derived": figures})
+        if report:
+            from spark_tuning import profile
+
+            tracking.log_metrics(run_ref, profile.metrics_of(report))
+            tracking.log_artifacts(run_ref, folders.profile, "profile")
         if plan.earlier_run:
             tracking.close_stale_run(plan.earlier_run)  # a killed driver could not mark it FAILED
         if plan.resume_from:
@@ -351,8 +404,10 @@ def deploy(cfg: Config, task, staged, result: dict, metrics: dict, folders: RunF
     if cfg.checkpoint.keep_after_success and last:
         os.makedirs(checkpoint.checkpoint_dir(partial))
         os.rename(last, os.path.join(checkpoint.checkpoint_dir(partial), os.path.basename(last)))
-    # Our own interrupted-run folder (run.json + checkpoints) is replaced by the finished one.
-    publish(partial, out, overwrite or output_state(out) == "interrupted")
+    # Our own interrupted-run folder (run.json + checkpoints) is replaced by the finished one. The marker lists
+    # what this run wrote: a later --overwrite replaces the folder only while it holds nothing else.
+    write_owner_marker(partial, run_id=run_ref.run_id)
+    publish(partial, out, overwrite or output_state(out) == "interrupted", *sources_of(cfg))
     timings["logging"] = time.perf_counter() - t
     deployed: dict[str, Any] = {}
     if record is not None and cfg.deploy.verify:
@@ -377,7 +432,7 @@ def _expected_precision(cfg: Config) -> str:
 def _mark_run_in_progress(out_dir: str, cfg: Config, run_ref, clear_first: bool) -> None:
     """Create output_dir with run.json: which config and MLflow run its checkpoints belong to."""
     if clear_first:
-        shutil.rmtree(out_dir, ignore_errors=True)
+        remove_tree(out_dir, *sources_of(cfg))  # an interrupted run's own run.json and checkpoints
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, f".{RUN_MARKER}.tmp")
     with open(tmp, "w") as f:

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import uuid
+from typing import Optional
 
 from spark_tuning.errors import InputError
 
@@ -66,14 +67,90 @@ def holds_output(path: str) -> bool:
     return os.path.isdir(path) and bool(os.listdir(path))
 
 
-def publish(tmp_dir: str, final_dir: str, overwrite: bool) -> None:
-    """Move a finished folder into place. The old output, if any, is removed only after the new one is in."""
+# ----------------------------------------------------------------------------------------------------
+# What spark-tuning may delete: only what it wrote, never a folder that holds what matters more.
+
+OWNER_MARKER = ".spark-tuning.json"  # in every folder spark-tuning publishes: the names it wrote there
+
+
+def write_owner_marker(folder: str, **about) -> None:
+    """Record, inside a folder about to be published, every name in it: the folder is then known to be
+    spark-tuning's own, and anything added later to be someone else's."""
+    import json
+
+    names = sorted(n for n in os.listdir(folder) if n != OWNER_MARKER)
+    with open(os.path.join(folder, OWNER_MARKER), "w") as f:
+        json.dump({"written_by": "spark-tuning", "names": names, **about}, f, indent=1)
+
+
+def foreign_names(folder: str, allowed: tuple[str, ...] = ()) -> list[str]:
+    """The names in `folder` that spark-tuning did not write there (by its marker; `allowed`: names a run
+    adds to its own folder later, e.g. run.json and checkpoints). All of them when there is no marker."""
+    import json
+
+    names = sorted(os.listdir(folder))
+    try:
+        with open(os.path.join(folder, OWNER_MARKER)) as f:
+            ours = set(json.load(f)["names"]) | {OWNER_MARKER}
+    except (OSError, ValueError, KeyError, TypeError):
+        return [n for n in names if n not in allowed]
+    return [n for n in names if n not in ours and n not in allowed]
+
+
+def protected_paths(*sources: str) -> dict[str, str]:
+    """Folders no command may delete, nor any folder that holds them: {path: what it is}. `sources`: the
+    run's data and model sources (local ones count)."""
+    out = {os.path.realpath(os.sep): "the filesystem root", os.path.realpath(os.path.expanduser("~")): "the home folder",
+           os.path.realpath(os.getcwd()): "the working directory"}
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(checkout, "setup.py")):
+        out[os.path.realpath(checkout)] = "the spark-tuning checkout"
+    for source in sources:
+        if not source or "://" in source or source.startswith(("dbfs:", "s3", "abfss:", "gs:")):
+            continue
+        path = resolve_package_path(source) if source.startswith(PACKAGE_PREFIX) else os.path.expanduser(source)
+        if os.path.exists(path):
+            out.setdefault(os.path.realpath(path), f"the source {source}")
+    return out
+
+
+def removal_problem(path: str, *sources: str) -> Optional[str]:
+    """Why `path` must not be deleted (it is, or holds, a protected folder), or None."""
+    target = os.path.realpath(path)
+    for kept, what in protected_paths(*sources).items():
+        if kept == target or kept.startswith(target.rstrip(os.sep) + os.sep):
+            return f"{path} is {what}" if kept == target else f"{path} holds {what} ({kept})"
+    return None
+
+
+def check_removable(path: str, setting: str, *sources: str) -> None:
+    problem = removal_problem(path, *sources)
+    if problem:
+        raise InputError(f"{setting}: {problem}, which spark-tuning never deletes or replaces: choose a folder "
+                         "of its own (e.g. a new folder under outputs/)")
+
+
+def remove_tree(path: str, *sources: str) -> None:
+    """shutil.rmtree for spark-tuning's own folders, refusing a protected one whatever the caller believed."""
+    check_removable(path, "refusing to delete", *sources)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def publish(tmp_dir: str, final_dir: str, overwrite: bool, *sources: str) -> None:
+    """Move a finished folder into place. An old output, if any, is replaced only with `overwrite` and only
+    when spark-tuning wrote all of it; it is renamed aside first and removed only after the new one is in."""
     if holds_output(final_dir):
         if not overwrite:
             raise InputError(
                 f"output folder {final_dir} already holds files: pass --overwrite to replace it, "
                 "or choose another output_dir"
             )
+        check_removable(final_dir, "output folder", *sources)
+        foreign = foreign_names(final_dir, ("run.json", "checkpoints"))
+        if foreign:
+            raise InputError(f"output folder {final_dir} holds files that spark-tuning did not write "
+                             f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): it is not replaced "
+                             "with or without --overwrite; choose another folder, or move them away")
         old = new_sibling(final_dir, "old")
         os.rename(final_dir, old)
         os.rename(tmp_dir, final_dir)

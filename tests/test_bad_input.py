@@ -47,10 +47,11 @@ def test_output_that_holds_a_model_is_refused(tmp_path):
     out = tmp_path / "out" / "model"
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (out / ".spark-tuning.json").write_text(json.dumps({"names": ["config.json"]}))  # a finished run's marker
     proc = run_job(tmp_path)
     assert proc.returncode == 2
     assert "already holds a model" in proc.stderr and "--overwrite" in proc.stderr
-    assert os.listdir(out) == ["config.json"]
+    assert sorted(os.listdir(out)) == [".spark-tuning.json", "config.json"]
 
 
 def test_missing_column_through_the_cli(tmp_path, reviews_jsonl, tiny_bert_dir):

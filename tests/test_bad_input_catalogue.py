@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Callable
@@ -22,6 +23,8 @@ class Case:
     setup: Callable  # (tmp_path, env) -> list of --set overrides (and may write files)
     message: str  # a fragment of the one message the user must see
     code: int = 2
+    flags: tuple = ()  # command-line flags beside the --set overrides (e.g. --overwrite)
+    absent: str = ""  # what the message must not suggest (e.g. --overwrite, where it would not help)
 
 
 def reviews(tmp, rows=None, name="d.jsonl"):
@@ -63,19 +66,33 @@ def pickle_only(folder):
     os.rename(folder / "model.safetensors", folder / "pytorch_model.bin")
 
 
-def existing_model(tmp):
+def existing_model(tmp, marker=True):
+    """A finished run's model (spark-tuning's marker lists its files), or (marker False) someone's model folder."""
     out = tmp / "out" / "model"
     out.mkdir(parents=True)
     (out / "config.json").write_text("{}")
     (out / "metrics.json").write_text("{}")
+    if marker:
+        (out / ".spark-tuning.json").write_text(json.dumps({"names": ["config.json", "metrics.json"]}))
     return []
 
 
-def foreign_files(tmp):
-    out = tmp / "out" / "model"
-    out.mkdir(parents=True)
-    (out / "notes.txt").write_text("mine")
+def foreign_files(tmp, into_model=False):
+    """Someone's file in output_dir (into_model: added to a finished model of spark-tuning's)."""
+    if into_model:
+        existing_model(tmp)
+    else:
+        (tmp / "out" / "model").mkdir(parents=True)
+    (tmp / "out" / "model" / "thesis.txt").write_text("mine")
     return []
+
+
+def output_holds_data(tmp):
+    """output_dir is the folder the data source lives in."""
+    (tmp / "out" / "data").mkdir(parents=True)
+    p = tmp / "out" / "data" / "d.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in make_reviews(40)))
+    return [f"data.source={p}", f"output_dir={tmp / 'out' / 'data'}"]
 
 
 def latin1_csv(tmp):
@@ -173,7 +190,18 @@ CASES = [
     Case("eval_split on a file", lambda t, e: [reviews(t), "data.eval_split=test"], "names a split"),
     # output
     Case("output holds another run's model", lambda t, e: existing_model(t), "already holds a model"),
-    Case("output holds someone's files", lambda t, e: foreign_files(t), "did not write"),
+    Case("output holds someone's files", lambda t, e: foreign_files(t), "(thesis.txt): spark-tuning never replaces",
+         absent="pass --overwrite"),
+    Case("output holds someone's files, --overwrite", lambda t, e: foreign_files(t), "did not write (thesis.txt)",
+         flags=("--overwrite",), absent="pass --overwrite"),
+    Case("a file added to a finished model, --overwrite", lambda t, e: foreign_files(t, into_model=True),
+         "write (thesis.txt): spark", flags=("--overwrite",), absent="pass --overwrite"),
+    Case("someone's model folder, --overwrite", lambda t, e: existing_model(t, marker=False),
+         "did not write (config.json, metrics.json)", flags=("--overwrite",), absent="pass --overwrite"),
+    Case("output_dir holds the data source", lambda t, e: output_holds_data(t), "which spark-tuning never deletes",
+         flags=("--overwrite",), absent="pass --overwrite"),
+    Case("output_dir is the checkout", lambda t, e: [f"output_dir={os.path.dirname(os.path.dirname(__file__))}"],
+         "is the spark-tuning checkout", flags=("--overwrite",), absent="pass --overwrite"),
     Case("output under a file", lambda t, e: under_a_file(t), "cannot be written"),
     # weights cut short: found from the file's header on the driver, before Spark starts
     Case("truncated weights", lambda t, e: [model_copy(t, e, edit=lambda f: (f / "model.safetensors").write_bytes(
@@ -202,12 +230,15 @@ def test_bad_input(spark, tmp_path, capsys, reviews_jsonl, tiny_bert_dir, case):
         key, _, value = item.partition("=")
         sets[key] = value
     before = set(os.listdir(tmp_path / "out"))
-    args = ["finetune"] + [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+    args = ["finetune", *case.flags] + [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
     code = cli.main(args)
     err = capsys.readouterr().err
     assert code == case.code, err[-2000:]
     message = err.split("spark-tuning: error:")[-1]
     assert case.message in message, message
+    assert not case.absent or case.absent not in message, message  # no advice that would not help
+    # Spark's own words only: no py4j call ids, no Java class names.
+    assert not re.search(r"\bo\d+\.\w+|java\.|org\.apache|py4j", message), message
     assert (earlier / "model.safetensors").read_bytes() == b"precious"
     after = set(os.listdir(tmp_path / "out"))
     assert after - before <= {"mlflow.db", "mlartifacts", ".staging"}, after - before  # no output folder left

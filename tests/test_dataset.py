@@ -44,7 +44,9 @@ def test_hf_dataset_dict_split_and_class_names(spark, tmp_path):
     cfg = DataConfig(source=str(tmp_path / "dd"), eval_split="test")
     prepared = dataset.prepare(spark, cfg, seed=1)
     assert prepared.labels.names == ("neg", "pos")
-    assert prepared.counts == {"train_rows": 3, "eval_rows": 2}
+    none = {"null_or_empty_text": 0, "no_label": 0}
+    assert prepared.counts == {"train_rows": 3, "eval_rows": 2, "rows_dropped": {
+        "source": {"rows_read": 3, **none}, "validation source": {"rows_read": 2, **none}}}
     with pytest.raises(InputError, match=r"no split 'validation'.*\['test', 'train'\]"):
         dataset.read_source(spark, str(tmp_path / "dd"), "auto", "validation")
 
@@ -107,7 +109,8 @@ def test_prepare_end_to_end(spark, tmp_path):
     cfg = DataConfig(source=str(tmp_path / "d.parquet"), text_column="review", label_column="sentiment",
                      validation_fraction=0.2, train_limit=30, eval_limit=5, label_names=["bad", "good"])
     p = dataset.prepare(spark, cfg, seed=42)
-    assert p.counts == {"train_rows": 30, "eval_rows": 5}
+    assert p.counts == {"train_rows": 30, "eval_rows": 5, "rows_dropped": {  # the null and the blank review
+        "source": {"rows_read": len(ROWS) + 2, "null_or_empty_text": 2, "no_label": 0}}}
     assert p.train.columns == ["text", "label"]
     assert p.labels.id2label == {0: "bad", 1: "good"}
 
@@ -123,6 +126,7 @@ def test_no_rows_left_and_eval_split_on_a_file(spark, tmp_path):
 def test_real_imdb_reviews_prepare(spark, imdb_path):
     cfg = DataConfig(source=imdb_path, train_limit=1600, eval_limit=400, label_names=["negative", "positive"])
     p = dataset.prepare(spark, cfg, seed=42)
-    assert p.counts == {"train_rows": 1600, "eval_rows": 400}
+    assert p.counts == {"train_rows": 1600, "eval_rows": 400, "rows_dropped": {
+        "source": {"rows_read": 25000, "null_or_empty_text": 0, "no_label": 0}}}
     balance = p.train.groupBy("label").count().collect()
     assert all(500 < r["count"] < 1100 for r in balance)

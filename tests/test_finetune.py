@@ -65,7 +65,12 @@ def test_mlflow_run_recorded(finished):
     assert float(run.data.params["mfu.peak_gflops_per_process"]) > 0 and "mfu.formula" in run.data.params
     assert run.data.metrics["final_train_mfu"] == pytest.approx(summary.result["mfu"])
     artifacts = {a.path for a in MlflowClient(summary.tracking_uri).list_artifacts(summary.run_id)}
-    assert {"metrics.json", "confusion_matrix.png", "config.yaml"} <= artifacts
+    assert {"metrics.json", "confusion_matrix.png", "config.yaml", "profile"} <= artifacts
+    # One step count: the job plans the ranks' batches from the staged rows as they do (a token budget
+    # per batch here), and the figure it prints and logs at the start is the one the trainer ran.
+    assert int(run.data.params["derived.total_steps"]) == summary.result["steps"] == run.data.metrics["profile_total_steps"]
+    profile = {a.path for a in MlflowClient(summary.tracking_uri).list_artifacts(summary.run_id, "profile")}
+    assert profile == {"profile/profile.md", "profile/profile.json", "profile/token_lengths.png"}
 
 
 def test_saved_model_reloads_and_predicts_the_same(finished):

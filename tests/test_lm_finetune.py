@@ -196,3 +196,28 @@ def test_served_causal_lm_generates_and_verify_and_score_refuse_it(causal_run, s
     assert [p["generated_text"] for p in body["predictions"]] == [e["generated"] for e in expected]
     with pytest.raises(InputError, match="not labels or a number"):
         score.localize(spark, s.deploy["model_uri"], s.tracking_uri, str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("which", ["causal", "sft"])
+def test_profile_sees_the_rows_the_lm_job_staged(which, causal_run, sft_run, spark, tmp_path):
+    """`spark-tuning profile` runs the job's own LM data stage: the same tokens and blocks (causal_lm) and the
+    same chats, whose whole lengths cut at max_length average what the job staged (sft)."""
+    from mlflow import MlflowClient
+
+    from spark_tuning import profile
+
+    cfg, s = causal_run if which == "causal" else sft_run
+    params = MlflowClient(s.tracking_uri).get_run(s.run_id).data.params
+    report = profile.run(dataclasses.replace(cfg, output_dir=str(tmp_path / "elsewhere" / "model")), spark=spark)
+    rows = report["rows"]
+    assert rows["train_rows"] == int(params["derived.train_rows"]) and rows["eval_rows"] == int(params["derived.eval_rows"])
+    if which == "causal":
+        assert rows["train_tokens"] == int(params["derived.train_tokens"])
+        assert rows["train_blocks"] == int(params["derived.train_blocks"])
+        assert rows["train_packing_efficiency"] == pytest.approx(rows["train_blocks"] * 32 / rows["train_tokens"], abs=1e-4)
+        assert report["batching"]["ways"]["random batches"]["padding_share"] == 0  # blocks are all full
+    else:
+        assert report["lengths"]["max"] > 0 and report["model"]["lora"]
+        # Whole lengths, cut at max_length as training cuts them: the mean the job staged.
+        assert report["lengths"]["mean_as_trained"] == pytest.approx(float(params["derived.mean_tokens_per_row"]), abs=0.06)
+

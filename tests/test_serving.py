@@ -87,6 +87,8 @@ def test_verify_reports_each_differing_row(server, tmp_path):
 
 MALFORMED = {
     "not JSON": b"this is {not json",
+    "not JSON, with a secret in it": b'{"inputs": ["a review"], "token": "hf_SECRETsecretSECRET" oops',
+    "not UTF-8": b'{"inputs": ["caf\xe9"]}',
     "no input field": {"rows": [{"text": "fine"}]},
     "missing text field": {"dataframe_records": [{"review": "a fine film"}]},
     "number in inputs": {"inputs": [5]},
@@ -98,7 +100,8 @@ MALFORMED = {
     "10 MB string in records": {"dataframe_records": [{"text": "word " * 2_000_000}]},
     "10 MB string in inputs": {"inputs": ["word " * 2_000_000]},
 }
-EXPECTED_MESSAGE = {"number": "must be a string", "null": "must be a string", "10 MB": "longer than the limit",
+EXPECTED_MESSAGE = {"not JSON": "the request body is not valid JSON (", "not UTF-8": "not UTF-8 text",
+                    "number": "must be a string", "null": "must be a string", "10 MB": "longer than the limit",
                     "missing": "no rows with a 'text' field", "empty": "no rows"}
 
 
@@ -112,6 +115,8 @@ def test_malformed_request_gets_a_short_4xx_json_and_server_keeps_answering(serv
     assert 400 <= status < 500, (status, str(body)[:300])
     assert isinstance(body, dict) and body.get("error_code") and body.get("message"), str(body)[:300]
     assert len(json.dumps(body)) < 2048, str(body)[:300]
+    if isinstance(MALFORMED[case], bytes):  # 400, and what was sent is not repeated back
+        assert status == 400 and "SECRET" not in body["message"] and "not json" not in body["message"], body
     for words, expected in EXPECTED_MESSAGE.items():
         if case.startswith(words):
             assert expected in body["message"], body["message"]

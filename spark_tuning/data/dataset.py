@@ -80,15 +80,19 @@ def infer_format(source: str) -> str:
 
 
 def read_source(
-    spark: SparkSession, source: str, fmt: str, split: Optional[str] = None, encoding: str = "utf-8"
+    spark: SparkSession, source: str, fmt: str, split: Optional[str] = None, encoding: str = "utf-8",
+    version: Optional[int] = None,
 ) -> tuple[DataFrame, Optional[list[str]]]:
     """Read any supported source into a DataFrame. Also returns class names when the source declares
-    them (a Hugging Face ClassLabel feature), else None."""
+    them (a Hugging Face ClassLabel feature), else None. `version`: a Delta table's version (data.version)."""
     path = resolve_package_path(source) if source.startswith(PACKAGE_PREFIX) else source
     if fmt == "auto":
         fmt = infer_format(source)
     if fmt == "table_or_hub":
         fmt = "table" if spark.catalog.tableExists(source) else "hf_hub"
+    if version is not None and fmt not in ("delta", "table"):
+        raise InputError(f"data.version = {version} is a Delta table's version, but data.source = {source!r} is "
+                         f"{fmt}: remove data.version, or point data.source at a Delta table")
     is_local = "://" not in path and not path.startswith(("dbfs:", "s3", "abfss:", "gs:"))
     if fmt in ("parquet", "csv", "json", "delta", "hf_disk") and is_local and not os.path.exists(path):
         raise InputError(f"data.source = {source!r}: no such file or folder ({os.path.abspath(path)}): fix the path")
@@ -102,17 +106,46 @@ def read_source(
         if fmt == "json":
             return spark.read.option("encoding", encoding).json(path), None
         if fmt == "table":
+            if version is not None:
+                from spark_tuning.data import delta
+
+                return delta.read(spark, source, None, version), None
             return spark.table(source), None
         if fmt == "delta":
-            return spark.read.format("delta").load(path), None
+            from spark_tuning.data import delta
+
+            return delta.read(spark, source, path, version), None
         if fmt in ("hf_disk", "hf_hub"):
             return _read_hf(spark, path, fmt, split)
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - Spark's AnalysisException and friends
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"data.source = {source!r} could not be read as {fmt}: {first}") from None
+        raise InputError(f"data.source = {source!r} could not be read as {fmt}: {error_line(e)}: "
+                         f"{READ_FIXES.get(fmt, 'check data.source and data.format')}") from None
     raise InputError(f"data.format = {fmt!r} is not supported")
+
+
+READ_FIXES = {
+    "parquet": "check that data.source holds Parquet files, or set data.format to what it holds",
+    "csv": "check the file (a header row, quoted fields), data.format and data.encoding",
+    "json": "check that the file holds one JSON object per line, data.format and data.encoding",
+    "table": "check the table name (catalog.schema.table) and that this session may read it",
+    "delta": "check that the folder is a Delta table",
+}
+
+
+def error_line(e: BaseException) -> str:
+    """The cause of a Spark (py4j) error in one line: no py4j call ids ("o97.load"), no Java class names,
+    no stack trace."""
+    import re
+
+    lines = [ln.strip().lstrip(":").strip() for ln in str(e).splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(("An error occurred while calling", "at ", "JVM stacktrace",
+                                                              "Traceback", "py4j."))]
+    line = lines[0] if lines else type(e).__name__
+    line = re.sub(r"^(?:[a-z_][\w$]*\.)+[A-Z][\w$]*(?:Exception|Error)\s*:?\s*", "", line)  # java.io.IOException:
+    line = re.sub(r"\s*SQLSTATE:\s*\w+\.?", "", line)
+    return (line[:300] + "...") if len(line) > 300 else (line or type(e).__name__)
 
 
 def _read_hf(spark: SparkSession, path: str, fmt: str, split: Optional[str]):
@@ -281,31 +314,36 @@ def prepare(spark: SparkSession, cfg: DataConfig, seed: int) -> Prepared:
             f"data.eval_split = {cfg.eval_split!r} names a split of a Hugging Face dataset, but data.source = "
             f"{cfg.source!r} is {fmt}: set data.eval_split: null (a seeded split is made) or data.eval_source"
         )
-    raw, source_names = read_source(spark, cfg.source, cfg.format, cfg.train_split, cfg.encoding)
+    raw, source_names = read_source(spark, cfg.source, cfg.format, cfg.train_split, cfg.encoding, cfg.version)
     df = select_columns(raw, cfg.text_column, cfg.label_column, cfg.text_pair_column)
-    df = clean_and_count(df, "source")
+    dropped: dict[str, dict] = {}
+    df = clean_and_count(df, "source", dropped)
     eval_df = None
     if cfg.eval_source or cfg.eval_split:
         raw_eval, _ = read_source(spark, cfg.eval_source or cfg.source, cfg.format, cfg.eval_split, cfg.encoding)
-        eval_df = clean_and_count(select_columns(raw_eval, cfg.text_column, cfg.label_column, cfg.text_pair_column), "validation source")
+        eval_df = clean_and_count(select_columns(raw_eval, cfg.text_column, cfg.label_column, cfg.text_pair_column),
+                                  "validation source", dropped)
     labels = infer_labels(df, cfg.label_names, source_names)
     df = encode_labels(df, labels)
     if eval_df is None:
         train_df, eval_df = split(df, cfg.validation_fraction, seed)
     else:
         train_df, eval_df = df, encode_labels(eval_df, labels)
-    train_df, eval_df, counts = sampled(train_df, eval_df, cfg, seed)
+    train_df, eval_df, counts = sampled(train_df, eval_df, cfg, seed, dropped)
     log.info("data: %d training rows, %d validation rows, classes %s",
              counts["train_rows"], counts["eval_rows"], list(labels.names))
     return Prepared(train_df, eval_df, labels, counts)
 
 
-def sampled(train_df: DataFrame, eval_df: DataFrame, cfg: DataConfig, seed: int) -> tuple[DataFrame, DataFrame, dict]:
-    """The splits sampled to data.train_limit / data.eval_limit and cached, with their row counts; both
-    must hold rows."""
+def sampled(train_df: DataFrame, eval_df: DataFrame, cfg: DataConfig, seed: int,
+            dropped: Optional[dict[str, dict]] = None) -> tuple[DataFrame, DataFrame, dict]:
+    """The splits sampled to data.train_limit / data.eval_limit and cached, with their row counts (and
+    `dropped`, clean_and_count's counts of rows read and dropped, under "rows_dropped"); both must hold rows."""
     train_df = sample(train_df, cfg.train_limit, seed).cache()
     eval_df = sample(eval_df, cfg.eval_limit, seed).cache()
-    counts = {"train_rows": train_df.count(), "eval_rows": eval_df.count()}
+    counts: dict = {"train_rows": train_df.count(), "eval_rows": eval_df.count()}
+    if dropped:
+        counts["rows_dropped"] = dict(dropped)
     if counts["train_rows"] == 0 or counts["eval_rows"] == 0:
         raise InputError(
             f"after the split, train has {counts['train_rows']} rows and validation {counts['eval_rows']}: "
@@ -314,7 +352,9 @@ def sampled(train_df: DataFrame, eval_df: DataFrame, cfg: DataConfig, seed: int)
     return train_df, eval_df, counts
 
 
-def clean_and_count(df: DataFrame, what: str) -> DataFrame:
+def clean_and_count(df: DataFrame, what: str, dropped: Optional[dict[str, dict]] = None) -> DataFrame:
+    """`df` without rows of null or empty text or null label; refuses undecodable text and sources left
+    empty. `dropped` (the caller's dict) gets, under `what`, the rows read and the rows dropped per reason."""
     row = df.agg(
         F.count(F.lit(1)).alias("rows"),
         F.sum(F.when(F.col(TEXT).isNull() | (F.length(F.trim(F.col(TEXT))) == 0), 1).otherwise(0)).alias("empty"),
@@ -338,6 +378,8 @@ def clean_and_count(df: DataFrame, what: str) -> DataFrame:
     if empty or nolabel:
         log.warning("%s: dropped %d rows with null or empty text and %d without a label (of %d)",
                     what, empty, nolabel, rows)
+    if dropped is not None:
+        dropped[what] = {"rows_read": rows, "null_or_empty_text": empty, "no_label": nolabel}
     cleaned = clean(df)
     if rows - (empty + nolabel) <= 0 and cleaned.limit(1).count() == 0:
         raise InputError(
@@ -397,17 +439,18 @@ def prepare_targets(spark: SparkSession, cfg: DataConfig, seed: int) -> tuple[Pr
     scale. Rows with empty text are dropped as for classification; a bad target is refused instead (a
     dropped target would silently change what the model learns)."""
     setting = f"data.label_column = {cfg.label_column!r}"
-    raw, _ = read_source(spark, cfg.source, cfg.format, cfg.train_split, cfg.encoding)
+    raw, _ = read_source(spark, cfg.source, cfg.format, cfg.train_split, cfg.encoding, cfg.version)
     df = check_targets(select_columns(raw, cfg.text_column, cfg.label_column, cfg.text_pair_column), setting)
-    df = clean_and_count(df, "source")
+    dropped: dict[str, dict] = {}
+    df = clean_and_count(df, "source", dropped)
     if cfg.eval_source or cfg.eval_split:
         raw_eval, _ = read_source(spark, cfg.eval_source or cfg.source, cfg.format, cfg.eval_split, cfg.encoding)
         eval_df = clean_and_count(check_targets(select_columns(raw_eval, cfg.text_column, cfg.label_column, cfg.text_pair_column),
-                                                 setting + " (validation source)"), "validation source")
+                                                 setting + " (validation source)"), "validation source", dropped)
         train_df = df
     else:
         train_df, eval_df = split(df, cfg.validation_fraction, seed)
-    train_df, eval_df, counts = sampled(train_df, eval_df, cfg, seed)
+    train_df, eval_df, counts = sampled(train_df, eval_df, cfg, seed, dropped)
     scale = target_scale(train_df, setting)
     log.info("data: %d training rows, %d validation rows, target mean %.4g, std %.4g",
              counts["train_rows"], counts["eval_rows"], scale.mean, scale.std)
@@ -494,17 +537,18 @@ def prepare_label_lists(spark: SparkSession, cfg: DataConfig, seed: int) -> tupl
     """Source -> `text` / `label` (multi-hot array<float>) DataFrames, split and sampled, and each label's row
     count in train and validation."""
     setting = f"data.label_column = {cfg.label_column!r}"
-    raw, _ = read_source(spark, cfg.source, cfg.format, cfg.train_split, cfg.encoding)
+    raw, _ = read_source(spark, cfg.source, cfg.format, cfg.train_split, cfg.encoding, cfg.version)
+    dropped: dict[str, dict] = {}
     df = clean_and_count(label_lists(select_columns(raw, cfg.text_column, cfg.label_column, cfg.text_pair_column), cfg.label_separator,
-                                      setting), "source")
+                                      setting), "source", dropped)
     if cfg.eval_source or cfg.eval_split:
         raw_eval, _ = read_source(spark, cfg.eval_source or cfg.source, cfg.format, cfg.eval_split, cfg.encoding)
         eval_df = clean_and_count(label_lists(select_columns(raw_eval, cfg.text_column, cfg.label_column, cfg.text_pair_column),
-                                               cfg.label_separator, setting), "validation source")
+                                               cfg.label_separator, setting), "validation source", dropped)
         train_df = df
     else:
         train_df, eval_df = split(df, cfg.validation_fraction, seed)
-    train_df, eval_df, counts = sampled(train_df, eval_df, cfg, seed)
+    train_df, eval_df, counts = sampled(train_df, eval_df, cfg, seed, dropped)
     names, by_id = label_vocabulary(train_df, eval_df, cfg.label_names, setting)
     train_hot, eval_hot = multi_hot(train_df, names, by_id), multi_hot(eval_df, names, by_id)
     frequency = {split_name: dict(zip(names, [int(x) for x in _column_sums(d, len(names))]))

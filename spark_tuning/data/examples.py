@@ -162,6 +162,9 @@ def write_example(name: str, imdb_parquet: str, out: str, rows: int = 3000, seed
         raise InputError(f"no example data set {name!r}: there are {sorted(EXAMPLES)}")
     if os.path.exists(out) and not overwrite:
         raise InputError(f"--out {out} already exists: pass --overwrite to replace it, or choose another path")
+    if os.path.isdir(out) or os.path.realpath(out) == os.path.realpath(imdb_parquet):
+        raise InputError(f"--out {out} is a folder or the IMDB source itself: an example is a new Parquet file; "
+                         "choose another path")
     if not os.path.isfile(imdb_parquet):
         raise InputError(f"--imdb {imdb_parquet!r} does not exist: point it at the shared IMDB copy "
                          "(train.parquet with a text column)")

@@ -64,10 +64,11 @@ def export(cfg: Config, out_dir: str, overwrite: bool = False, spark=None) -> di
     """Run the SFT data stage in Spark and write the JSONL files into `out_dir`. Returns the report."""
     from spark_tuning.text import lm_data
     from spark_tuning.model.sources import check_reachable, load_tokenizer, resolve_model
-    from spark_tuning.paths import holds_output, local_path, new_sibling, publish
+    from spark_tuning.paths import check_removable, holds_output, local_path, new_sibling, publish, write_owner_marker
     from spark_tuning.cluster.spark import get_spark
 
     out = local_path(out_dir)
+    check_removable(out, f"--out {out_dir}", cfg.data.source, cfg.data.eval_source or "", cfg.model.source)
     if holds_output(out) and not overwrite:
         raise InputError(f"{out} already holds files: pass --overwrite to replace them, or choose another --out")
     src = resolve_model(cfg.model)
@@ -93,7 +94,8 @@ def export(cfg: Config, out_dir: str, overwrite: bool = False, spark=None) -> di
         report["total_tokens"] = sum(f["tokens"] for f in report["files"].values())
         with open(os.path.join(tmp, "token_counts.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
-        publish(tmp, out, overwrite)
+        write_owner_marker(tmp)
+        publish(tmp, out, overwrite, cfg.data.source, cfg.data.eval_source or "", cfg.model.source)
         report["output_dir"] = out
         return report
     finally:

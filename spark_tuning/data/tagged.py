@@ -179,28 +179,31 @@ def with_gold(df: DataFrame, unit: str, types: list[str]) -> DataFrame:
     return df.withColumn(GOLD, gold.cast("array<int>")).drop(LABEL)
 
 
-def _read(spark: SparkSession, cfg: DataConfig, source: str, split: Optional[str], what: str) -> tuple[DataFrame, str]:
+def _read(spark: SparkSession, cfg: DataConfig, source: str, split: Optional[str], what: str,
+          dropped: dict[str, dict]) -> tuple[DataFrame, str]:
     setting = f"data.label_column = {cfg.label_column!r}"
-    raw, _ = dataset.read_source(spark, source, cfg.format, split, cfg.encoding)
+    raw, _ = dataset.read_source(spark, source, cfg.format, split, cfg.encoding,
+                                 cfg.version if source == cfg.source else None)
     df, unit = tagged_columns(raw, cfg.text_column, cfg.label_column)
     df = check_words(df, setting) if unit == "word" else check_spans(df, setting)
-    return dataset.clean_and_count(df, what), unit
+    return dataset.clean_and_count(df, what, dropped), unit
 
 
 def prepare_tagged(spark: SparkSession, cfg: DataConfig, seed: int) -> tuple[Prepared, str, dict]:
     """Source -> `text` / `gold` DataFrames, split and sampled; the unit; entities per type in train and
     validation."""
     setting = f"data.label_column = {cfg.label_column!r}"
-    df, unit = _read(spark, cfg, cfg.source, cfg.train_split, "source")
+    dropped: dict[str, dict] = {}
+    df, unit = _read(spark, cfg, cfg.source, cfg.train_split, "source", dropped)
     if cfg.eval_source or cfg.eval_split:
-        eval_df, eval_unit = _read(spark, cfg, cfg.eval_source or cfg.source, cfg.eval_split, "validation source")
+        eval_df, eval_unit = _read(spark, cfg, cfg.eval_source or cfg.source, cfg.eval_split, "validation source", dropped)
         if eval_unit != unit:
             raise InputError(f"{setting}: the training rows hold {unit}s with tags and the validation rows the other "
                              "shape: give both sources the same columns")
         train_df = df
     else:
         train_df, eval_df = dataset.split(df, cfg.validation_fraction, seed)
-    train_df, eval_df, counts = dataset.sampled(train_df, eval_df, cfg, seed)
+    train_df, eval_df, counts = dataset.sampled(train_df, eval_df, cfg, seed, dropped)
     types = vocabulary(train_df, eval_df, unit, cfg.label_names, setting)
     frequency = {name: entity_types(d, unit) for name, d in (("train", train_df), ("validation", eval_df))}
     log.info("data: %d training rows, %d validation rows, entity types %s (%s units)", counts["train_rows"],

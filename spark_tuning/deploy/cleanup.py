@@ -83,8 +83,12 @@ def find(output_dir: str, keep_last_checkpoint: bool = False, state_dir: Optiona
     live_logs = {p[:-len(".json")] + ".log" for p in glob.glob(os.path.join(servers, "server-*.json"))
                  if (p, "server") not in found}
     found += [(p, "server") for p in sorted(glob.glob(os.path.join(servers, "server-*.log"))) if p not in live_logs]
+    from spark_tuning.paths import removal_problem
+
     seen, items = set(), []
     for path, kind in found:
+        if removal_problem(path):  # never the working directory, home, the checkout, or a folder holding one
+            continue
         if path not in seen and os.path.lexists(path):
             seen.add(path)
             items.append(Item(path, kind, size_of(path)))

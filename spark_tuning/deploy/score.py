@@ -154,12 +154,30 @@ def read_input(spark: SparkSession, source: str) -> DataFrame:
     return read_source(spark, source, infer_format(source))[0]
 
 
+def check_spark_output(target: str) -> None:
+    """--overwrite replaces only a Parquet output as Spark writes it (part files, _SUCCESS, checksums), never a
+    folder that holds anything else or holds what matters (the working directory, home, the checkout)."""
+    from spark_tuning.paths import check_removable
+
+    check_removable(target, f"--output {target}")
+    if not os.path.isdir(target):
+        raise InputError(f"--output {target} is a file: score writes a Parquet folder; choose another path")
+    foreign = [n for n in sorted(os.listdir(target))
+               if not (n.startswith(("part-", ".part-")) or n in ("_SUCCESS", "._SUCCESS.crc") or n.startswith("_committed")
+                       or n.startswith("_started"))]
+    if foreign:
+        raise InputError(f"--output {target} holds files that Spark's Parquet writer did not write ({', '.join(foreign[:5])}): "
+                         "it is not replaced, with or without --overwrite; choose another path")
+
+
 def write_output(df: DataFrame, target: str, overwrite: bool) -> None:
     """A path gets Parquet; a name without slashes is a table."""
     mode = "overwrite" if overwrite else "errorifexists"
     if "/" in target or target.startswith("."):
         if os.path.exists(target) and not overwrite:
             raise InputError(f"--output {target} already exists: pass --overwrite or choose another path")
+        if os.path.exists(target):
+            check_spark_output(target)
         df.write.mode(mode).parquet(target)
     else:
         df.write.mode(mode).saveAsTable(target)

@@ -1,9 +1,10 @@
 """A local HTTP server for a logged model: MLflow's scoring server, started and stopped cleanly.
 
-`start` runs `mlflow models serve --env-manager local` (no new environment is built: the server uses this
-interpreter) in its own process group, waits until /ping answers, and writes a state file (pid, port,
-URL, log) so that `spark-tuning serve --stop` from another shell finds it. `stop` ends the whole group:
-the scoring server forks uvicorn, which would otherwise be orphaned.
+`start` runs MLflow's scoring app (the one `mlflow models serve --env-manager local` runs, in this
+interpreter) behind spark-tuning's request guard (deploy/scoring_app.py: a body that is not JSON gets 400
+without being repeated) in its own process group, waits until /ping answers, and writes a state file (pid,
+port, URL, log) so that `spark-tuning serve --stop` from another shell finds it. `stop` ends the whole
+group: uvicorn's workers would otherwise be orphaned.
 
 Endpoints (MLflow's): GET /ping, GET /version, POST /invocations with
   {"dataframe_records": [{"text": "..."}]}, {"dataframe_split": ...} or {"inputs": ["...", ...]}.
@@ -101,8 +102,7 @@ def start(model_uri: str, host: str = "127.0.0.1", port: int = 0, tracking_uri: 
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # MLflow runs `uvicorn` by name: it must be this interpreter's, also when the venv is not activated.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-           "-h", host, "-p", str(port), "-w", str(workers)]
+    cmd = [sys.executable, "-m", "spark_tuning.deploy.scoring_app", model_uri, host, str(port), str(workers)]
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)

@@ -69,6 +69,35 @@ def _stretch(batches: list[np.ndarray], n_batches: int) -> list[np.ndarray]:
     return out
 
 
+def optimizer_steps(micro_per_epoch: list[int], grad_accum_steps: int, max_steps: Optional[int]) -> int:
+    """Optimizer steps of a run whose epochs have these many micro-batches (capped by train.max_steps)."""
+    total = sum(-(-n // grad_accum_steps) for n in micro_per_epoch)
+    return min(total, max_steps) if max_steps else total
+
+
+def plan_figures(shards: list[Shard], train_cfg, seed: int, group_by_length: bool,
+                 max_tokens: Optional[int]) -> dict:
+    """What the ranks' batch plans come to, planned exactly as the ranks plan them (one Shard per rank):
+    micro-batches per epoch (the most of any rank: DDP runs that many everywhere), optimizer steps, and
+    epoch 0's tokens, useful and computed (pads included; stretched plans of shorter ranks not counted), and
+    its largest batch (rows x longest row)."""
+    tc, micro, useful, computed, widest = train_cfg, [], 0, 0, 0
+    for epoch in range(tc.epochs):
+        plans = [plan_train_batches(s, tc.batch_size, seed, epoch, group_by_length, max_tokens) for s in shards]
+        micro.append(max((len(p) for p in plans), default=0))
+        if epoch == 0:
+            for shard, plan in zip(shards, plans):
+                for b in plan:
+                    rows = shard.lengths[b]
+                    useful += int(rows.sum())
+                    computed += len(b) * int(rows.max())
+                    widest = max(widest, len(b) * int(rows.max()))
+    return {"micro_batches_per_epoch": micro, "steps_per_epoch": -(-micro[0] // tc.grad_accum_steps) if micro else 0,
+            "total_steps": optimizer_steps(micro, tc.grad_accum_steps, tc.max_steps),
+            "useful_tokens_per_epoch": useful, "computed_tokens_per_epoch": computed, "largest_batch_tokens": widest,
+            "padding_share": round(1 - useful / computed, 4) if computed else 0.0}
+
+
 def plan_eval_batches(shard: Shard, batch_size: int) -> list[np.ndarray]:
     """Validation batches sorted by length: predictions do not depend on order, padding does."""
     order = np.lexsort((shard.row_ids, shard.lengths))

@@ -162,6 +162,14 @@ class Shard:
     def __len__(self) -> int:
         return len(self.row_ids)
 
+    @classmethod
+    def of_lengths(cls, lengths: np.ndarray, buckets: Optional[np.ndarray] = None) -> "Shard":
+        """Rows known by their lengths only: enough to plan batches (batches.plan_train_batches)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        empty = np.zeros(0, dtype=np.int32)
+        return cls(np.arange(len(lengths)), np.zeros(len(lengths), dtype=np.int64), lengths,
+                   np.zeros(len(lengths) + 1, dtype=np.int64), empty, [len(lengths)], buckets=buckets)
+
     def bucket_keys(self) -> np.ndarray:
         return self.buckets if self.buckets is not None else length_buckets(self.lengths)
 
@@ -202,6 +210,25 @@ def read_shard(ref: DataRef, rank: int, world_size: int, columns: Optional[list[
         token_types=_flat_per_token(table, TOKEN_TYPES, offsets),
         buckets=table.column(BUCKET).to_numpy().astype(np.int64) if BUCKET in table.column_names else None,
     )
+
+
+def rank_lengths(ref: DataRef, world_size: int) -> list[Shard]:
+    """Every rank's rows as read_shard reads them (its row groups, in the same order), by length (and
+    staged length bucket) only: the driver plans each rank's batches exactly as the rank will."""
+    import pyarrow.parquet as pq
+
+    groups, shards = row_groups(ref.path), []
+    for rank in range(world_size):
+        lengths, buckets = [], []
+        for f, g, _ in groups[rank::world_size]:
+            names = pq.ParquetFile(f).schema_arrow.names
+            t = pq.ParquetFile(f).read_row_group(g, columns=[c for c in ("length", BUCKET) if c in names])
+            lengths.append(t.column("length").to_numpy().astype(np.int64))
+            if BUCKET in t.column_names:
+                buckets.append(t.column(BUCKET).to_numpy().astype(np.int64))
+        cat = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+        shards.append(Shard.of_lengths(cat, np.concatenate(buckets) if buckets and len(buckets) == len(lengths) else None))
+    return shards
 
 
 def _labels(table) -> np.ndarray:

@@ -111,10 +111,27 @@ def prepare(cfg: Config, src: ModelSource, cache_root: str, task) -> tuple[Model
             raise InputError(problem)
         info["fsdp_blocks"] = block_classes(model, cfg.distributed.fsdp.block_class)
     info.update(parameters=total, trainable_parameters=trainable,
-                trainable_percent=round(100 * trainable / max(1, total), 3))
+                trainable_percent=round(100 * trainable / max(1, total), 3), **shape_figures(model, config))
     log.info("model %s: %d parameters, %d trainable (%.3f%%)%s", src.location, total, trainable,
              info["trainable_percent"], f", LoRA on {info['lora_targets']}" if cfg.lora.enabled else "")
     return src, info
+
+
+def shape_figures(model, config) -> dict:
+    """What the budget estimates (train/budget.py) need beyond the parameter counts: non-embedding
+    parameters (as MFU counts them), width, depth, vocabulary and the largest transformer block."""
+    import torch
+
+    from spark_tuning.train.mfu import non_embedding_params
+
+    def first(*keys):
+        return next((getattr(config, k) for k in keys if isinstance(getattr(config, k, None), int)), 0)
+
+    layers = first("num_hidden_layers", "n_layer", "num_layers")
+    blocks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers and layers]
+    largest = max((sum(p.numel() for p in b.parameters()) for lst in blocks[:1] for b in lst), default=0)
+    return {"non_embedding_parameters": non_embedding_params(model), "hidden_size": first("hidden_size", "n_embd", "d_model"),
+            "num_layers": layers, "vocab_size": first("vocab_size"), "largest_block_parameters": largest}
 
 
 def meta_model(cfg: Config, config, task):

@@ -5,7 +5,8 @@ branches on the task's name. A task object is stateless: its methods take the co
 steps produced. Defaults here are those of classification-like tasks; a task overrides what differs.
 
   on the driver, before Spark   sequence_length, config_problems, check_model
-  in Spark                      stage -> Staged (staged Parquet, figures, extras for the ranks)
+  in Spark                      stage -> Staged (staged Parquet, figures, extras for the ranks);
+                                profile_rows -> Profiled (the same stage up to whole token lengths, unstaged)
   on every rank                 load_model (the head), collate (a batch), loss, eval_before_training,
                                 evaluate, prompt_ids
   on the driver, after          metrics, write_outputs (and logged_files), summary_rows
@@ -16,7 +17,7 @@ steps produced. Defaults here are those of classification-like tasks; a task ove
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 # The answer of a model that serves labels: (column, type) as the MLflow signature declares it.
 LABEL_OUTPUTS = (("label", "string"), ("label_id", "long"), ("probability", "double"),
@@ -34,6 +35,26 @@ class Staged:
     extras: dict = field(default_factory=dict)
     id2label: dict = field(default_factory=dict)
     frames: list = field(default_factory=list)  # cached DataFrames, unpersisted at the end
+    profile: dict = field(default_factory=dict)  # the start-of-job summary (profile.summarize)
+
+    def release(self) -> None:
+        for df in self.frames:
+            df.unpersist()
+
+
+@dataclass
+class Profiled:
+    """What `spark-tuning profile` reads of a task's data stage: each split's rows with `length`, the row's
+    whole token count before anything is cut (DataFrames, nothing staged), the stage's figures (rows per
+    split, rows dropped and why), the labels' distribution, and the length the job cuts rows to (None: it
+    cuts none: causal_lm packs texts into blocks, token_classification slides windows)."""
+
+    train: Any
+    eval: Any
+    figures: dict
+    labels: dict = field(default_factory=dict)  # split -> {label: rows}, or a target's statistics
+    cut_at: Optional[int] = None
+    frames: list = field(default_factory=list)  # cached DataFrames, unpersisted at the end
 
     def release(self) -> None:
         for df in self.frames:
@@ -49,6 +70,7 @@ class Task:
     verifiable = True  # deploy.verify can compare its served answers with offline predictions
     reads_pairs = False  # data.text_pair_column: a second text per row, the tokenizer's pair input
     chooses_truncation = False  # data.truncation: head, tail or head_tail of a long text (text/truncation.py)
+    truncates = True  # rows longer than data.max_length are cut (causal_lm packs blocks, token_classification slides windows)
     # The validation metrics each evaluation logs: what train.early_stopping.metric (and keep_best) may name.
     eval_metrics: tuple[str, ...] = ("eval_loss",)
     length_key = "max_length"  # the data setting that bounds a row (sequence_length)
@@ -74,6 +96,9 @@ class Task:
         return {}
 
     def stage(self, spark, cfg, src, info: dict, staging: str) -> Staged:
+        raise NotImplementedError
+
+    def profile_rows(self, spark, cfg, src, info: dict) -> Profiled:
         raise NotImplementedError
 
     def load_model(self, cfg, src, tokenizer, id2label: dict, device: str, dtype):

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from spark_tuning.tasks.base import Staged, Task
+from spark_tuning.tasks.base import Profiled, Staged, Task
 
 PREDICTIONS = "eval_predictions.parquet"
 
@@ -53,6 +53,20 @@ class TextRowsTask(Task):
     reads_pairs = True
     chooses_truncation = True
 
+    def prepare_rows(self, spark, cfg):
+        """The task's rows before tokenizing (dataset.Prepared: `text` [, `text_pair`], `label`), and the
+        labels' distribution per split for the profile."""
+        raise NotImplementedError
+
+    def profile_rows(self, spark, cfg, src, info: dict) -> Profiled:
+        from spark_tuning.text.tokenize import token_lengths
+
+        prepared, labels = self.prepare_rows(spark, cfg)
+        texts = [c for c in ("text", "text_pair") if c in prepared.train.columns]
+        train, evaluation = (token_lengths(df.select(*texts), src, cfg.model) for df in (prepared.train, prepared.eval))
+        return Profiled(train, evaluation, dict(prepared.counts), labels, cfg.data.max_length,
+                        frames=[prepared.train, prepared.eval])
+
     def config_problems(self, cfg) -> list[str]:
         d, p = cfg.data, []
         columns = [c for c in (d.text_column, d.label_column, d.text_pair_column) if c]
@@ -90,6 +104,14 @@ class Classification(TextRowsTask):
     eval_metrics = ("eval_loss", "eval_accuracy", "eval_f1")
     name = "classification"
     logged_files = ("label_map.json", "confusion_matrix.png")
+
+    def prepare_rows(self, spark, cfg):
+        from spark_tuning.data import dataset
+
+        prepared = dataset.prepare(spark, cfg.data, cfg.seed)
+        names = prepared.labels.names
+        return prepared, {split: {names[k]: n for k, n in class_counts(df).items()}
+                          for split, df in (("train", prepared.train), ("validation", prepared.eval))}
 
     def stage(self, spark, cfg, src, info: dict, staging: str) -> Staged:
         from spark_tuning.data import dataset
@@ -172,6 +194,11 @@ def stage_rows(spark, cfg, src, train_df, eval_df, staging: str):
     stats = length_stats(spark, train_ref.path, max_len)
     return train_ref, eval_ref, {"train_rows": train_ref.num_rows, "mean_tokens_per_row": round(stats["mean_length"], 1),
                                  "eval_rows": eval_ref.num_rows, "truncated_share": stats["truncated_share"]}
+
+
+def class_counts(df) -> dict[int, int]:
+    """Rows per class id of a `label` column, in id order."""
+    return dict(sorted((int(r["label"]), int(r["count"])) for r in df.groupBy("label").count().collect()))
 
 
 def _parquet_files(path: str) -> list[str]:

@@ -54,6 +54,11 @@ class MultiLabel(TextRowsTask):
     def config_problems(self, cfg) -> list[str]:
         return super().config_problems(cfg) + self.petastorm_problems(cfg)
 
+    def prepare_rows(self, spark, cfg):
+        from spark_tuning.data import dataset
+
+        return dataset.prepare_label_lists(spark, cfg.data, cfg.seed)  # (rows, rows per label and split)
+
     def stage(self, spark, cfg, src, info: dict, staging: str) -> Staged:
         from spark_tuning.data import dataset
 

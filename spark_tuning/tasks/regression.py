@@ -37,6 +37,18 @@ class Regression(TextRowsTask):
             p.append(f"data.label_names = {cfg.data.label_names!r} names classes, and task regression has none: remove it")
         return p
 
+    def prepare_rows(self, spark, cfg):
+        from pyspark.sql import functions as F
+
+        from spark_tuning.data import dataset
+
+        prepared, _ = dataset.prepare_targets(spark, cfg.data, cfg.seed)
+        stats = {}
+        for split, df in (("train", prepared.train), ("validation", prepared.eval)):
+            row = df.agg(F.min("label"), F.mean("label"), F.stddev("label"), F.max("label")).first()
+            stats[split] = dict(zip(("min", "mean", "std", "max"), (round(float(v or 0), 6) for v in row)))
+        return prepared, stats
+
     def stage(self, spark, cfg, src, info: dict, staging: str) -> Staged:
         from pyspark.sql import functions as F
 

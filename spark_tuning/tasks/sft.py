@@ -47,6 +47,25 @@ class SFT(LanguageModelTask):
                           label_first_tokens=label_first_tokens(src, cfg, names, template))
         return Staged(train_ref, eval_ref, figures, extras, id2label, frames=[prepared.train, prepared.eval])
 
+    def profile_rows(self, spark, cfg, src, info: dict):
+        """Chats' whole lengths as training renders them (prompt + response, nothing cut)."""
+        from spark_tuning.tasks.base import Profiled
+        from spark_tuning.text import lm_data
+
+        prepared = lm_data.prepare_chats(spark, cfg)
+        template, whole = bool(info.get("chat_template")), 1 << 30  # a budget no chat reaches: nothing is cut
+        train, evaluation = (lm_data.tokenize_chats(df, src, cfg.model, whole, template).select("length")
+                             for df in (prepared.train, prepared.eval))
+        labels = {}
+        if prepared.label_names:
+            from spark_tuning.tasks.classification import class_counts
+
+            names = prepared.label_names
+            labels = {split: {names[k]: n for k, n in class_counts(df).items() if k >= 0}
+                      for split, df in (("train", prepared.train), ("validation", prepared.eval))}
+        return Profiled(train, evaluation, dict(prepared.counts), labels, cfg.data.max_length,
+                        frames=[prepared.train, prepared.eval])
+
     def prompt_ids(self, tokenizer, prompt: str, cfg, extras: dict) -> list[int]:
         """The prompt rendered and cut as training cut prompts (lm_data.truncate_pair), leaving room for
         sample_max_new_tokens; the served model (serving_model.TextGenerator) does the same."""

@@ -82,6 +82,7 @@ def join_windows(eval_path: str, row_ids: list[int], probs: list[np.ndarray]) ->
 
 class TokenClassification(TextRowsTask):
     name = "token_classification"
+    truncates = False  # long documents become several windows (data.stride)
     auto_model = "AutoModelForTokenClassification"
     peft_task_type = "TOKEN_CLS"
     eval_metrics = ("eval_loss", "eval_f1", "eval_precision", "eval_recall", "eval_token_accuracy")
@@ -142,6 +143,21 @@ class TokenClassification(TextRowsTask):
         extras = {"unit": unit, "stride": d.stride, "eval_path": eval_ref.path}
         return Staged(train_ref, eval_ref, figures, extras, id2label=dict(enumerate(names)),
                       frames=[prepared.train, prepared.eval])
+
+    def profile_rows(self, spark, cfg, src, info: dict):
+        """The training windows' lengths, as the job cuts documents into them (a long document becomes
+        several windows: nothing is truncated), and the entities per type."""
+        from spark_tuning.data.tagged import prepare_tagged
+        from spark_tuning.tasks.base import Profiled
+        from spark_tuning.text.tagging import backend_json, tag_windows
+
+        d = cfg.data
+        prepared, unit, frequency = prepare_tagged(spark, d, cfg.seed)
+        tokenizer_json = backend_json(src, cfg.model)
+        train, evaluation = (tag_windows(df, tokenizer_json, unit, d.max_length, d.stride, False).select("length")
+                             for df in (prepared.train, prepared.eval))
+        return Profiled(train, evaluation, dict(prepared.counts), frequency, None,
+                        frames=[prepared.train, prepared.eval])
 
     def load_model(self, cfg, src, tokenizer, id2label: dict, device: str, dtype):
         from spark_tuning.model.sources import build_classifier

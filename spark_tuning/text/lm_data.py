@@ -172,7 +172,7 @@ def prepare_chats(spark: SparkSession, cfg: Config) -> LmPrepared:
     from spark_tuning.data import dataset
 
     d = cfg.data
-    raw, _ = dataset.read_source(spark, d.source, d.format, d.train_split)
+    raw, _ = dataset.read_source(spark, d.source, d.format, d.train_split, version=d.version)
     fmt = sft_format(d, raw.columns)
     if fmt == LABELLED_ROWS:
         prepared = dataset.prepare(spark, d, cfg.seed)
@@ -195,7 +195,7 @@ def prepare_texts(spark: SparkSession, cfg: Config) -> LmPrepared:
     from spark_tuning.data import dataset
 
     d = cfg.data
-    raw, _ = dataset.read_source(spark, d.source, d.format, d.train_split)
+    raw, _ = dataset.read_source(spark, d.source, d.format, d.train_split, version=d.version)
     eval_df = None
     if d.eval_source or d.eval_split:
         raw_eval, _ = dataset.read_source(spark, d.eval_source or d.source, d.format, d.eval_split)

@@ -82,7 +82,7 @@ def rust_encoder(src: ModelSource, model_cfg: ModelConfig, max_length: Optional[
                     type(tok).__name__)
         return None
     if max_length is None:
-        want = tok(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        want = tok(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
     else:
         want = tok(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
     bad = ""
@@ -239,3 +239,32 @@ def _pair_encoder(tok, src: ModelSource, model_cfg: ModelConfig, max_length: int
     log.warning("the Rust backend of %s's tokenizer encodes text pairs differently from the tokenizer itself: "
                 "tokenizing pairs through transformers in every Spark task (slower start)", src.location)
     return None
+
+
+def token_lengths(df: DataFrame, src: ModelSource, model_cfg: ModelConfig) -> DataFrame:
+    """`df` plus `length`: each row's whole token count, special tokens included and nothing truncated
+    (`spark-tuning profile`: how long the texts are before max_length cuts them). A `text_pair` column
+    counts the pair as the tokenizer joins it. Texts are clipped at dataset.LONG_TEXT characters first, as
+    the job's tokenizer clips them (no max_length needs more)."""
+    from pyspark.sql.functions import pandas_udf
+
+    from spark_tuning.data.dataset import LONG_TEXT
+    from spark_tuning.model.sources import load_tokenizer
+
+    pairs = "text_pair" in df.columns
+    enc = None if pairs else rust_encoder(src, model_cfg, max_length=None)
+
+    @pandas_udf("int")
+    def count(batches: Iterator[Tuple[pd.Series, pd.Series]]) -> Iterator[pd.Series]:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        tok = None if enc is not None else load_tokenizer(src, model_cfg)  # once per task, not per batch
+        for texts, others in batches:
+            a = texts.fillna("").str.slice(0, LONG_TEXT).tolist()
+            if tok is None:
+                yield pd.Series(np.diff(enc.encode(a)[0]).astype(np.int32))
+                continue
+            b = others.fillna("").str.slice(0, LONG_TEXT).tolist()
+            ids = (tok(a, b, truncation=False, verbose=False) if pairs else tok(a, truncation=False, verbose=False))["input_ids"]
+            yield pd.Series(np.fromiter(map(len, ids), dtype=np.int32, count=len(ids)))
+
+    return df.withColumn("length", count(F.col("text"), F.col("text_pair") if pairs else F.lit("")))

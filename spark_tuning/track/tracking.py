@@ -46,7 +46,8 @@ def ui_command(uri: str) -> str:
     return f"open the run in the MLflow UI at {uri}"
 
 
-def start_run(cfg: Config) -> RunRef:
+def start_run(cfg: Config, run_name: Optional[str] = None, tags: Optional[dict[str, str]] = None) -> RunRef:
+    """A new run in cfg's experiment (made if missing), named `run_name` (default: the config's run name)."""
     import mlflow
 
     uri = tracking_uri(cfg)
@@ -62,7 +63,8 @@ def start_run(cfg: Config) -> RunRef:
         exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
     else:
         exp_id = exp.experiment_id
-    run = client.create_run(exp_id, run_name=cfg.resolved_run_name, tags={"spark_tuning.task": cfg.task})
+    run = client.create_run(exp_id, run_name=run_name or cfg.resolved_run_name,
+                            tags={"spark_tuning.task": cfg.task, **(tags or {})})
     return RunRef(uri, run.info.run_id, exp_id)
 
 

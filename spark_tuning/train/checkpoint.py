@@ -63,9 +63,13 @@ def finish(root: str, tmp: str, step: int, training: dict, state: dict[str, Any]
     with open(os.path.join(tmp, COMPLETE), "w") as f:
         f.write(str(step))
     _fsync_dir(tmp)
-    if os.path.exists(final):  # the same step again (e.g. a resumed run): replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    if os.path.exists(final):  # the same step again (e.g. a resumed run): aside, the new one in, then delete
+        old = os.path.join(root, f".old-{os.path.basename(final)}-{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
     prune(root, keep_last, spare)
     return final
 
@@ -82,6 +86,10 @@ def complete(root: str) -> list[str]:
     """Complete checkpoints, oldest first. Incomplete ones are reported and skipped."""
     if not os.path.isdir(root):
         return []
+    for name in sorted(os.listdir(root)):  # a replacement cut short between its renames: the old one back
+        back = os.path.join(root, name[len(".old-"):].rsplit("-", 1)[0]) if name.startswith(".old-" + PREFIX) else None
+        if back and not os.path.exists(back) and os.path.isfile(os.path.join(root, name, COMPLETE)):
+            os.rename(os.path.join(root, name), back)
     found = []
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
@@ -107,7 +115,7 @@ def prune(root: str, keep_last: int, spare: Optional[int] = None) -> None:
         if path != keep:
             shutil.rmtree(path, ignore_errors=True)
     for name in os.listdir(root):  # leftovers of checkpoints cut short by an earlier crash
-        if name.startswith(".tmp-"):
+        if name.startswith((".tmp-", ".old-")):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -244,6 +243,7 @@ def build(run: Rank) -> None:
 
     from spark_tuning.cluster.faults import rank_only
     from spark_tuning.loader.backends import read_shard_as
+    from spark_tuning.loader.batches import optimizer_steps
     from spark_tuning.model.build import build_model
     from spark_tuning.train import distributed, precision as numerics
     from spark_tuning.train.optim import adamw, linear_schedule, param_groups
@@ -271,8 +271,7 @@ def build(run: Rank) -> None:
     run.read_seconds = time.perf_counter() - t
     # DDP: every rank runs the same number of batches in an epoch; ranks with fewer stretch their plan.
     micro = distributed.maximum([len(run.plan_epoch(e)) for e in range(tc.epochs)], ctx)
-    total = sum(math.ceil(n / tc.grad_accum_steps) for n in micro)
-    total = min(total, tc.max_steps) if tc.max_steps else total
+    total = optimizer_steps(micro, tc.grad_accum_steps, tc.max_steps)  # as the driver's summary counted them
     run.schedule = Schedule(micro, total, int(tc.warmup_ratio * total))
     rank_only.info("rank %d: %d training rows, %d validation rows, %d-%d batches per epoch (read in %.1fs)",
                    ctx.rank, len(run.train_shard), len(run.eval_shard), min(micro), max(micro), run.read_seconds)
