@@ -12,6 +12,10 @@ The job is `finetune.run`, named steps top to bottom:
   write_outputs metrics.json, the task's files and the model, into a hidden folder moved into place at the end
   deploy        package, register, serve, verify, score (deploy/)
 
+`profile.run` (`spark-tuning profile`) is the same preflight and data stage up to whole token lengths
+(`Task.profile_rows`, nothing staged), then a report (train/budget.py's estimates); every job prints the
+same summary from its staged rows (`finetune.start_profile`).
+
 `RunFolders` owns the output, partial and staging folders and removes what must go in `finally`.
 
 Subpackages, one per stage; each imports only from the stages below it and from the top-level modules

@@ -83,14 +83,17 @@ def _serve(args: argparse.Namespace) -> int:
     if args.stop:
         stopped = serving.stop_recorded(args.state_dir, args.port or None)
         for server, was_running in stopped:
-            print(f"{'stopped' if was_running else 'cleared record of'} {server.url} ({server.model_uri})")
+            print(f"stopped {server.url} ({server.model_uri})" if was_running else
+                  f"dropped the stale record of {server.url} ({server.model_uri}): pid {server.pid} is gone or now "
+                  "belongs to another process (other start time or command line), which was not signalled")
         if not stopped:
             print("no recorded model server to stop")
         return 0
     if not args.model_uri:
         raise InputError("serve needs --model-uri (e.g. models:/quickstart@candidate), or --stop")
     server = serving.start(args.model_uri, args.host, args.port, args.tracking_uri, args.state_dir,
-                           workers=args.workers)
+                           workers=args.workers, allow_remote=args.allow_remote, max_rows=args.max_rows_per_request,
+                           max_bytes=args.max_request_mb * 1024 * 1024)
     print(f"serving {args.model_uri} at {server.url}  (POST {server.invocations_url}; log {server.log_path})",
           flush=True)
     if args.detach:
@@ -139,8 +142,10 @@ def _cleanup(args: argparse.Namespace) -> int:
     from spark_tuning.deploy import cleanup
 
     items = cleanup.find(args.output_dir, args.keep_last_checkpoint, args.state_dir)
-    freed = None if args.dry_run else cleanup.remove(items)
+    freed = cleanup.remove(items) if args.yes and not args.dry_run else None
     print(cleanup.render(items, freed))
+    if freed is None and items:
+        print("nothing removed: run again with --yes to remove these")
     return 0
 
 
@@ -170,7 +175,11 @@ def _add_deploy_commands(sub) -> None:
 
     p = sub.add_parser("serve", help="serve a logged model over HTTP on 127.0.0.1 (MLflow's scoring server)")
     p.add_argument("--model-uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="another address than loopback needs --allow-remote")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="serve on a non-loopback --host although the endpoint has no authentication")
+    p.add_argument("--max-rows-per-request", type=int, default=1000, help="larger requests get HTTP 400")
+    p.add_argument("--max-request-mb", type=int, default=16, help="larger request bodies get HTTP 400")
     p.add_argument("--port", type=int, default=0, help="default: a free port")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--detach", action="store_true", help="return once the server answers; stop it with --stop")
@@ -206,7 +215,8 @@ def _add_deploy_commands(sub) -> None:
 
     p = sub.add_parser("cleanup", help="remove staging data, caches, checkpoints and stopped servers' files")
     p.add_argument("--output-dir", required=True, help="the run's output folder")
-    p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    p.add_argument("--yes", action="store_true", help="remove what is listed (without it, cleanup only lists)")
+    p.add_argument("--dry-run", action="store_true", help="list only (the default without --yes)")
     p.add_argument("--keep-last-checkpoint", action="store_true")
     p.add_argument("--state-dir", default=None, help="model servers' state folder (see serve --state-dir)")
     p.set_defaults(func=_cleanup)

@@ -236,6 +236,7 @@ class DeployConfig:
     port: int = 0  # for deploy.verify; 0: a free port
     batch_size: int = 32  # rows per request when verifying
     max_text_chars: int = 100_000  # the served model refuses longer texts with HTTP 400
+    max_rows_per_request: int = 1000  # the model server (serve, deploy.verify) refuses larger requests with 400
 
 
 @dataclass
@@ -485,6 +486,7 @@ def _check_values(cfg: Config) -> list[str]:
         p.append(f"deploy.port = {cfg.deploy.port} must be 0 (a free port) or a port number up to 65535")
     positive("deploy.batch_size", cfg.deploy.batch_size)
     positive("deploy.max_text_chars", cfg.deploy.max_text_chars)
+    positive("deploy.max_rows_per_request", cfg.deploy.max_rows_per_request)
     if cfg.deploy.verify and not cfg.tracking.log_model:
         p.append("deploy.verify = true needs the logged MLflow model: set tracking.log_model: true")
     p.extend(_check_lm_values(cfg))

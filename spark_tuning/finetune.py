@@ -203,6 +203,9 @@ class RunFolders:
         return staged
 
     def __enter__(self) -> "RunFolders":
+        from spark_tuning.deploy.cleanup import write_staging_marker
+
+        write_staging_marker(self.staging, self.partial, self.out)  # cleanup leaves a live run's folders alone
         return self
 
     def __exit__(self, *exc) -> None:

@@ -4,8 +4,9 @@ of logs, MLflow params and saved files.
 A config names a secret by reference, never by value:
     model.hub_token: env:HF_TOKEN             # an environment variable
     model.hub_token: secret:my-scope/hf-token # a Databricks secret scope and key
-A config value that looks like a credential (a Hugging Face, Databricks, OpenAI, AWS or Azure key) is
-refused when the config is loaded.
+A config value that looks like a credential (a Hugging Face, Databricks, OpenAI, AWS or Azure key, a
+password inside a URL such as https://user:password@host/ or postgresql://u:p@db/, a signed URL's
+signature) is refused when the config is loaded; its value is never repeated in the message.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ PATTERNS: list[tuple[str, re.Pattern]] = [
     ("an AWS access key", re.compile(r"\bAKIA[0-9A-Z]{16}\b")),
     ("an Azure key", re.compile(r"(?<![0-9a-fA-F])[0-9a-fA-F]{32}(?![0-9a-fA-F])|\b[A-Za-z0-9+/]{86}==")),
     ("a JSON web token", re.compile(r"\beyJ[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]{10,}\.")),
+    # user:password@ in a URL's authority (abfss://container@account... has no password and passes).
+    ("a password inside a URL", re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^/\s:@]*:[^/\s@]+@")),
+    ("a signed URL's signature", re.compile(r"[?&](sig|X-Amz-Signature|X-Goog-Signature)=[^&\s]+", re.IGNORECASE)),
 ]
+URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^/\s:@]*:)[^/\s@]+@")
+URL_SIGNATURE = re.compile(r"([?&](?:sig|X-Amz-Signature|X-Goog-Signature)=)[^&\s]+", re.IGNORECASE)
 # Environment variables whose values are treated as secrets and scrubbed from everything written.
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|_KEY$|CREDENTIAL", re.IGNORECASE)
 MASK = "***"
@@ -50,10 +56,13 @@ def config_problems(values: dict[str, Any], prefix: str = "") -> list[str]:
         elif isinstance(value, str):
             what = looks_like_secret(value)
             if what:
+                where = ("the library's own credential mechanism (MLflow: MLFLOW_TRACKING_USERNAME / "
+                         "MLFLOW_TRACKING_PASSWORD or a Databricks profile; storage: the cluster's credentials or "
+                         "spark.conf keys whose values are env: or secret: references)"
+                         if "URL" in what else "a reference, env:NAME or secret:scope/key, where the setting takes one")
                 problems.append(
                     f"{name} looks like {what}: secrets never go in a config file. Put it in an environment "
-                    "variable (e.g. HF_TOKEN) or a Databricks secret scope, and reference it as env:NAME or "
-                    "secret:scope/key where the setting takes a reference"
+                    f"variable or a Databricks secret scope, and use {where}"
                 )
     return problems
 
@@ -81,7 +90,8 @@ def scrub(text: str, values: Optional[Iterable[str]] = None) -> str:
         text = text.replace(value, MASK)
     for _, pattern in PATTERNS[:4]:  # well-known token formats, whatever their source
         text = pattern.sub(MASK, text)
-    return text
+    text = URL_PASSWORD.sub(lambda m: m.group(1) + MASK + "@", text)  # https://user:***@host
+    return URL_SIGNATURE.sub(lambda m: m.group(1) + MASK, text)
 
 
 class ScrubFilter(logging.Filter):

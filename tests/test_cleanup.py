@@ -17,19 +17,21 @@ def _file(path, size):
 def _layout(root):
     out = root / "model"
     keep = ["model/config.json", "model/model.safetensors", "model/tokenizer.json", "model/metrics.json",
-            "mlflow.db", "mlartifacts/1/a/artifacts/model/MLmodel"]
+            "model/.spark-tuning.json", "mlflow.db", "mlartifacts/1/a/artifacts/model/MLmodel",
+            # not spark-tuning's names: never matched by a pattern
+            ".staging/petastorm-cache/part-0", ".petastorm_cache/part-0", "model/checkpoint-7/part-0"]
     gone = {
-        ".staging/.run.data-1234abcd": 3000,  # staged Parquet of a run
-        ".staging/petastorm-cache": 2000,
-        ".petastorm_cache": 500,
+        ".staging/.run.data-1234abcd": 3000,  # staged Parquet of a finished run (its marker: a dead process)
         ".model.partial-deadbeef": 700,  # an interrupted run's half-written output
-        "model/checkpoints/checkpoint-10": 1000,
-        "model/checkpoints/checkpoint-200": 1000,
+        "model/checkpoints/step-00000010": 1000,
+        "model/checkpoints/step-00000200": 1000,
     }
     for rel in keep:
         _file(str(root / rel), 100)
     for rel, size in gone.items():
         _file(str(root / rel / "part-0"), size)
+    (root / ".staging" / ".run.data-1234abcd" / ".spark-tuning-staging.json").write_text(
+        json.dumps({"pid": 1, "process_start": -1, "cmdline": ["gone"]}))
     return out, keep, gone
 
 
@@ -61,21 +63,20 @@ def test_cleanup_removes_leftovers_and_keeps_the_model(tmp_path, capsys):
     items = cleanup.find(str(out), keep_last_checkpoint=True, state_dir=str(tmp_path / "servers"))
     kinds = {os.path.relpath(i.path, tmp_path): i.kind for i in items}
     assert kinds == {
-        "out/.staging/.run.data-1234abcd": "staging", "out/.staging/petastorm-cache": "petastorm",
-        "out/.petastorm_cache": "petastorm", "out/.model.partial-deadbeef": "partial",
-        "out/model/checkpoints/checkpoint-10": "checkpoint",
+        "out/.staging/.run.data-1234abcd": "staging", "out/.model.partial-deadbeef": "partial",
+        "out/model/checkpoints/step-00000010": "checkpoint",
         "servers/server-1111.json": "server", "servers/server-1111.log": "server",
     }
     freed = cleanup.remove(items)
-    assert freed == sum(i.bytes for i in items) >= 3000 + 2000 + 500 + 700 + 1000
+    assert freed == sum(i.bytes for i in items) >= 3000 + 700 + 1000
     for rel in keep:
         assert (root / rel).exists(), rel
-    assert (out / "checkpoints" / "checkpoint-200").exists()  # the last checkpoint, kept on request
+    assert (out / "checkpoints" / "step-00000200").exists()  # the last checkpoint, kept on request
     assert (tmp_path / "servers" / "server-2222.json").exists() and (tmp_path / "servers" / "server-2222.log").exists()
     assert cleanup.find(str(out), keep_last_checkpoint=True, state_dir=str(tmp_path / "servers")) == []
     # Without keep_last_checkpoint the last one goes too.
     [last] = cleanup.find(str(out), state_dir=str(tmp_path / "servers"))
-    assert last.path.endswith("checkpoint-200")
+    assert last.path.endswith("step-00000200")
 
 
 def test_cleanup_of_a_missing_folder_is_bad_input(tmp_path):

@@ -99,8 +99,11 @@ MALFORMED = {
     "empty records": {"dataframe_records": []},
     "10 MB string in records": {"dataframe_records": [{"text": "word " * 2_000_000}]},
     "10 MB string in inputs": {"inputs": ["word " * 2_000_000]},
+    "1001 rows": {"inputs": ["a fine film"] * 1001},  # over --max-rows-per-request (1,000)
+    "17 MB body": {"inputs": ["word " * 3_500_000]},  # over --max-request-mb (16)
 }
-EXPECTED_MESSAGE = {"not JSON": "the request body is not valid JSON (", "not UTF-8": "not UTF-8 text",
+EXPECTED_MESSAGE = {"not JSON": "the request body is not valid JSON (", "1001 rows": "more than the limit of 1000",
+                    "17 MB": "larger than the limit of 16777216 bytes", "not UTF-8": "not UTF-8 text",
                     "number": "must be a string", "null": "must be a string", "10 MB": "longer than the limit",
                     "missing": "no rows with a 'text' field", "empty": "no rows"}
 

@@ -1,18 +1,21 @@
 """`spark-tuning cleanup`: remove what a run leaves behind that is not the model.
 
-Removed (beside or inside the output folder):
-  staging     tokenized data staged for training: `<output root>/.staging/*`
-  petastorm   petastorm cache folders (`*petastorm*` in the output root or its staging folder)
-  partial     half-written or replaced outputs of interrupted runs: `<root>/.<name>.partial-*`, `.old-*`
-  checkpoint  intermediate checkpoints: `<output>/checkpoints/*` or `<output>/checkpoint-*`
-              (with keep_last_checkpoint, the one with the highest step stays)
-  server      state and log files of model servers that are no longer running
-Never removed: the final model (config, weights, tokenizer), metrics, the MLflow store and artifacts.
+Only what spark-tuning made, found by its own names and markers, never by a pattern alone:
+  staging     a run's staging folder `<output root>/.staging/.run.data-XXXXXXXX` holding the marker
+              finetune writes there (STAGING_MARKER), unless that run is still going (its recorded process
+              is alive with the same start time and command line); petastorm caches live inside them
+  partial     half-written or replaced outputs: `<root>/.<name>.partial-XXXXXXXX` and `.old-XXXXXXXX`
+              (spark-tuning's exact sibling names), unless a live run's marker names them
+  checkpoint  `<output>/checkpoints/step-NNNNNNNN` (and cut-short `.tmp-`/`.old-` ones), only in an output
+              folder spark-tuning wrote (run.json or .spark-tuning.json in it); with keep_last_checkpoint
+              the highest step stays. An HF Trainer's `checkpoint-NNN` folders are never touched.
+  server      state and log files `server-PORT.json|log` of model servers that are not running any more
+Never removed: the final model, metrics, the MLflow store and artifacts, and any folder that is or holds the
+working directory, the home folder or the checkout. `spark-tuning cleanup` lists; `--yes` removes.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -21,6 +24,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from spark_tuning.errors import InputError
+
+STAGING_MARKER = ".spark-tuning-staging.json"  # in every run's staging folder: whose it is (pid, start, cmdline)
+STAGING_NAME = re.compile(r"^\.run\.data-[0-9a-f]{8}$")
+CHECKPOINT_NAME = re.compile(r"^(\.tmp-|\.old-)?step-\d{8}")
 
 
 @dataclass(frozen=True)
@@ -44,14 +51,38 @@ def size_of(path: str) -> int:
 
 
 def _step(path: str) -> int:
-    m = re.search(r"(\d+)$", os.path.basename(path.rstrip("/")))
+    m = re.search(r"step-(\d{8})", os.path.basename(path.rstrip("/")))
     return int(m.group(1)) if m else -1
+
+
+def write_staging_marker(folder: str, partial: str, out: str) -> None:
+    """What finetune writes into its staging folder: this process (so cleanup can tell a live run) and the
+    partial folder it writes into."""
+    from spark_tuning.deploy.serving import process_identity
+
+    os.makedirs(folder, exist_ok=True)
+    start, cmdline = process_identity(os.getpid())
+    with open(os.path.join(folder, STAGING_MARKER), "w") as f:
+        json.dump({"pid": os.getpid(), "process_start": start, "cmdline": cmdline, "partial": partial,
+                   "output_dir": out}, f)
+
+
+def live_marker(folder: str) -> Optional[dict]:
+    """The staging marker of `folder` when its run's process is still the one recorded, else None."""
+    from spark_tuning.deploy.serving import process_identity
+
+    try:
+        with open(os.path.join(folder, STAGING_MARKER)) as f:
+            marker = json.load(f)
+        start, cmdline = process_identity(int(marker["pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return marker if start is not None and (start, cmdline) == (marker.get("process_start"), marker.get("cmdline")) else None
 
 
 def find(output_dir: str, keep_last_checkpoint: bool = False, state_dir: Optional[str] = None) -> list[Item]:
     """Everything `cleanup` would remove, without removing anything."""
-    from spark_tuning.paths import local_path, output_root
-    from spark_tuning.deploy.serving import default_state_dir, process_alive
+    from spark_tuning.paths import OWNER_MARKER, local_path, output_root, removal_problem
 
     out = local_path(output_dir)
     root = output_root(output_dir)
@@ -59,32 +90,32 @@ def find(output_dir: str, keep_last_checkpoint: bool = False, state_dir: Optiona
         raise InputError(f"--output-dir {output_dir}: neither it nor its parent folder exists")
     found: list[tuple[str, str]] = []
     staging = os.path.join(root, ".staging")
-    for path in sorted(os.path.join(staging, n) for n in (os.listdir(staging) if os.path.isdir(staging) else [])):
-        found.append((path, "petastorm" if "petastorm" in os.path.basename(path).lower() else "staging"))
-    for path in sorted(glob.glob(os.path.join(root, "*petastorm*")) + glob.glob(os.path.join(root, ".*petastorm*"))):
-        found.append((path, "petastorm"))
-    name = os.path.basename(out.rstrip("/"))
-    for tag in ("partial", "old"):
-        found += [(p, "partial") for p in sorted(glob.glob(os.path.join(root, f".{name}.{tag}-*")))]
-    checkpoints = sorted(glob.glob(os.path.join(out, "checkpoints", "*")) + glob.glob(os.path.join(out, "checkpoint-*")),
-                         key=_step)
-    if keep_last_checkpoint and checkpoints:
-        checkpoints = checkpoints[:-1]
-    found += [(p, "checkpoint") for p in checkpoints]
-    servers = state_dir or default_state_dir()
-    for state in sorted(glob.glob(os.path.join(servers, "server-*.json"))):
-        try:
-            with open(state) as f:
-                pid = int(json.load(f)["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pid = -1
-        if pid <= 0 or not process_alive(pid):
-            found.append((state, "server"))
-    live_logs = {p[:-len(".json")] + ".log" for p in glob.glob(os.path.join(servers, "server-*.json"))
-                 if (p, "server") not in found}
-    found += [(p, "server") for p in sorted(glob.glob(os.path.join(servers, "server-*.log"))) if p not in live_logs]
-    from spark_tuning.paths import removal_problem
-
+    live_partials = set()
+    for name in sorted(os.listdir(staging) if os.path.isdir(staging) else []):
+        path = os.path.join(staging, name)
+        if not (STAGING_NAME.match(name) and os.path.isfile(os.path.join(path, STAGING_MARKER))):
+            continue
+        marker = live_marker(path)
+        if marker:
+            live_partials.add(marker.get("partial"))
+        else:
+            found.append((path, "staging"))
+    base = re.escape(os.path.basename(out.rstrip("/")))
+    sibling = re.compile(rf"^\.{base}\.(partial|old)-[0-9a-f]{{8}}$")
+    for name in sorted(os.listdir(root) if os.path.isdir(root) else []):
+        path = os.path.join(root, name)
+        if sibling.match(name) and os.path.isdir(path) and path not in live_partials:
+            found.append((path, "partial"))
+    ours = os.path.isdir(out) and any(os.path.exists(os.path.join(out, m)) for m in ("run.json", OWNER_MARKER))
+    ckpt_dir = os.path.join(out, "checkpoints")
+    if ours and os.path.isdir(ckpt_dir):
+        checkpoints = sorted((os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if CHECKPOINT_NAME.match(n)),
+                             key=_step)
+        complete = [c for c in checkpoints if os.path.basename(c).startswith("step-")]
+        if keep_last_checkpoint and complete:
+            checkpoints.remove(complete[-1])
+        found += [(p, "checkpoint") for p in checkpoints]
+    found += _dead_servers(state_dir)
     seen, items = set(), []
     for path, kind in found:
         if removal_problem(path):  # never the working directory, home, the checkout, or a folder holding one
@@ -93,6 +124,32 @@ def find(output_dir: str, keep_last_checkpoint: bool = False, state_dir: Optiona
             seen.add(path)
             items.append(Item(path, kind, size_of(path)))
     return items
+
+
+def _dead_servers(state_dir: Optional[str]) -> list[tuple[str, str]]:
+    """State and log files of recorded servers whose process is gone, or whose pid now belongs to another
+    process. (A record without the process's identity, from an older version, counts as live while its pid
+    runs: cleanup only deletes files, and keeps them where it cannot tell.)"""
+    from spark_tuning.deploy.serving import default_state_dir, process_identity
+
+    servers = state_dir or default_state_dir()
+    if not os.path.isdir(servers):
+        return []
+    live = set()
+    for name in os.listdir(servers):
+        if not re.match(r"^server-\d+\.json$", name):
+            continue
+        try:
+            with open(os.path.join(servers, name)) as f:
+                record = json.load(f)
+            start, cmdline = process_identity(int(record["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        recorded = record.get("process_start")
+        if start is not None and (recorded is None or (start, cmdline) == (recorded, record.get("cmdline"))):
+            live.add(name[:-len(".json")])
+    return [(os.path.join(servers, n), "server") for n in sorted(os.listdir(servers))
+            if re.match(r"^server-\d+\.(json|log)$", n) and n.rsplit(".", 1)[0] not in live]
 
 
 def remove(items: list[Item]) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from typing import Iterator, Optional, Tuple
 
@@ -50,10 +49,10 @@ def _load_once(location: str):
     return _MODELS[location]
 
 
-def localize(spark: SparkSession, model_uri: str, tracking_uri: Optional[str] = None,
-             download_dir: Optional[str] = None) -> str:
+def localize(spark: SparkSession, model_uri: str, tracking_uri: Optional[str], download_dir: str) -> str:
     """Download the model once on the driver (into `download_dir`, which the caller removes when the job is
-    done) and ship it to the executors; returns the location for `score`."""
+    done: `spark-tuning score` passes a temporary folder it deletes) and ship it to the executors; returns
+    the location for `score`."""
     import mlflow
     from mlflow.artifacts import download_artifacts
 
@@ -63,8 +62,7 @@ def localize(spark: SparkSession, model_uri: str, tracking_uri: Optional[str] = 
         raise InputError(f"--model-uri {model_uri} names a registered model, but no tracking URI is set: pass "
                          "--tracking-uri (e.g. sqlite:///outputs/mlflow.db) or set MLFLOW_TRACKING_URI")
     # A fresh name each time: Spark refuses a second file of the same name with another path.
-    target = os.path.join(download_dir or tempfile.mkdtemp(prefix="spark-tuning-model-"),
-                          f"model-{uuid.uuid4().hex[:8]}")
+    target = os.path.join(download_dir, f"model-{uuid.uuid4().hex[:8]}")
     if os.path.isdir(model_uri):
         local = shutil.copytree(model_uri, target)
     else:

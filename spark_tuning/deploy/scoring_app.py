@@ -18,13 +18,17 @@ import sys
 import tempfile
 
 EXAMPLE = '{"inputs": ["a review"]}'
+# Limits per request (serving.start sets them from --max-rows-per-request / deploy.max_rows_per_request):
+# a request is answered row after row, so an unbounded one holds the server as long as it likes.
+MAX_ROWS_ENV, MAX_BYTES_ENV = "SPARK_TUNING_MAX_ROWS_PER_REQUEST", "SPARK_TUNING_MAX_REQUEST_BYTES"
+DEFAULT_MAX_ROWS, DEFAULT_MAX_BYTES = 1000, 16 * 1024 * 1024
 
 
 class JsonGuard:
     """ASGI middleware: POST /invocations with a JSON content type must carry parseable UTF-8 JSON."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, max_rows: int = DEFAULT_MAX_ROWS, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.app, self.max_rows, self.max_bytes = app, max_rows, max_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/invocations":
@@ -40,9 +44,13 @@ class JsonGuard:
                 return None
             body += message.get("body", b"")
             more = message.get("more_body", False)
-        problem = json_problem(body)
+            if len(body) > self.max_bytes:
+                return await respond(send, 400, f"the request body is larger than the limit of {self.max_bytes} "
+                                                "bytes: send fewer or shorter texts per request")
+        problem = json_problem(body) or self.rows_problem(body)
         if problem:
-            return await respond(send, 400, f"{problem}: send a JSON object such as {EXAMPLE}")
+            return await respond(send, 400, problem if problem.startswith("the request holds")
+                                 else f"{problem}: send a JSON object such as {EXAMPLE}")
         sent = False
 
         async def replay():
@@ -53,6 +61,20 @@ class JsonGuard:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+
+    def rows_problem(self, body: bytes):
+        """More rows than the limit, in any of MLflow's request shapes (None when within it)."""
+        doc = json.loads(body)
+        if not isinstance(doc, dict):
+            return None
+        rows = [doc.get("inputs"), doc.get("instances"), doc.get("dataframe_records"),
+                (doc.get("dataframe_split") or {}).get("data") if isinstance(doc.get("dataframe_split"), dict) else None]
+        n = max((len(r) for r in rows if isinstance(r, list)), default=0)
+        if n > self.max_rows:
+            return (f"the request holds {n} rows, more than the limit of {self.max_rows} per request: send them in "
+                    f"batches of {self.max_rows} or fewer")
+        return None
 
 
 def json_problem(body: bytes):
@@ -78,7 +100,8 @@ def create_app():
     from mlflow.pyfunc import scoring_server
 
     model = scoring_server.load_model_with_mlflow_config(os.environ[scoring_server._SERVER_MODEL_PATH])
-    return JsonGuard(scoring_server.init(model))
+    return JsonGuard(scoring_server.init(model), int(os.environ.get(MAX_ROWS_ENV, DEFAULT_MAX_ROWS)),
+                     int(os.environ.get(MAX_BYTES_ENV, DEFAULT_MAX_BYTES)))
 
 
 def local_model(model_uri: str, into: str) -> str:

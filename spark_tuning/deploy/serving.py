@@ -46,6 +46,10 @@ class Server:
     log_path: str
     state_path: str
     started: float
+    # Who the pid was when recorded: its start time (clock ticks after boot) and command line. A pid is
+    # signalled only while both still match: after a crash or a reboot the number may be someone else's.
+    process_start: Optional[int] = None
+    cmdline: Optional[list] = None
 
     @property
     def url(self) -> str:
@@ -54,6 +58,35 @@ class Server:
     @property
     def invocations_url(self) -> str:
         return self.url + "/invocations"
+
+
+def process_identity(pid: int) -> tuple[Optional[int], Optional[list]]:
+    """(start time in clock ticks after boot, command line) of a running process; (None, None) if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start = int(f.read().rsplit(")", 1)[-1].split()[19])
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        return start, cmdline
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
+def is_ours(server: Server) -> bool:
+    """Whether the recorded pid still is the server that was recorded (same start time and command line)."""
+    start, cmdline = process_identity(server.pid)
+    return start is not None and start == server.process_start and cmdline == server.cmdline
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -82,9 +115,21 @@ def ping(url: str, timeout: float = 2.0) -> bool:
 
 
 def start(model_uri: str, host: str = "127.0.0.1", port: int = 0, tracking_uri: Optional[str] = None,
-          state_dir: Optional[str] = None, timeout: float = 180.0, workers: int = 1) -> Server:
+          state_dir: Optional[str] = None, timeout: float = 180.0, workers: int = 1, allow_remote: bool = False,
+          max_rows: int = 1000, max_bytes: int = 16 * 1024 * 1024) -> Server:
     """Start the scoring server and return once it answers /ping. Raises JobFailed (with the end of its log)
-    when it exits or does not answer within `timeout` seconds."""
+    when it exits or does not answer within `timeout` seconds. A host other than loopback needs
+    `allow_remote`: the endpoint has no authentication. Requests over `max_rows` rows or `max_bytes` bytes
+    get 400."""
+    from spark_tuning.deploy.scoring_app import MAX_BYTES_ENV, MAX_ROWS_ENV
+
+    if not is_loopback(host):
+        if not allow_remote:
+            raise InputError(f"--host {host} opens the model server to the network, and its endpoint has no "
+                             "authentication: anyone who reaches the port can use it. Keep the default 127.0.0.1 "
+                             "(and reach it through an authenticating proxy or an SSH tunnel), or pass "
+                             "--allow-remote to do it anyway")
+        log.warning("serving on %s: reachable from the network WITHOUT authentication (--allow-remote)", host)
     if model_uri.startswith("models:/") and not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         raise InputError(f"--model-uri {model_uri} names a registered model, but no tracking URI is set: pass "
                          "--tracking-uri (e.g. sqlite:///outputs/mlflow.db) or set MLFLOW_TRACKING_URI")
@@ -94,20 +139,27 @@ def start(model_uri: str, host: str = "127.0.0.1", port: int = 0, tracking_uri: 
         check_port_free(host, port)
     port = port or free_port(host)
     state_dir = state_dir or default_state_dir()
-    os.makedirs(state_dir, exist_ok=True)
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    os.chmod(state_dir, 0o700)  # pids, ports and logs of this user's servers: not for others to read or plant
     log_path = os.path.join(state_dir, f"server-{port}.log")
     env = dict(os.environ)
+    env[MAX_ROWS_ENV], env[MAX_BYTES_ENV] = str(max_rows), str(max_bytes)
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # MLflow runs `uvicorn` by name: it must be this interpreter's, also when the venv is not activated.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     cmd = [sys.executable, "-m", "spark_tuning.deploy.scoring_app", model_uri, host, str(port), str(workers)]
-    with open(log_path, "ab") as out:
+    try:  # never through a link planted where the log goes
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise InputError(f"the server log {log_path} cannot be opened ({e.strerror}): it must be a plain file of "
+                         "yours, not a link; remove it or choose another --state-dir") from None
+    with os.fdopen(fd, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
     server = Server(proc.pid, host, port, model_uri, log_path, os.path.join(state_dir, f"server-{port}.json"),
-                    time.time())
+                    time.time(), *process_identity(proc.pid))
     _write_state(server)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -126,8 +178,9 @@ def start(model_uri: str, host: str = "127.0.0.1", port: int = 0, tracking_uri: 
 
 def stop(server: Server, grace: float = 10.0) -> bool:
     """End the server's process group (SIGTERM, then SIGKILL after `grace` s) and remove its state file.
-    Returns False when it was not running any more."""
-    was_running = process_alive(server.pid)
+    Returns False when it was not running any more: its process is gone, or the pid now belongs to another
+    process (another start time or command line), which is never signalled."""
+    was_running = process_alive(server.pid) and is_ours(server)
     if was_running:
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
             try:
@@ -198,7 +251,8 @@ def post_json(url: str, payload, timeout: float = 120.0) -> tuple[int, object]:
 
 def _write_state(server: Server) -> None:
     tmp = server.state_path + ".tmp"
-    with open(tmp, "w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
         json.dump(asdict(server), f, indent=2)
     os.replace(tmp, server.state_path)
 

@@ -34,7 +34,8 @@ def serve_and_verify(cfg: Config, record: ModelRecord, out_dir: str):
     from spark_tuning.deploy import verify
     from spark_tuning.track import tracking
 
-    server = serving.start(record.serving_uri, port=cfg.deploy.port, tracking_uri=record.tracking_uri)
+    server = serving.start(record.serving_uri, port=cfg.deploy.port, tracking_uri=record.tracking_uri,
+                           max_rows=max(cfg.deploy.max_rows_per_request, cfg.deploy.batch_size))
     try:
         report = verify.verify(server.url, out_dir, cfg.deploy.batch_size)
     finally:

@@ -1,0 +1,143 @@
+"""Security: cleanup removes only what spark-tuning wrote (and only with --yes), `serve --stop` never signals a
+stranger, the server is not opened to the network by accident and keeps its state private, and credentials
+inside URLs are refused in every config string without being repeated anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from spark_tuning.errors import InputError
+
+
+def _file(path, size=100):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"x" * size)
+
+
+def test_cleanup_never_matches_by_pattern_alone_and_lists_without_yes(tmp_path, capsys):
+    """`cleanup --output-dir ~/src/out` beside a `~/src/petastorm` clone and an HF Trainer's checkpoints."""
+    from spark_tuning.cli import main
+    from spark_tuning.deploy.cleanup import write_staging_marker
+
+    src = tmp_path / "src"
+    out = src / "out"
+    _file(str(src / "petastorm" / "setup.py"))  # someone's petastorm checkout beside the output
+    _file(str(src / ".petastorm_notes"))
+    _file(str(out / "checkpoint-500" / "pytorch_model.bin"))  # an HF Trainer run's checkpoint
+    _file(str(out / ".spark-tuning.json"))
+    _file(str(out / "checkpoints" / "step-00000010" / "COMPLETE"))
+    _file(str(src / ".staging" / "notes-of-mine" / "a.txt"))  # not a staging folder spark-tuning made
+    live = src / ".staging" / ".run.data-0a1b2c3d"  # this process's marker: a live run
+    write_staging_marker(str(live), str(src / ".out.partial-0a1b2c3d"), str(out))
+    _file(str(live / "train" / "part-0.parquet"), 3000)
+    done = src / ".staging" / ".run.data-99999999"
+    _file(str(done / "train" / "part-0.parquet"), 2000)
+    (done / ".spark-tuning-staging.json").write_text(json.dumps({"pid": 1, "process_start": -1, "cmdline": []}))
+    _file(str(src / ".out.partial-0a1b2c3d" / "config.json"))  # the live run's partial output
+    _file(str(src / ".out.partial-12345678" / "config.json"))  # a dead run's
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+
+    assert main(["cleanup", "--output-dir", str(out), "--state-dir", str(tmp_path / "servers")]) == 0
+    listed = capsys.readouterr().out
+    assert "nothing removed: run again with --yes" in listed
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # a dry run by default
+    assert main(["cleanup", "--output-dir", str(out), "--yes", "--state-dir", str(tmp_path / "servers")]) == 0
+    capsys.readouterr()
+    gone = {done, src / ".out.partial-12345678", out / "checkpoints" / "step-00000010"}
+    for path in gone:
+        assert not path.exists(), path
+    for kept in (src / "petastorm" / "setup.py", src / ".petastorm_notes", out / "checkpoint-500", live,
+                 src / ".staging" / "notes-of-mine", src / ".out.partial-0a1b2c3d", out / ".spark-tuning.json"):
+        assert kept.exists(), kept
+
+
+def _sleeper():
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+
+
+def test_serve_stop_never_signals_a_process_that_reused_the_pid(tmp_path, capsys):
+    from spark_tuning.cli import main
+    from spark_tuning.deploy import serving
+
+    state = tmp_path / "servers"
+    state.mkdir()
+    stranger = _sleeper()  # what now runs under the recorded pid
+    try:
+        start, cmdline = serving.process_identity(stranger.pid)
+        for port, record in ((1111, {"process_start": start - 1, "cmdline": cmdline}),  # same pid, started later
+                             (2222, {"process_start": start, "cmdline": ["python", "-m", "other"]}),
+                             (3333, {})):  # a record from before identities were recorded
+            s = serving.Server(stranger.pid, "127.0.0.1", port, "models:/m@a", str(state / f"server-{port}.log"),
+                               str(state / f"server-{port}.json"), 0.0, **record)
+            serving._write_state(s)
+        assert main(["serve", "--stop", "--state-dir", str(state)]) == 0
+        printed = capsys.readouterr().out
+        assert printed.count("dropped the stale record") == 3 and "was not signalled" in printed
+        assert stranger.poll() is None  # still running: never signalled
+        assert serving.running(str(state)) == []
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_a_server_is_not_opened_to_the_network_by_accident(tmp_path, capsys):
+    from spark_tuning.cli import main
+    from spark_tuning.deploy import serving
+
+    assert serving.is_loopback("127.0.0.1") and serving.is_loopback("::1") and serving.is_loopback("localhost")
+    assert not serving.is_loopback("0.0.0.0") and not serving.is_loopback("192.0.2.7")
+    code = main(["serve", "--model-uri", str(tmp_path), "--host", "0.0.0.0", "--state-dir", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no authentication" in err and "--allow-remote" in err
+    assert not (tmp_path / "s").exists()  # refused before anything was started or written
+
+
+def test_server_state_is_private_and_its_log_never_follows_a_link(tmp_path):
+    from spark_tuning.deploy import serving
+
+    state = tmp_path / "servers"
+    state.mkdir(mode=0o755)
+    port = serving.free_port()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, state / f"server-{port}.log")  # planted in a shared state folder
+    with pytest.raises(InputError, match="must be a plain file of yours, not a link"):
+        serving.start(str(tmp_path), port=port, state_dir=str(state))
+    assert victim.read_text() == "precious"
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+
+
+URL_FIELDS = ["data.source", "data.eval_source", "model.source", "tracking.tracking_uri", "deploy.registry_uri"]
+
+
+def test_credentials_inside_urls_are_refused_in_every_field_and_never_repeated(tmp_path, capsys):
+    from spark_tuning.cli import main
+    from spark_tuning.config import ConfigError, load_config
+    from spark_tuning.secrets import scrub
+
+    password = "hunter2-very-secret"
+    sets = [f"{k}=https://bob:{password}@example.com/x" for k in URL_FIELDS]
+    sets += [f"output_dir={tmp_path / 'out' / 'model'}", "spark.conf={fs.azure.sas: 'https://a.blob.core."
+             f"windows.net/c?sv=2022&sig={password}'}}"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, sets)
+    msg = str(err.value)
+    for field in URL_FIELDS:
+        assert f"{field} looks like a password inside a URL" in msg, msg
+    assert "looks like a signed URL's signature" in msg and password not in msg
+    code = main(["finetune", *sum((["--set", s] for s in sets), [])])
+    captured = capsys.readouterr()
+    assert code == 2 and password not in captured.err + captured.out
+    assert not (tmp_path / "out").exists()  # nothing written: no config.yaml, run.json, MLflow store
+    # Logs are scrubbed of URL passwords and signatures whatever their source (e.g. a library's message).
+    assert scrub(f"GET https://bob:{password}@h/x?sig={password}&a=1") == "GET https://bob:***@h/x?sig=***&a=1"
+    # Storage URIs whose user part is a container, not a password, pass.
+    load_config(None, ["data.source=abfss://reviews@account.dfs.core.windows.net/imdb",
+                       f"output_dir={tmp_path / 'o'}"])
