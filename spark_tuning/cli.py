@@ -130,11 +130,16 @@ def _score(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="spark-tuning-model-") as download:
         location = score.localize(spark, args.model_uri, args.tracking_uri, download)
         t = time.perf_counter()
-        df = score.score(score.read_input(spark, args.input), location, args.text_column, args.text_pair_column)
+        rows_in = score.read_input(spark, args.input)
+        df = score.score(rows_in, location, args.text_column, args.text_pair_column)
         score.write_output(df, args.output, args.overwrite)
+        clipped = score.clipped_rows(rows_in, location, args.text_column)
         seconds = time.perf_counter() - t
     rows = spark.read.parquet(args.output).count() if "/" in args.output else spark.table(args.output).count()
     print(f"scored {rows} rows in {seconds:.1f}s ({rows / seconds:.1f} rows/s, model load included) -> {args.output}")
+    if clipped:
+        print(f"{clipped} text(s) over the model's limit (deploy.max_text_chars) were clipped to their first and "
+              "last halves before scoring, as training clips what it cannot use")
     return 0
 
 

@@ -304,6 +304,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     if not problems:
         problems.extend(_check_values(cfg))
     problems.extend(secret_problems(cfg.to_dict()))
+    from spark_tuning.secrets import spark_conf_problems
+
+    problems.extend(spark_conf_problems(cfg.spark.conf))
     if problems:
         raise ConfigError(problems, source)
     return cfg

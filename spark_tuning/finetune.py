@@ -230,6 +230,11 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
     if cfg.model.trust_remote_code:
         log.warning("model.trust_remote_code is ON: the model's own Python code will run")
     task = get_task(cfg.task)
+    with output_lock(local_path(cfg.output_dir)):  # one run per output folder, from preflight to publish
+        return _run(cfg, overwrite, spark, resume, task, t0, timings)
+
+
+def _run(cfg: Config, overwrite: bool, spark, resume: bool, task, t0: float, timings: dict) -> Summary:
     src, plan, info = preflight(cfg, overwrite, resume, task)
     spark = start_spark(cfg, spark)
     timings["spark_start"] = time.perf_counter() - t0
@@ -248,6 +253,71 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
             timings["total"] = time.perf_counter() - t0
             tracking.log_metrics(run_ref, {f"time_{k}_seconds": v for k, v in timings.items()})
         return Summary(folders.out, run_ref.run_id, run_ref.tracking_uri, metrics, result, timings, deployed)
+
+
+@contextlib.contextmanager
+def output_lock(out: str) -> Iterator[Optional[str]]:
+    """An exclusive lock beside output_dir (`.NAME.lock`: pid, process start time, command line, start): a
+    second run on the same folder is refused, naming the first; a lock whose process is gone (or is another
+    process now) is taken over with a warning. Where the parent cannot be made, no lock: preflight then says
+    why the folder cannot be written."""
+    from spark_tuning.deploy.serving import process_identity
+
+    path = os.path.join(os.path.dirname(out.rstrip("/")), f".{os.path.basename(out.rstrip('/'))}.lock")
+    start, cmdline = process_identity(os.getpid())
+    mine = json.dumps({"pid": os.getpid(), "process_start": start, "cmdline": cmdline, "started": time.time()})
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError:
+        yield None
+        return
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is None:
+                continue  # taken over (removed) or vanished: try again
+            raise InputError(
+                f"output_dir {out} is in use by another run: pid {holder['pid']}, started "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started', 0)))} (lock {path}): "
+                "wait for it to finish, or set another output_dir") from None
+        except OSError:
+            yield None
+            return
+        with os.fdopen(fd, "w") as f:
+            f.write(mine)
+        try:
+            yield path
+        finally:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        return
+    raise InputError(f"output_dir {out}: its lock {path} could not be taken: remove it if no run is using the folder")
+
+
+def _lock_holder(path: str) -> Optional[dict]:
+    """The live run holding the lock at `path`, or None after taking over (removing) a stale lock."""
+    from spark_tuning.deploy.serving import process_identity
+
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+        alive = process_identity(int(holder["pid"])) == (holder.get("process_start"), holder.get("cmdline"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        holder, alive = {}, False
+    if alive:
+        return holder
+    log.warning("output_dir lock %s was left by a run that is gone (pid %s): taking it over", path, holder.get("pid"))
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    return None
 
 
 def start_spark(cfg: Config, spark=None):
@@ -387,22 +457,14 @@ def write_outputs(cfg: Config, task, staged, result: dict, folder: str) -> dict:
 
 def deploy(cfg: Config, task, staged, result: dict, metrics: dict, folders: RunFolders, run_ref, overwrite: bool,
            timings: dict) -> dict:
-    """Log the outputs and the MLflow model (registered, aliased), publish the folder, and optionally serve
-    the model and check it against the offline predictions."""
+    """Publish the folder first (nothing after training can lose the model), then log the outputs and the
+    MLflow model (registered, aliased), and optionally serve the model and check it against the offline
+    predictions."""
     from spark_tuning.deploy import steps
+    from spark_tuning.errors import JobFailed
     from spark_tuning.train import checkpoint
 
     t, partial, out = time.perf_counter(), folders.partial, folders.out
-    tracking.log_metrics(run_ref, {f"final_{k}": v for k, v in metrics.items()
-                                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    for name in ("metrics.json", "config.yaml", "training_curves.png", *task.logged_files):
-        if os.path.exists(os.path.join(partial, name)):
-            tracking.log_artifact(run_ref, os.path.join(partial, name))
-    record = None
-    if cfg.tracking.log_model:
-        record = steps.package(cfg, run_ref, partial, result["precision"], staged.extras)
-        if os.path.isdir(os.path.join(partial, "adapter")):  # LoRA: the small adapter, for reuse
-            tracking.log_artifacts(run_ref, os.path.join(partial, "adapter"), "adapter")
     last = checkpoint.latest(checkpoint.checkpoint_dir(out))
     if cfg.checkpoint.keep_after_success and last:
         os.makedirs(checkpoint.checkpoint_dir(partial))
@@ -411,6 +473,26 @@ def deploy(cfg: Config, task, staged, result: dict, metrics: dict, folders: RunF
     # what this run wrote: a later --overwrite replaces the folder only while it holds nothing else.
     write_owner_marker(partial, run_id=run_ref.run_id)
     publish(partial, out, overwrite or output_state(out) == "interrupted", *sources_of(cfg))
+    record = None
+    try:
+        tracking.log_metrics(run_ref, {f"final_{k}": v for k, v in metrics.items()
+                                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        for name in ("metrics.json", "config.yaml", "training_curves.png", *task.logged_files):
+            if os.path.exists(os.path.join(out, name)):
+                tracking.log_artifact(run_ref, os.path.join(out, name))
+        if cfg.tracking.log_model:
+            record = steps.package(cfg, run_ref, out, result["precision"], staged.extras)  # + mlflow_model.json
+            if os.path.isdir(os.path.join(out, "adapter")):  # LoRA: the small adapter, for reuse
+                tracking.log_artifacts(run_ref, os.path.join(out, "adapter"), "adapter")
+            write_owner_marker(out, run_id=run_ref.run_id)
+    except Exception as e:  # noqa: BLE001 - the tracking store's errors; the model is safe, say so
+        from spark_tuning.data.dataset import error_line
+
+        raise JobFailed(
+            f"the trained model is saved in {out} (published before logging), but logging it to MLflow run "
+            f"{run_ref.run_id} failed: {error_line(e)}. The run is marked FAILED; nothing is lost: the folder loads "
+            "with from_pretrained as it is, and a rerun of the same config with --overwrite once the tracking "
+            "store answers logs and registers a new model") from e
     timings["logging"] = time.perf_counter() - t
     deployed: dict[str, Any] = {}
     if record is not None and cfg.deploy.verify:

@@ -35,6 +35,34 @@ URL_SIGNATURE = re.compile(r"([?&](?:sig|X-Amz-Signature|X-Goog-Signature)=)[^&\
 # Environment variables whose values are treated as secrets and scrubbed from everything written.
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|_KEY$|CREDENTIAL", re.IGNORECASE)
 MASK = "***"
+# spark.conf keys whose values are credentials (S3, Azure storage account keys and SAS tokens, GCS, JDBC).
+SECRET_CONF_KEY = re.compile(r"secret|password|passwd|token|credential|\.sas\b|sas\.|account\.key|access\.key|"
+                             r"private\.key|\.key$", re.IGNORECASE)
+# ... but not the settings beside them that name a mechanism, not a value (a credentials provider class, an auth type).
+NOT_A_SECRET_KEY = re.compile(r"(provider|\.type|\.enabled|\.class|\.mode|\.path|\.file|\.endpoint|\.url)$",
+                              re.IGNORECASE)
+_RESOLVED: set[str] = set()  # secret values resolved from references in this process: scrubbed like env secrets
+
+
+def spark_conf_problems(conf: dict) -> list[str]:
+    """spark.conf values under keys that name a secret must be references (env:NAME, secret:scope/key)."""
+    return [f"spark.conf[{key!r}] names a secret and holds its value: secrets never go in a config file; "
+            f"write it as env:NAME (an environment variable) or secret:scope/key (a Databricks secret scope), "
+            "resolved on the driver when the Spark session starts"
+            for key, value in (conf or {}).items()
+            if SECRET_CONF_KEY.search(str(key)) and not NOT_A_SECRET_KEY.search(str(key))
+            and not str(value).startswith(("env:", "secret:"))]
+
+
+def resolve_conf(conf: dict) -> dict:
+    """spark.conf with its env:/secret: references resolved (values then scrubbed from every log)."""
+    out = {}
+    for key, value in conf.items():
+        if isinstance(value, str) and value.startswith(("env:", "secret:")) and SECRET_CONF_KEY.search(str(key)):
+            value = resolve(value, f"spark.conf[{key!r}]")
+            _RESOLVED.add(value)
+        out[key] = value
+    return out
 
 
 def looks_like_secret(value: str) -> Optional[str]:
@@ -82,6 +110,7 @@ def secret_values(environ: Optional[dict[str, str]] = None) -> list[str]:
     env = _environ_snapshot() if environ is None else environ
     found = {v for k, v in env.items() if SECRET_NAME.search(k) and len(v) >= 8}
     found |= {v for v in env.values() if len(v) >= 20 and looks_like_secret(v)}
+    found |= {v for v in _RESOLVED if len(v) >= 4}
     return sorted(found, key=len, reverse=True)
 
 

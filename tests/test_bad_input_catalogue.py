@@ -87,6 +87,17 @@ def foreign_files(tmp, into_model=False):
     return []
 
 
+def output_in_use(tmp):
+    """Another run (this test process, alive) holds output_dir's lock."""
+    from spark_tuning.deploy.serving import process_identity
+
+    (tmp / "out").mkdir(parents=True, exist_ok=True)
+    start, cmdline = process_identity(os.getpid())
+    (tmp / "out" / ".model.lock").write_text(json.dumps({"pid": os.getpid(), "process_start": start,
+                                                         "cmdline": cmdline, "started": 0}))
+    return []
+
+
 def output_holds_data(tmp):
     """output_dir is the folder the data source lives in."""
     (tmp / "out" / "data").mkdir(parents=True)
@@ -198,6 +209,7 @@ CASES = [
          "write (thesis.txt): spark", flags=("--overwrite",), absent="pass --overwrite"),
     Case("someone's model folder, --overwrite", lambda t, e: existing_model(t, marker=False),
          "did not write (config.json, metrics.json)", flags=("--overwrite",), absent="pass --overwrite"),
+    Case("output_dir in use by another run", lambda t, e: output_in_use(t), "is in use by another run: pid"),
     Case("output_dir holds the data source", lambda t, e: output_holds_data(t), "which spark-tuning never deletes",
          flags=("--overwrite",), absent="pass --overwrite"),
     Case("output_dir is the checkout", lambda t, e: [f"output_dir={os.path.dirname(os.path.dirname(__file__))}"],

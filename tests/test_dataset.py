@@ -130,3 +130,28 @@ def test_real_imdb_reviews_prepare(spark, imdb_path):
         "source": {"rows_read": 25000, "null_or_empty_text": 0, "no_label": 0}}}
     balance = p.train.groupBy("label").count().collect()
     assert all(500 < r["count"] < 1100 for r in balance)
+
+
+def test_validation_labels_sparse_ids_and_nan_labels_are_refused_before_training(spark, tmp_path):
+    """Checked in the data stage: a bad validation label used to fail the first evaluation, an epoch in;
+    ids {100, 200} silently built a 201-class head; NaN labels got a misleading message."""
+    train = pd.DataFrame({"text": [f"review {i}" for i in range(20)], "label": ["pos", "neg"] * 10})
+    train.to_parquet(tmp_path / "train.parquet")
+    pd.DataFrame({"text": ["a", "b", "c"], "label": ["pos", "neutral", "meh"]}).to_parquet(tmp_path / "eval.parquet")
+    cfg = DataConfig(source=str(tmp_path / "train.parquet"), eval_source=str(tmp_path / "eval.parquet"))
+    with pytest.raises(InputError, match=r"2 rows have labels that are not among the training classes \['neg', "
+                                         r"'pos'\] \(e.g. \['meh', 'neutral'\]\)"):
+        dataset.prepare(spark, cfg, seed=1)
+    pd.DataFrame({"text": ["a", "b"], "label": [0, 7]}).to_parquet(tmp_path / "eval-ids.parquet")
+    pd.DataFrame({"text": train.text, "label": [0, 1] * 10}).to_parquet(tmp_path / "train-ids.parquet")
+    with pytest.raises(InputError, match=r"are not class ids 0..1 of the training data \(e.g. \['7'\]\)"):
+        dataset.prepare(spark, DataConfig(source=str(tmp_path / "train-ids.parquet"),
+                                          eval_source=str(tmp_path / "eval-ids.parquet")), seed=1)
+    pd.DataFrame({"text": train.text, "label": [100, 200] * 10}).to_parquet(tmp_path / "sparse.parquet")
+    with pytest.raises(InputError, match=r"integer labels \[100, 200\] are not the ids 0..1 .* data.label_names"):
+        dataset.prepare(spark, DataConfig(source=str(tmp_path / "sparse.parquet")), seed=1)
+    # (pandas writes NaN as null, which is dropped as "no label"; Spark's own NaN and inf are refused)
+    spark.createDataFrame([(f"r {i}", [0.0, 1.0, float("nan"), float("inf")][i % 4]) for i in range(20)],
+                          "text string, label double").write.parquet(str(tmp_path / "nan.parquet"))
+    with pytest.raises(InputError, match="NaN or infinite values in 10 rows"):
+        dataset.prepare(spark, DataConfig(source=str(tmp_path / "nan.parquet")), seed=1)

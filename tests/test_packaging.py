@@ -43,6 +43,8 @@ def test_logged_model_has_signature_example_and_tokenizer(packaged_run):
     assert meta.signature.inputs.input_names() == ["text"]
     assert [c.name for c in meta.signature.outputs.inputs] == ["label", "label_id", "probability", "probabilities"]
     assert meta.saved_input_example_info is not None
+    example = json.load(open(os.path.join(local, meta.saved_input_example_info["artifact_path"])))
+    assert "a film worth seeing" in json.dumps(example)  # synthetic: no row of the data travels with the model
     model_config = meta.flavors["python_function"]["config"]
     assert model_config["max_length"] == cfg.data.max_length and model_config["task"] == "classification"
     inner = [os.path.join(d, f) for d, _, fs in os.walk(local) for f in fs]

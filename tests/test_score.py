@@ -37,17 +37,26 @@ def test_score_refuses_bad_columns(packaged_run, spark, tmp_path):
         score.score(df.withColumnRenamed("review", "text"), location)
 
 
-def test_score_cli_reads_and_writes_parquet(packaged_run, spark, tmp_path):
+def test_score_cli_reads_and_writes_parquet(packaged_run, spark, tmp_path, capsys):
     """The command end to end (same SparkSession: getOrCreate reuses the test one)."""
     from spark_tuning.cli import main
 
     cfg, summary = packaged_run
     src = tmp_path / "in.parquet"
-    pd.DataFrame({"text": ["a wonderful, gripping film", "dull and tedious", "the plot was fine"]}).to_parquet(src)
+    # One text over the served model's limit (deploy.max_text_chars, 100,000): clipped as training clips it,
+    # not a failed Spark job.
+    pd.DataFrame({"text": ["a wonderful, gripping film", "dull and tedious", "the plot was fine",
+                           "tedious " * 20_000]}).to_parquet(src)
     out = tmp_path / "scored"
     args = ["score", "--model-uri", "models:/tiny-reviews@candidate", "--tracking-uri", summary.tracking_uri,
             "--input", str(src), "--output", str(out)]
+    import glob
+    import tempfile
+
+    copies = set(glob.glob(os.path.join(tempfile.gettempdir(), "spark-tuning-model-*")))
     assert main(args) == 0
+    assert "1 text(s) over the model's limit" in capsys.readouterr().out
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "spark-tuning-model-*"))) == copies  # its copy removed
     scored = pd.read_parquet(out)
-    assert len(scored) == 3 and set(scored["prediction"]) <= {"negative", "positive"}
+    assert len(scored) == 4 and set(scored["prediction"]) <= {"negative", "positive"}
     assert main(args) == 2  # the output exists: not overwritten without --overwrite

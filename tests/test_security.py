@@ -141,3 +141,66 @@ def test_credentials_inside_urls_are_refused_in_every_field_and_never_repeated(t
     # Storage URIs whose user part is a container, not a password, pass.
     load_config(None, ["data.source=abfss://reviews@account.dfs.core.windows.net/imdb",
                        f"output_dir={tmp_path / 'o'}"])
+
+
+def test_spark_conf_secrets_are_references_resolved_on_the_driver_and_scrubbed(tmp_path, monkeypatch):
+    from spark_tuning.config import ConfigError, load_config
+    from spark_tuning.secrets import resolve_conf, scrub
+
+    out = f"output_dir={tmp_path / 'o'}"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [out, "spark.conf={fs.s3a.secret.key: abc123xyz, 'fs.azure.account.key.a.dfs.core.windows.net': k}"])
+    msg = str(err.value)
+    assert "spark.conf['fs.s3a.secret.key'] names a secret" in msg and "abc123xyz" not in msg
+    assert "spark.conf['fs.azure.account.key.a.dfs.core.windows.net'] names a secret" in msg
+    cfg = load_config(None, [out, "spark.conf={fs.s3a.secret.key: 'env:MY_S3_SECRET', "
+                                  "fs.s3a.aws.credentials.provider: org.example.Provider}"])
+    monkeypatch.setenv("MY_S3_SECRET", "s3-secret-value-42")
+    monkeypatch.setenv("MY_PLAIN_NAME", "x")
+    assert resolve_conf(cfg.spark.conf)["fs.s3a.secret.key"] == "s3-secret-value-42"
+    monkeypatch.delenv("MY_S3_SECRET")  # resolved values stay scrubbed after the variable is gone
+    assert "s3-secret-value-42" not in scrub("conf fs.s3a.secret.key=s3-secret-value-42")
+
+
+def test_the_watchdog_gets_the_tracking_uri_through_its_environment(tmp_path):
+    """`ps` shows every user a command line: a database URI with a password must not be on it."""
+    import mlflow
+
+    from spark_tuning.deploy.serving import process_identity
+    from spark_tuning.track import watchdog
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("w"))
+    proc = watchdog.start(uri, run.info.run_id)
+    try:
+        _, cmdline = process_identity(proc.pid)
+        assert cmdline and not any(uri in a or "mlflow.db" in a for a in cmdline), cmdline
+        client.set_terminated(run.info.run_id, "FINISHED")  # the watchdog exits once the run has ended
+        proc.wait(timeout=30)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_one_run_per_output_folder_and_a_stale_lock_is_taken_over(tmp_path, caplog):
+    import logging
+
+    from spark_tuning.finetune import output_lock
+
+    out = str(tmp_path / "model")
+    with output_lock(out) as held:
+        assert os.path.isfile(held) and json.load(open(held))["pid"] == os.getpid()
+        with pytest.raises(InputError, match=rf"in use by another run: pid {os.getpid()}"):
+            with output_lock(out):
+                pass
+        assert os.path.isfile(held)  # the refused run did not take or remove it
+    assert not os.path.exists(held)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with open(held, "w") as f:
+        json.dump({"pid": gone.pid, "process_start": 1, "cmdline": ["python"], "started": 0}, f)
+    with caplog.at_level(logging.WARNING), output_lock(out) as again:
+        assert json.load(open(again))["pid"] == os.getpid()
+    assert "was left by a run that is gone" in caplog.text and not os.path.exists(held)

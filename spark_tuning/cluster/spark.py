@@ -51,6 +51,8 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
         "spark.scheduler.barrier.maxConcurrentTasksCheck.maxFailures": "3",
         "spark.scheduler.barrier.maxConcurrentTasksCheck.interval": "5s",
     }
-    for key, value in {**defaults, **cfg.conf}.items():
+    from spark_tuning.secrets import resolve_conf
+
+    for key, value in {**defaults, **resolve_conf(cfg.conf)}.items():  # env:/secret: references resolved here
         builder = builder.config(key, value)
     return builder.getOrCreate()

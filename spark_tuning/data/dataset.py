@@ -211,6 +211,11 @@ def infer_labels(df: DataFrame, label_names: Optional[list[str]], source_names: 
     """Decide how labels map to ids. String labels are mapped to ids in sorted order (or in the order of
     data.label_names); integer labels are ids already."""
     dtype = df.schema[LABEL].dataType
+    if isinstance(dtype, (T.FloatType, T.DoubleType)):
+        bad = df.where(F.isnan(LABEL) | F.col(LABEL).isin(float("inf"), float("-inf"))).count()
+        if bad:
+            raise InputError(f"data.label_column holds NaN or infinite values in {bad} rows: class labels must be "
+                             "integer ids or names; drop or fix those rows")
     values = [r[0] for r in df.select(LABEL).distinct().limit(10_001).collect()]
     if len(values) > 10_000:
         raise InputError("the label column has more than 10,000 distinct values: is data.label_column right?")
@@ -246,6 +251,12 @@ def infer_labels(df: DataFrame, label_names: Optional[list[str]], source_names: 
         raise InputError(
             f"labels of type {dtype.simpleString()} cannot be class ids: use integer ids or class names"
         )
+    if not (label_names or source_names) and sorted(set(values)) != list(range(len(set(values)))):
+        ids = sorted(set(values))
+        raise InputError(
+            f"integer labels {ids[:5]}{' ...' if len(ids) > 5 else ''} are not the ids 0..{len(ids) - 1} ({len(ids)} "
+            f"distinct values, the largest {ids[-1]}): a head of {ids[-1] + 1} classes would be built for them. "
+            "Name every class in data.label_names (one name per id, in id order), or renumber the labels 0..N-1")
     names = list(label_names or source_names or [str(i) for i in range(max(values) + 1)])
     bad = sorted(v for v in values if not 0 <= v < len(names))
     if bad:
@@ -255,6 +266,27 @@ def infer_labels(df: DataFrame, label_names: Optional[list[str]], source_names: 
         )
     _check_classes(len(set(values)), values)
     return LabelInfo(tuple(names), from_strings=False)
+
+
+def check_eval_labels(df: DataFrame, info: LabelInfo, what: str) -> None:
+    """Validation labels must be the training classes: names among info.names (string labels) or ids
+    0..N-1, never NaN. Checked before any training: a bad one would fail the first evaluation, an epoch in."""
+    dtype = df.schema[LABEL].dataType
+    if info.from_strings:
+        bad = df.where(~F.col(LABEL).cast("string").isin(list(info.names)))
+        kind = f"are not among the training classes {list(info.names)}"
+    else:
+        bad_ids = ~F.col(LABEL).cast("double").between(0, len(info.names) - 1)
+        if isinstance(dtype, (T.FloatType, T.DoubleType)):
+            bad_ids = bad_ids | F.isnan(LABEL) | (F.col(LABEL) != F.floor(LABEL))
+        if isinstance(dtype, T.StringType):
+            bad_ids = bad_ids | ~F.col(LABEL).rlike(r"^\s*\d+\s*$")
+        bad = df.where(bad_ids)
+        kind = f"are not class ids 0..{len(info.names) - 1} of the training data"
+    row = bad.agg(F.count(F.lit(1)).alias("n"), F.collect_set(F.col(LABEL).cast("string")).alias("v")).first()
+    if row["n"]:
+        raise InputError(f"the validation data ({what}): {row['n']} rows have labels that {kind} (e.g. "
+                         f"{sorted(row['v'])[:5]}): fix those rows, or name every class in data.label_names")
 
 
 def _is_int(v: str) -> bool:
@@ -328,6 +360,7 @@ def prepare(spark: SparkSession, cfg: DataConfig, seed: int) -> Prepared:
     if eval_df is None:
         train_df, eval_df = split(df, cfg.validation_fraction, seed)
     else:
+        check_eval_labels(eval_df, labels, cfg.eval_source or f"data.eval_split = {cfg.eval_split!r}")
         train_df, eval_df = df, encode_labels(eval_df, labels)
     train_df, eval_df, counts = sampled(train_df, eval_df, cfg, seed, dropped)
     log.info("data: %d training rows, %d validation rows, classes %s",

@@ -101,6 +101,30 @@ def _model_path(location: str) -> str:
     return location
 
 
+def text_limit(local: str) -> int:
+    """The served model's limit on characters per text (deploy.max_text_chars, in its model_config)."""
+    from mlflow.models import Model
+
+    config = Model.load(local).flavors.get("python_function", {}).get("model_config") or {}
+    return int(config.get("max_chars", 100_000))
+
+
+def clip(texts: pd.Series, limit: int) -> pd.Series:
+    """Texts over `limit` characters keep their first and last limit // 2 (any truncation mode then finds the
+    tokens it keeps: max_length tokens need far fewer characters), as training clips what it cannot use."""
+    half = limit // 2
+    long = texts.str.len() > limit
+    if long.any():
+        texts = texts.where(~long, texts.str.slice(0, half) + " " + texts.str.slice(-(limit - half - 1)))
+    return texts
+
+
+def clipped_rows(df: DataFrame, model_location: str, text_column: str = "text") -> int:
+    """How many rows of `df` score clips (texts over the model's limit)."""
+    limit = text_limit(_model_path(model_location))
+    return df.where(F.length(F.col(text_column)) > limit).count()
+
+
 def takes_pairs(local: str) -> bool:
     """Whether the model was trained on text pairs (its signature's inputs hold text_pair)."""
     from mlflow.models import Model
@@ -122,13 +146,14 @@ def score(df: DataFrame, model_location: str, text_column: str = "text", pair_co
     clash = [c for c in columns if c in df.columns]
     if clash:
         raise InputError(f"the input already has column(s) {clash}: rename or drop them before scoring")
+    limit = text_limit(_model_path(model_location))  # one text over it would fail the whole Spark job
 
     @pandas_udf(schema)
     def predict(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         model = _load_once(model_location)
         for texts in batches:
-            out = model.predict(pd.DataFrame({"text": texts.fillna("").astype(str)}))
+            out = model.predict(pd.DataFrame({"text": clip(texts.fillna("").astype(str), limit)}))
             yield pd.DataFrame({name: out[served] for name, served in columns.items()})
 
     @pandas_udf(schema)
@@ -136,8 +161,8 @@ def score(df: DataFrame, model_location: str, text_column: str = "text", pair_co
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         model = _load_once(model_location)
         for texts, second in batches:
-            out = model.predict(pd.DataFrame({"text": texts.fillna("").astype(str),
-                                              "text_pair": second.fillna("").astype(str)}))
+            out = model.predict(pd.DataFrame({"text": clip(texts.fillna("").astype(str), limit),
+                                              "text_pair": clip(second.fillna("").astype(str), limit)}))
             yield pd.DataFrame({name: out[served] for name, served in columns.items()})
 
     udf = predict_pairs(F.col(text_column), F.col(pair_column)) if pairs else predict(F.col(text_column))

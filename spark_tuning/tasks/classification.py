@@ -79,16 +79,12 @@ class TextRowsTask(Task):
         return p
 
     def input_examples(self, cfg, folder: str) -> list:
-        """Two validation rows: texts, or {text, text_pair} records for pairs."""
-        import pandas as pd
-
-        path = os.path.join(folder, PREDICTIONS)
-        if not os.path.isfile(path):
-            return []
-        rows = pd.read_parquet(path).head(2)
-        if "text_pair" in rows.columns:
-            return rows[["text", "text_pair"]].to_dict("records")
-        return rows["text"].tolist()
+        """Two synthetic texts (or {text, text_pair} records): never a row of the data, which the registered
+        model would otherwise carry to everyone who can read the registry."""
+        texts = ["a film worth seeing", "a dull, tedious film"]
+        if cfg.data.text_pair_column:
+            return [{"text": t, "text_pair": "another review of the same film"} for t in texts]
+        return texts
 
     @staticmethod
     def eval_texts(staged: Staged):

@@ -4,7 +4,10 @@ The driver starts this as a detached process (its own session, so it outlives th
 second; when the driver's process is gone and the run is still RUNNING, it marks the run FAILED. It exits
 as soon as the run has ended in any way, so a finished job leaves nothing behind.
 
-    python -m spark_tuning.track.watchdog DRIVER_PID TRACKING_URI RUN_ID
+    SPARK_TUNING_WATCHDOG_URI=<tracking uri> python -m spark_tuning.track.watchdog DRIVER_PID RUN_ID
+
+The tracking URI travels in the environment, not on the command line, where any user's `ps` would show it
+(and a database URI may carry credentials).
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import sys
 import time
 
 
-def start(tracking_uri: str, run_id: str) -> None:
-    subprocess.Popen([sys.executable, "-m", "spark_tuning.track.watchdog", str(os.getpid()), tracking_uri, run_id],
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     start_new_session=True)
+URI_ENV = "SPARK_TUNING_WATCHDOG_URI"
+
+
+def start(tracking_uri: str, run_id: str):
+    return subprocess.Popen([sys.executable, "-m", "spark_tuning.track.watchdog", str(os.getpid()), run_id],
+                            env={**os.environ, URI_ENV: tracking_uri}, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def main(pid: int, tracking_uri: str, run_id: str, interval: float = 1.0) -> None:
@@ -42,4 +48,4 @@ def main(pid: int, tracking_uri: str, run_id: str, interval: float = 1.0) -> Non
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    main(int(sys.argv[1]), os.environ[URI_ENV], sys.argv[2])
