@@ -173,6 +173,7 @@ def preflight(cfg: Config, overwrite: bool, resume: bool, task):
         raise InputError(f"data.max_length = {cfg.data.max_length} is more than the {positions} positions model "
                          f"{src.location} takes: set data.max_length to at most {positions}")
     check_resources(cfg.distributed)
+    tracking.check_reachable(cfg)  # a tracking server that does not answer: a clear error in seconds
     if cfg.distributed.strategy == "fsdp" and cfg.distributed.num_processes < 2:
         raise InputError("distributed.strategy = 'fsdp' with distributed.num_processes = 1: one process has nothing "
                          "to shard the model over; set distributed.num_processes to 2 or more (one per GPU), or "

@@ -283,7 +283,8 @@ def render(report: dict) -> str:
               + ("(planned as the ranks plan them)" if s["exact"] else
                  "(estimated: rows split evenly over the processes; the job prints the exact count)"),
               f"- training tokens: {s['training_tokens']:,} useful, {s['computed_tokens']:,} computed; "
-              f"{s['evaluations']} evaluations of {s['eval_tokens_per_evaluation']:,} tokens",
+              f"{s['evaluations']} evaluation{'s' if s['evaluations'] != 1 else ''} of "
+              f"{s['eval_tokens_per_evaluation']:,} tokens",
               f"- model: {m['parameters']:,} parameters, {m['trainable_parameters']:,} trainable"
               + (" (LoRA)" if m["lora"] else "") + f", {m['non_embedding_parameters']:,} outside embeddings",
               f"- FLOPs: {comp['training_flops']:.3g} training (6 x {m['non_embedding_parameters']:,} x computed tokens), "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from typing import Any, Iterable, Optional
 
 from spark_tuning.errors import InputError
@@ -131,14 +132,26 @@ class ScrubFilter(logging.Filter):
         clean = scrub(message)
         if clean != message:
             record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:  # log.exception: the traceback is text too
+            record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = scrub(record.stack_info)
         return True
 
 
 def install_log_scrubbing() -> None:
+    """Scrub every handler of the root logger, and uncaught exceptions' tracebacks (sys.excepthook)."""
     root = logging.getLogger()
     for handler in root.handlers:
         if not any(isinstance(f, ScrubFilter) for f in handler.filters):
             handler.addFilter(ScrubFilter())
+    sys.excepthook = scrubbed_excepthook
+
+
+def scrubbed_excepthook(kind, value, tb) -> None:
+    import traceback
+
+    sys.stderr.write(scrub("".join(traceback.format_exception(kind, value, tb))))
 
 
 def resolve(reference: Optional[str], setting: str) -> Optional[str]:

@@ -87,6 +87,14 @@ def foreign_files(tmp, into_model=False):
     return []
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def output_in_use(tmp):
     """Another run (this test process, alive) holds output_dir's lock."""
     from spark_tuning.deploy.serving import process_identity
@@ -209,6 +217,8 @@ CASES = [
          "write (thesis.txt): spark", flags=("--overwrite",), absent="pass --overwrite"),
     Case("someone's model folder, --overwrite", lambda t, e: existing_model(t, marker=False),
          "did not write (config.json, metrics.json)", flags=("--overwrite",), absent="pass --overwrite"),
+    Case("tracking server does not answer", lambda t, e: [f"tracking.tracking_uri=http://127.0.0.1:{_free_port()}"],
+         "does not answer"),
     Case("output_dir in use by another run", lambda t, e: output_in_use(t), "is in use by another run: pid"),
     Case("output_dir holds the data source", lambda t, e: output_holds_data(t), "which spark-tuning never deletes",
          flags=("--overwrite",), absent="pass --overwrite"),

@@ -204,3 +204,41 @@ def test_one_run_per_output_folder_and_a_stale_lock_is_taken_over(tmp_path, capl
     with caplog.at_level(logging.WARNING), output_lock(out) as again:
         assert json.load(open(again))["pid"] == os.getpid()
     assert "was left by a run that is gone" in caplog.text and not os.path.exists(held)
+
+
+def test_the_relay_stops_at_the_first_failure_of_an_unreachable_store(tmp_path, monkeypatch, caplog):
+    """A tracking server that goes away mid-training: one warning, no further tries per event (each would
+    wait through MLflow's retries), and the driver is not held up."""
+    import logging
+    import time
+
+    from spark_tuning.deploy.serving import free_port
+    from spark_tuning.track import tracking
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    events = tmp_path / "events.jsonl"
+    events.write_text("".join(json.dumps({"metrics": {"train_loss": 1.0 / s}, "step": s}) + "\n" for s in range(1, 30)))
+    ref = tracking.RunRef(f"http://127.0.0.1:{free_port()}", "0" * 32, "0")
+    t = time.monotonic()
+    with caplog.at_level(logging.WARNING), tracking.relay(ref, str(events), every_s=0.1):
+        time.sleep(1.0)
+    assert time.monotonic() - t < 20
+    assert caplog.text.count("the MLflow tracking store failed") == 1, caplog.text
+
+
+def test_tracebacks_are_scrubbed_in_logs_and_when_uncaught(tmp_path):
+    """log.exception and an uncaught exception print tracebacks, which may hold a secret in a message."""
+    code = ("import logging, os, sys\n"
+            "from spark_tuning.secrets import install_log_scrubbing\n"
+            "logging.basicConfig(level=logging.INFO)\n"
+            "install_log_scrubbing()\n"
+            "try:\n"
+            "    raise RuntimeError('could not connect to ' + os.environ['URI'])\n"
+            "except RuntimeError:\n"
+            "    logging.getLogger('x').exception('failed')\n"
+            "raise ValueError('token ' + os.environ['MY_API_TOKEN'])\n")
+    env = {**os.environ, "URI": "postgresql://bob:pa55word-xyz@db/mlflow", "MY_API_TOKEN": "tok-1234567890abcdef"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "RuntimeError" in proc.stderr
+    assert "pa55word-xyz" not in proc.stderr and "tok-1234567890abcdef" not in proc.stderr, proc.stderr

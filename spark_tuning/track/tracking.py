@@ -46,6 +46,32 @@ def ui_command(uri: str) -> str:
     return f"open the run in the MLflow UI at {uri}"
 
 
+def check_reachable(cfg: Config, timeout_s: float = 10.0) -> None:
+    """A tracking server (http/https URI) must answer before any work starts: a clear error in seconds,
+    not after the data stage and MLflow's retries."""
+    import urllib.error
+    import urllib.request
+
+    from spark_tuning.errors import InputError
+
+    uri = tracking_uri(cfg)
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+            if r.status < 500:
+                return
+            reason = f"HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        if e.code < 500:
+            return  # it answers (a proxy may not route /health): good enough
+        reason = f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        reason = str(getattr(e, "reason", e))
+    raise InputError(f"tracking.tracking_uri = {scrub(uri)!r} does not answer ({reason}): start the MLflow server, "
+                     "fix the URI, or leave tracking.tracking_uri unset for a local store beside the output")
+
+
 def start_run(cfg: Config, run_name: Optional[str] = None, tags: Optional[dict[str, str]] = None) -> RunRef:
     """A new run in cfg's experiment (made if missing), named `run_name` (default: the config's run name)."""
     import mlflow
@@ -175,16 +201,25 @@ def log_event(ref: RunRef, event: dict) -> None:
         MlflowClient(ref.tracking_uri).log_table(ref.run_id, event["table"], event["artifact_file"])
 
 
+# MLflow error codes of a value the store refused (the store itself answered): skip that event, go on.
+REFUSED = ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST")
+
+
 @contextlib.contextmanager
-def relay(ref: RunRef, events_path: str, every_s: float = 0.5) -> Iterator[None]:
+def relay(ref: RunRef, events_path: str, every_s: float = 0.5, join_timeout_s: float = 30.0) -> Iterator[None]:
     """While the block runs, forward every complete line of `events_path` into the run; at the end, the
-    rest. A line MLflow refuses is logged as a warning and skipped: the training goes on. (The driver
-    logs the final metrics itself, after training.)"""
+    rest. A line MLflow refuses (a bad value) is logged as a warning and skipped. A tracking store that
+    does not answer stops the relay at its first failure, with a warning: training goes on, and the driver
+    does not wait through MLflow's retries for every event (the events stay in the rank log). The thread
+    is joined for at most `join_timeout_s` seconds."""
     stop = threading.Event()
     offset = 0  # bytes of the file already forwarded
+    broken: list[str] = []  # the first failure of the store itself; nothing is sent after it
 
     def forward() -> None:
         nonlocal offset
+        if broken:
+            return
         try:
             with open(events_path, "rb") as f:
                 f.seek(offset)
@@ -196,8 +231,15 @@ def relay(ref: RunRef, events_path: str, every_s: float = 0.5) -> Iterator[None]
         for line in data[:done].splitlines():
             try:
                 log_event(ref, json.loads(line))
-            except Exception as e:  # noqa: BLE001 - one bad line must not stop the others
-                logging.getLogger(__name__).warning("could not log a training event into MLflow: %s", e)
+            except Exception as e:  # noqa: BLE001 - a refused value, or the store down: see below
+                if isinstance(e, (ValueError, TypeError)) or getattr(e, "error_code", "") in REFUSED:
+                    logging.getLogger(__name__).warning("could not log a training event into MLflow: %s", e)
+                    continue  # one bad line must not stop the others
+                broken.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+                logging.getLogger(__name__).warning(
+                    "the MLflow tracking store failed (%s): no more per-step metrics are sent to run %s; "
+                    "training goes on", scrub(broken[0]), ref.run_id)
+                return
 
     def loop() -> None:
         while not stop.wait(every_s):
@@ -209,5 +251,6 @@ def relay(ref: RunRef, events_path: str, every_s: float = 0.5) -> Iterator[None]
         yield
     finally:
         stop.set()
-        thread.join()
-        forward()
+        thread.join(timeout=join_timeout_s)
+        if not thread.is_alive():
+            forward()
