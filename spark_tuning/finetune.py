@@ -267,8 +267,10 @@ def output_lock(out: str) -> Iterator[Optional[str]]:
     path = os.path.join(os.path.dirname(out.rstrip("/")), f".{os.path.basename(out.rstrip('/'))}.lock")
     start, cmdline = process_identity(os.getpid())
     mine = json.dumps({"pid": os.getpid(), "process_start": start, "cmdline": cmdline, "started": time.time()})
+    parent = os.path.dirname(path)
+    made = not os.path.isdir(parent)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(parent, exist_ok=True)
     except OSError:
         yield None
         return
@@ -293,7 +295,9 @@ def output_lock(out: str) -> Iterator[Optional[str]]:
         finally:
             try:
                 os.remove(path)
-            except FileNotFoundError:
+                if made:
+                    os.rmdir(parent)  # a refused run leaves no folder behind (only an empty one goes)
+            except OSError:
                 pass
         return
     raise InputError(f"output_dir {out}: its lock {path} could not be taken: remove it if no run is using the folder")

@@ -251,6 +251,7 @@ def infer_labels(df: DataFrame, label_names: Optional[list[str]], source_names: 
         raise InputError(
             f"labels of type {dtype.simpleString()} cannot be class ids: use integer ids or class names"
         )
+    _check_classes(len(set(values)), values)
     if not (label_names or source_names) and sorted(set(values)) != list(range(len(set(values)))):
         ids = sorted(set(values))
         raise InputError(
