@@ -145,7 +145,15 @@ def install_log_scrubbing() -> None:
     for handler in root.handlers:
         if not any(isinstance(f, ScrubFilter) for f in handler.filters):
             handler.addFilter(ScrubFilter())
-    sys.excepthook = scrubbed_excepthook
+    install_excepthook()
+
+
+def install_excepthook() -> None:
+    """Uncaught exceptions' tracebacks, scrubbed. Only Python's default hook is replaced: a hook installed
+    before (e.g. faults.exit_without_teardown's, which notes the failure for the exit code) is kept, and
+    whoever installs one after this call chains to the scrubbed one."""
+    if sys.excepthook is sys.__excepthook__:
+        sys.excepthook = scrubbed_excepthook
 
 
 def scrubbed_excepthook(kind, value, tb) -> None:

@@ -140,8 +140,9 @@ def _quiet_libraries(rank_zero: bool) -> None:
 def train_fn(payload: dict[str, Any]) -> dict[str, Any]:
     """Runs on every rank. Sets up logging (a file per rank, for failure reports) around `_train`."""
     from spark_tuning.cluster.faults import FAILED, FINISHED, exit_without_teardown, start_rank_log
-    from spark_tuning.secrets import install_log_scrubbing
+    from spark_tuning.secrets import install_excepthook, install_log_scrubbing
 
+    install_excepthook()  # before exit_without_teardown's hook, which then chains to it (exit code kept)
     exit_without_teardown()  # first: before torch is imported (see there)
 
     # Each line names its rank: when a process dies, its own last lines can be picked out of the mix.
