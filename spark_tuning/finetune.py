@@ -262,11 +262,10 @@ def output_lock(out: str) -> Iterator[Optional[str]]:
     second run on the same folder is refused, naming the first; a lock whose process is gone (or is another
     process now) is taken over with a warning. Where the parent cannot be made, no lock: preflight then says
     why the folder cannot be written."""
-    from spark_tuning.deploy.serving import process_identity
+    from spark_tuning.deploy.serving import this_process
 
     path = os.path.join(os.path.dirname(out.rstrip("/")), f".{os.path.basename(out.rstrip('/'))}.lock")
-    start, cmdline = process_identity(os.getpid())
-    mine = json.dumps({"pid": os.getpid(), "process_start": start, "cmdline": cmdline, "started": time.time()})
+    mine = json.dumps({**this_process(), "started": time.time()})
     parent = os.path.dirname(path)
     made = not os.path.isdir(parent)
     try:
@@ -305,17 +304,18 @@ def output_lock(out: str) -> Iterator[Optional[str]]:
 
 def _lock_holder(path: str) -> Optional[dict]:
     """The live run holding the lock at `path`, or None after taking over (removing) a stale lock."""
-    from spark_tuning.deploy.serving import process_identity
+    from spark_tuning.deploy.serving import same_process
 
     try:
         with open(path) as f:
             holder = json.load(f)
-        alive = process_identity(int(holder["pid"])) == (holder.get("process_start"), holder.get("cmdline"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError):
-        holder, alive = {}, False
-    if alive:
+    except (OSError, ValueError):
+        holder = {}
+    if not isinstance(holder, dict):
+        holder = {}
+    if same_process(holder):
         return holder
     log.warning("output_dir lock %s was left by a run that is gone (pid %s): taking it over", path, holder.get("pid"))
     try:
@@ -491,7 +491,7 @@ def deploy(cfg: Config, task, staged, result: dict, metrics: dict, folders: RunF
                 tracking.log_artifacts(run_ref, os.path.join(out, "adapter"), "adapter")
             write_owner_marker(out, run_id=run_ref.run_id)
     except Exception as e:  # noqa: BLE001 - the tracking store's errors; the model is safe, say so
-        from spark_tuning.data.dataset import error_line
+        from spark_tuning.errors import error_line
 
         raise JobFailed(
             f"the trained model is saved in {out} (published before logging), but logging it to MLflow run "

@@ -26,6 +26,7 @@ from typing import Any, Optional
 import numpy as np
 
 from spark_tuning.config import Config
+from spark_tuning.loader.staging import Shard
 from spark_tuning.train import budget
 
 log = logging.getLogger("spark_tuning")
@@ -62,14 +63,13 @@ def run(cfg: Config, out: Optional[str] = None, spark=None) -> dict:
     spark = spark or get_spark(cfg.spark)
     profiled = task.profile_rows(spark, cfg, src, info)
     try:
-        train = collect_lengths(profiled.train, seed=cfg.seed)
-        evaluation = collect_lengths(profiled.eval, seed=cfg.seed)
+        f = profiled.figures  # the data stage counted the rows already: no second pass of the tokenizer to count
+        train = collect_lengths(profiled.train, f.get("train_rows"), seed=cfg.seed)
+        evaluation = collect_lengths(profiled.eval, f.get("eval_rows"), seed=cfg.seed)
     finally:
         profiled.release()
     rows = training_rows(cfg, task, train, profiled.cut_at, profiled.figures)
     n = cfg.distributed.num_processes
-    from spark_tuning.loader.staging import Shard
-
     shards = [Shard.of_lengths(rows[r::n]) for r in range(n)]  # the job hashes rows into files: near this
     report = summarize(cfg, task, info, shards, evaluation, profiled.figures, profiled.labels, profiled.cut_at,
                        whole=True, lengths=train)
@@ -89,9 +89,10 @@ def check_out_folder(out: str) -> None:
         raise InputError(f"--out {out} is not an empty folder: give a new or empty folder for the report")
 
 
-def collect_lengths(df, seed: int) -> np.ndarray:
-    """The `length` column on the driver; a seeded sample of MAX_COLLECTED_ROWS when the split is larger."""
-    n = df.count()
+def collect_lengths(df, rows: Optional[int], seed: int) -> np.ndarray:
+    """The `length` column on the driver; a seeded sample of about MAX_COLLECTED_ROWS when the split's `rows`
+    (the rows the data stage counted; token classification windows are a few more) are more."""
+    n = rows or 0
     if n > MAX_COLLECTED_ROWS:
         df = df.sample(fraction=min(1.0, 1.05 * MAX_COLLECTED_ROWS / n), seed=seed).limit(MAX_COLLECTED_ROWS)
     pdf = df.select("length").toPandas()
@@ -157,7 +158,9 @@ def batching_section(report: dict, cfg: Config, shards: list, eval_lengths: np.n
             f"max_tokens_per_batch = {budget_tokens}": (tc.group_by_length, budget_tokens)}
     chosen = (f"max_tokens_per_batch = {budget_tokens}" if tc.max_tokens_per_batch else
               "length buckets" if tc.group_by_length else "random batches")
-    batching = {name: plan_figures(shards, tc, cfg.seed, group, tokens) for name, (group, tokens) in ways.items()}
+    # Every epoch of the configured way (its step count); epoch 0 of the others (padding, steps per epoch).
+    batching = {name: plan_figures(shards, tc, cfg.seed, group, tokens, None if name == chosen else 1)
+                for name, (group, tokens) in ways.items()}
     report["batching"] = {"chosen": chosen, "ways": batching}
     plan = batching[chosen]
     if plan["padding_share"] > WARN_PADDING:

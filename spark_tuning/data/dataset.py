@@ -16,7 +16,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from spark_tuning.errors import InputError
+from spark_tuning.errors import InputError, error_line
 from spark_tuning.paths import PACKAGE_PREFIX, resolve_package_path
 
 if TYPE_CHECKING:  # annotations only: config is a leaf that tasks/ sit above
@@ -132,20 +132,6 @@ READ_FIXES = {
     "table": "check the table name (catalog.schema.table) and that this session may read it",
     "delta": "check that the folder is a Delta table",
 }
-
-
-def error_line(e: BaseException) -> str:
-    """The cause of a Spark (py4j) error in one line: no py4j call ids ("o97.load"), no Java class names,
-    no stack trace."""
-    import re
-
-    lines = [ln.strip().lstrip(":").strip() for ln in str(e).splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith(("An error occurred while calling", "at ", "JVM stacktrace",
-                                                              "Traceback", "py4j."))]
-    line = lines[0] if lines else type(e).__name__
-    line = re.sub(r"^(?:[a-z_][\w$]*\.)+[A-Z][\w$]*(?:Exception|Error)\s*:?\s*", "", line)  # java.io.IOException:
-    line = re.sub(r"\s*SQLSTATE:\s*\w+\.?", "", line)
-    return (line[:300] + "...") if len(line) > 300 else (line or type(e).__name__)
 
 
 def _read_hf(spark: SparkSession, path: str, fmt: str, split: Optional[str]):

@@ -58,26 +58,23 @@ def _step(path: str) -> int:
 def write_staging_marker(folder: str, partial: str, out: str) -> None:
     """What finetune writes into its staging folder: this process (so cleanup can tell a live run) and the
     partial folder it writes into."""
-    from spark_tuning.deploy.serving import process_identity
+    from spark_tuning.deploy.serving import this_process
 
     os.makedirs(folder, exist_ok=True)
-    start, cmdline = process_identity(os.getpid())
     with open(os.path.join(folder, STAGING_MARKER), "w") as f:
-        json.dump({"pid": os.getpid(), "process_start": start, "cmdline": cmdline, "partial": partial,
-                   "output_dir": out}, f)
+        json.dump({**this_process(), "partial": partial, "output_dir": out}, f)
 
 
 def live_marker(folder: str) -> Optional[dict]:
     """The staging marker of `folder` when its run's process is still the one recorded, else None."""
-    from spark_tuning.deploy.serving import process_identity
+    from spark_tuning.deploy.serving import same_process
 
     try:
         with open(os.path.join(folder, STAGING_MARKER)) as f:
             marker = json.load(f)
-        start, cmdline = process_identity(int(marker["pid"]))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return None
-    return marker if start is not None and (start, cmdline) == (marker.get("process_start"), marker.get("cmdline")) else None
+    return marker if isinstance(marker, dict) and same_process(marker) else None
 
 
 def find(output_dir: str, keep_last_checkpoint: bool = False, state_dir: Optional[str] = None) -> list[Item]:

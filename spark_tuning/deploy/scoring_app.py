@@ -47,10 +47,13 @@ class JsonGuard:
             if len(body) > self.max_bytes:
                 return await respond(send, 400, f"the request body is larger than the limit of {self.max_bytes} "
                                                 "bytes: send fewer or shorter texts per request")
-        problem = json_problem(body) or self.rows_problem(body)
+        try:
+            doc = parse(body)
+        except ValueError as e:  # not UTF-8, or not JSON: where it stopped, never what it holds
+            return await respond(send, 400, f"{e}: send a JSON object such as {EXAMPLE}")
+        problem = self.rows_problem(doc)
         if problem:
-            return await respond(send, 400, problem if problem.startswith("the request holds")
-                                 else f"{problem}: send a JSON object such as {EXAMPLE}")
+            return await respond(send, 400, problem)
         sent = False
 
         async def replay():
@@ -62,10 +65,8 @@ class JsonGuard:
 
         return await self.app(scope, replay, send)
 
-
-    def rows_problem(self, body: bytes):
+    def rows_problem(self, doc):
         """More rows than the limit, in any of MLflow's request shapes (None when within it)."""
-        doc = json.loads(body)
         if not isinstance(doc, dict):
             return None
         rows = [doc.get("inputs"), doc.get("instances"), doc.get("dataframe_records"),
@@ -77,15 +78,14 @@ class JsonGuard:
         return None
 
 
-def json_problem(body: bytes):
-    """Why `body` is not a JSON document (where it stops parsing, never what it holds), or None."""
+def parse(body: bytes):
+    """The JSON document in `body`; a ValueError saying where it stops parsing (never what it holds)."""
     try:
-        json.loads(body.decode("utf-8"))
+        return json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
-        return "the request body is not UTF-8 text"
+        raise ValueError("the request body is not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        return f"the request body is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
-    return None
+        raise ValueError(f"the request body is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
 
 
 async def respond(send, status: int, text: str) -> None:

@@ -72,10 +72,25 @@ def process_identity(pid: int) -> tuple[Optional[int], Optional[list]]:
         return None, None
 
 
+def this_process() -> dict:
+    """This process as a record (pid, start time, command line) that `same_process` can check later."""
+    start, cmdline = process_identity(os.getpid())
+    return {"pid": os.getpid(), "process_start": start, "cmdline": cmdline}
+
+
+def same_process(record: dict) -> bool:
+    """Whether the record's pid still runs as the process recorded (same start time and command line): a pid
+    outlives its process after a crash or a reboot, and may be someone else's by now."""
+    try:
+        start, cmdline = process_identity(int(record["pid"]))
+    except (KeyError, TypeError, ValueError):
+        return False
+    return start is not None and (start, cmdline) == (record.get("process_start"), record.get("cmdline"))
+
+
 def is_ours(server: Server) -> bool:
-    """Whether the recorded pid still is the server that was recorded (same start time and command line)."""
-    start, cmdline = process_identity(server.pid)
-    return start is not None and start == server.process_start and cmdline == server.cmdline
+    """Whether the recorded pid still is the server that was recorded."""
+    return same_process(asdict(server))
 
 
 def is_loopback(host: str) -> bool:

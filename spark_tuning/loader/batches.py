@@ -76,13 +76,14 @@ def optimizer_steps(micro_per_epoch: list[int], grad_accum_steps: int, max_steps
 
 
 def plan_figures(shards: list[Shard], train_cfg, seed: int, group_by_length: bool,
-                 max_tokens: Optional[int]) -> dict:
+                 max_tokens: Optional[int], epochs: Optional[int] = None) -> dict:
     """What the ranks' batch plans come to, planned exactly as the ranks plan them (one Shard per rank):
     micro-batches per epoch (the most of any rank: DDP runs that many everywhere), optimizer steps, and
     epoch 0's tokens, useful and computed (pads included; stretched plans of shorter ranks not counted), and
-    its largest batch (rows x longest row)."""
+    its largest batch (rows x longest row). `epochs`: plan only the first ones (default: train.epochs), when
+    epoch 0's figures are all that is wanted; total_steps then counts those."""
     tc, micro, useful, computed, widest = train_cfg, [], 0, 0, 0
-    for epoch in range(tc.epochs):
+    for epoch in range(tc.epochs if epochs is None else epochs):
         plans = [plan_train_batches(s, tc.batch_size, seed, epoch, group_by_length, max_tokens) for s in shards]
         micro.append(max((len(p) for p in plans), default=0))
         if epoch == 0:
