@@ -9,11 +9,12 @@
 # Arguments:
 #   CONFIG.yaml          the job's config (default conf/quickstart.yaml)
 #   --set KEY=VALUE      override a config value (repeatable), e.g. --set train.learning_rate=3e-5
-#   --overwrite          replace an output folder that already holds a model
+#   --overwrite          replace the model in output_dir once the new one is complete
 #   --master URL         Spark master. Without it: the config's spark.master, else local[*]. A master
 #                        given here wins over the config's.
-#   --resume             continue an interrupted run from its newest complete checkpoint (automatic
-#                        when the config is unchanged)
+#   --resume             continue an interrupted run from its newest complete checkpoint, or fail
+#                        (automatic when the config is unchanged, with or without --overwrite)
+#   --fresh              discard an interrupted run's checkpoints and train from the start
 #   --dry-run            check the config, print the spark-submit command, and stop
 #   -- OPTIONS...        everything after -- goes to spark-submit unchanged (--conf k=v, --executor-memory,
 #                        --deploy-mode, --packages, ...), before the job's own arguments
@@ -45,6 +46,7 @@ while [[ $# -gt 0 ]]; do
     --set=*) sets+=("${1#--set=}"); shift ;;
     --overwrite) overwrite=1; shift ;;
     --resume) job_args+=(--resume); shift ;;
+    --fresh) job_args+=(--fresh); shift ;;
     --master) [[ $# -ge 2 && "$2" != -* ]] || { echo "spark-submit.sh: --master needs a URL" >&2; exit 2; }
               master="$2"; shift 2 ;;
     --master=*) master="${1#--master=}"; shift ;;

@@ -36,7 +36,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from spark_tuning.tasks import get_task
 
     cfg = load_config(args.config, args.set)
-    summary = finetune.run(cfg, overwrite=args.overwrite, resume=args.resume)
+    summary = finetune.run(cfg, overwrite=args.overwrite, resume=args.resume, fresh=args.fresh)
     print(render_summary(summary, get_task(cfg.task)))
     return 0
 
@@ -52,6 +52,17 @@ def _profile(args: argparse.Namespace) -> int:
 
     where = f"; files in {args.out}" if args.out else ""
     print(f"MLflow run {report['mlflow']['run_id']} ({ui_command(report['mlflow']['tracking_uri'])}){where}")
+    return 0
+
+
+def _log_model(args: argparse.Namespace) -> int:
+    from spark_tuning.track import relog
+    from spark_tuning.track.tracking import ui_command
+
+    done = relog.log_model(args.output_dir, args.tracking_uri)
+    where = "a new run, " if done["new_run"] else "run "
+    print(f"logged {args.output_dir} into {where}{done['run_id']} ({ui_command(done['tracking_uri'])})"
+          + (f"; model {done['model_uri']}, version {done['version']}" if done["model_uri"] else ""))
     return 0
 
 
@@ -286,11 +297,21 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--config", help="YAML config (default: the built-in quickstart defaults)")
     ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set train.learning_rate=3e-5 (repeatable)")
-    ft.add_argument("--overwrite", action="store_true", help="replace an output folder that already holds files")
-    ft.add_argument("--resume", action="store_true",
-                    help="continue the interrupted run in output_dir from its newest complete checkpoint "
-                         "(done automatically when the config is the same)")
+    ft.add_argument("--overwrite", action="store_true",
+                    help="replace the model in output_dir once the new one is complete (an interrupted run of the "
+                         "same config is still continued)")
+    again = ft.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the interrupted run of output_dir from its newest complete checkpoint, or fail "
+                            "(done without it whenever the config is the same)")
+    again.add_argument("--fresh", action="store_true",
+                       help="discard an interrupted run of output_dir (its checkpoints) and train from the start")
     ft.set_defaults(func=_finetune)
+    lg = sub.add_parser("log-model", help="log a finished model into MLflow after the tracking store failed at the "
+                        "end of its run (the job's error says when)")
+    lg.add_argument("--output-dir", required=True, help="the run's output folder (its published model)")
+    lg.add_argument("--tracking-uri", default=None, help="default: the tracking URI of the run's config.yaml")
+    lg.set_defaults(func=_log_model)
     pr = sub.add_parser("profile", help="know before you train: the data, truncation, padding, steps, memory and time "
                         "of a config, without training (its own MLflow run)")
     pr.add_argument("--config", help="YAML config (default: the built-in quickstart defaults)")

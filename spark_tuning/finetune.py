@@ -2,8 +2,10 @@
 -> MLflow -> output folder.
 
 Cheap checks run first (config, output folder, model, processes) so that bad input fails in seconds.
-Outputs are written to a hidden folder beside `output_dir` and moved into place only when complete; the
-staging folder and any partial output are removed whatever happens, and a failed run is marked FAILED.
+Outputs are written to a hidden folder beside `output_dir` and moved into place only when complete; a run's
+state while it trains (run.json, checkpoints) lives in another one beside it, `.NAME.run`, so that a finished
+model is never mixed with the next run's checkpoints. The staging folder and any partial output are removed
+whatever happens, and a failed run is marked FAILED.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import numpy as np
 
 from spark_tuning.config import Config, to_yaml
 from spark_tuning.errors import InputError
-from spark_tuning.paths import (OWNER_MARKER, check_removable, foreign_names, holds_output, local_path, new_sibling,
-                                output_root, publish, removal_problem, remove_tree, write_owner_marker)
+from spark_tuning.paths import (OWNER_MARKER, check_removable, foreign_names, holds_output, local_path, lock_file,
+                                new_sibling, output_root, publish, remove_tree, run_folder, write_owner_marker)
 from spark_tuning.track import tracking
 
 log = logging.getLogger("spark_tuning")
@@ -66,12 +68,12 @@ def derived_figures(cfg: Config, train_rows: Optional[int] = None, mean_length: 
     return out
 
 
-RUN_MARKER = "run.json"  # written into output_dir while a run is in progress: its config and MLflow run
+RUN_MARKER = "run.json"  # in the run folder (paths.run_folder) while a run trains: its config and MLflow run
 
 
 @dataclass
 class Plan:
-    """What preflight decided about the output folder."""
+    """What preflight decided about the output folder and the run folder beside it."""
 
     resume_from: Optional[str] = None  # the checkpoint to continue from
     earlier_run: Optional[dict] = None  # the interrupted run's marker (its MLflow run id)
@@ -79,17 +81,44 @@ class Plan:
 
 
 def output_state(out: str) -> str:
-    """'empty', 'model' (a finished run of spark-tuning's: its marker lists every name in the folder),
-    'interrupted' (run.json and the checkpoints of a run that did not finish) or 'other' (anything else: a
-    folder of someone's files, a model spark-tuning did not write, a model with files added to it)."""
+    """'empty', 'model' (a finished run of spark-tuning's: its marker lists every name in the folder) or
+    'other' (anything else: a folder of someone's files, a model spark-tuning did not write, a model with
+    files added to it)."""
     if not holds_output(out):
         return "empty"
-    names = set(os.listdir(out))
-    if RUN_MARKER in names and names <= {RUN_MARKER, "checkpoints"}:
-        return "interrupted"
-    if OWNER_MARKER in names and not foreign_names(out, (RUN_MARKER, "checkpoints")):
+    if OWNER_MARKER in os.listdir(out) and not foreign_names(out):
         return "model"
     return "other"
+
+
+def interrupted_run(out: str) -> Optional[dict]:
+    """The marker of the run that trained for `out` and did not finish (its run folder), or None."""
+    try:
+        with open(os.path.join(run_folder(out), RUN_MARKER)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and "config" in marker else None
+
+
+def move_legacy_run(out: str) -> None:
+    """Versions before the run folder kept run.json and checkpoints/ inside output_dir (even inside a
+    finished model's folder): move them beside it, where this version looks for them."""
+    listed: set = set()
+    try:
+        with open(os.path.join(out, OWNER_MARKER)) as f:
+            listed = set(json.load(f)["names"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if not os.path.isfile(os.path.join(out, RUN_MARKER)) or RUN_MARKER in listed or os.path.exists(run_folder(out)):
+        return
+    os.makedirs(run_folder(out))
+    for name in (RUN_MARKER, "checkpoints"):
+        if os.path.exists(os.path.join(out, name)) and name not in listed:
+            os.rename(os.path.join(out, name), os.path.join(run_folder(out), name))
+    if not os.listdir(out):
+        os.rmdir(out)
+    log.info("moved the interrupted run inside %s (an older version's layout) to %s", out, run_folder(out))
 
 
 def sources_of(cfg: Config) -> tuple[str, ...]:
@@ -97,55 +126,66 @@ def sources_of(cfg: Config) -> tuple[str, ...]:
     return tuple(s for s in (cfg.data.source, cfg.data.eval_source, cfg.model.source) if s)
 
 
-def plan_output(cfg: Config, overwrite: bool, resume: bool) -> Plan:
-    """Never lose work: refuse to touch a finished model without --overwrite; continue an interrupted run
-    of the same config from its newest complete checkpoint; refuse one of another config."""
+def plan_output(cfg: Config, overwrite: bool, resume: bool, fresh: bool = False) -> Plan:
+    """Never lose work. A finished model in output_dir is replaced only with --overwrite, and only at the
+    end, once the new one is complete. An interrupted run of the same config (its run folder beside
+    output_dir) is continued from its newest complete checkpoint, with or without --overwrite (a retried
+    scheduled job passes it every time); --fresh discards it. One of another config is refused, or with
+    --overwrite discarded with a warning."""
     from spark_tuning.train import checkpoint
     from spark_tuning.config import training_differences
 
     out = local_path(cfg.output_dir)
     check_removable(out, f"output_dir = {cfg.output_dir!r}", *sources_of(cfg))
+    move_legacy_run(out)
     state = output_state(out)
     if state == "model" and not overwrite:
         raise InputError(
             f"output_dir {out} already holds a model: pass --overwrite to replace it, or set another output_dir"
         )
     if state == "other":
-        foreign = foreign_names(out, (RUN_MARKER, "checkpoints"))
+        foreign = foreign_names(out)
         raise InputError(
             f"output_dir {out} holds files that spark-tuning did not write ({', '.join(foreign[:5])}"
             f"{', ...' if len(foreign) > 5 else ''}): spark-tuning never replaces or deletes them, with or without "
             "--overwrite; set another output_dir, or move them away"
         )
-    if state != "interrupted":
+    run = run_folder(out)
+    earlier = interrupted_run(out)
+    if earlier is None:
         if resume:
-            raise InputError(f"--resume: output_dir {out} holds no interrupted run to continue: drop --resume")
-        return Plan()
-    with open(os.path.join(out, RUN_MARKER)) as f:
-        earlier = json.load(f)
-    latest = checkpoint.latest(checkpoint.checkpoint_dir(out))
-    if overwrite:
+            raise InputError(f"--resume: there is no interrupted run of output_dir {out} to continue (no {run}): "
+                             "drop --resume")
+        return Plan(clear_first=os.path.exists(run))
+    if fresh:
+        log.warning("--fresh: discarding the interrupted run in %s and starting over", run)
         return Plan(earlier_run=earlier, clear_first=True)
+    latest = checkpoint.latest(checkpoint.checkpoint_dir(run))
     if latest is None:
-        log.warning("output_dir %s holds an interrupted run without a complete checkpoint: starting afresh", out)
+        log.warning("the interrupted run in %s has no complete checkpoint: starting afresh", run)
         return Plan(earlier_run=earlier, clear_first=True)
-    changed = training_differences(earlier["config"], cfg.to_dict())
-    if changed:
-        raise InputError(
-            f"output_dir {out} holds an interrupted run with another config ({'; '.join(changed)}): rerun with "
-            "the same config to resume it, pass --overwrite to start over, or set another output_dir"
-        )
     from spark_tuning.train.fsdp import has_sharded
 
+    changed = training_differences(earlier["config"], cfg.to_dict())
     if cfg.distributed.strategy == "fsdp" and not has_sharded(latest):
+        changed.append(f"checkpoint {latest} was written by distributed.strategy: ddp (whole weights), which an "
+                       "fsdp run does not resume")
+    if changed and overwrite:
+        log.warning("output_dir %s: the interrupted run in %s cannot be continued by this config (%s): --overwrite "
+                    "discards it and starts over", out, run, "; ".join(changed))
+        return Plan(earlier_run=earlier, clear_first=True)
+    if changed:
         raise InputError(
-            f"output_dir {out}: checkpoint {latest} was written by distributed.strategy: ddp (whole weights), which "
-            "an fsdp run does not resume: resume it with distributed.strategy: ddp, or pass --overwrite to start over")
-    log.info("resuming the interrupted run in %s from %s", out, latest)
+            f"output_dir {out} has an interrupted run ({run}) that this config cannot continue ({'; '.join(changed)}): "
+            "rerun with its config to resume it, pass --fresh (or --overwrite) to discard it and start over, or "
+            "set another output_dir"
+        )
+    log.info("resuming the interrupted run of %s from %s%s", out, latest,
+             " (--overwrite: the finished model is replaced once this run is complete)" if state == "model" else "")
     return Plan(resume_from=latest, earlier_run=earlier)
 
 
-def preflight(cfg: Config, overwrite: bool, resume: bool, task):
+def preflight(cfg: Config, overwrite: bool, resume: bool, task, fresh: bool = False):
     """Everything that can be checked before Spark starts: the output folder, the model (GGUF made
     trainable, the task's and LoRA's settings against it), the processes. Returns the model source to
     train from, the output plan, and what was resolved about the model."""
@@ -153,7 +193,7 @@ def preflight(cfg: Config, overwrite: bool, resume: bool, task):
     from spark_tuning.model import llm
     from spark_tuning.model.sources import check_reachable, load_tokenizer, max_positions, resolve_model
 
-    plan = plan_output(cfg, overwrite, resume)
+    plan = plan_output(cfg, overwrite, resume, fresh)
     out = local_path(cfg.output_dir)
     probe = output_root(cfg.output_dir)
     while not os.path.exists(probe):
@@ -184,15 +224,17 @@ def preflight(cfg: Config, overwrite: bool, resume: bool, task):
 
 class RunFolders:
     """The folders one run writes, and their cleanup in one place (a context manager):
-    - `out`: output_dir, where the finished model is published (and where an interrupted run's
-      run.json and checkpoints live while it trains);
+    - `out`: output_dir, where the finished model is published;
+    - `run`: the run folder beside it (run.json and checkpoints/ while the run trains, removed once the
+      model is published);
     - `partial`: a hidden sibling that the outputs are written into, then moved into place whole;
     - `staging`: the tokenized data (and the rank logs), under the staging root.
     On exit, whatever happened: the partial and staging folders are removed, a run that failed before its
-    first checkpoint leaves no output folder, and cached DataFrames (`hold`) are unpersisted."""
+    first checkpoint leaves no run folder, and cached DataFrames (`hold`) are unpersisted."""
 
     def __init__(self, cfg: Config):
         self.out = local_path(cfg.output_dir)
+        self.run = run_folder(self.out)
         self.staging = new_sibling(os.path.join(cfg.staging_root, "run"), "data")
         self.partial = new_sibling(self.out, "partial")
         self.logs = os.path.join(self.staging, "logs")  # rank logs (failure reports) and rank 0's events
@@ -213,15 +255,14 @@ class RunFolders:
         from spark_tuning.train import checkpoint
 
         shutil.rmtree(self.partial, ignore_errors=True)
-        if output_state(self.out) == "interrupted" and not checkpoint.latest(checkpoint.checkpoint_dir(self.out)) \
-                and removal_problem(self.out) is None:
-            shutil.rmtree(self.out, ignore_errors=True)
+        if os.path.isdir(self.run) and not checkpoint.latest(checkpoint.checkpoint_dir(self.run)):
+            shutil.rmtree(self.run, ignore_errors=True)
         shutil.rmtree(self.staging, ignore_errors=True)
         for staged in self._held:
             staged.release()
 
 
-def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) -> Summary:
+def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False, fresh: bool = False) -> Summary:
     """The job, as named steps: preflight, Spark, stage, tracking, train, outputs, deploy."""
     from spark_tuning.tasks import get_task
 
@@ -231,13 +272,18 @@ def run(cfg: Config, overwrite: bool = False, spark=None, resume: bool = False) 
     if cfg.model.trust_remote_code:
         log.warning("model.trust_remote_code is ON: the model's own Python code will run")
     task = get_task(cfg.task)
-    with output_lock(local_path(cfg.output_dir)):  # one run per output folder, from preflight to publish
-        return _run(cfg, overwrite, spark, resume, task, t0, timings)
+    from spark_tuning.secrets import shared_with_workers
+
+    # One run per output folder, from preflight to publish; secrets resolved here, once, for every process.
+    with output_lock(local_path(cfg.output_dir)), shared_with_workers() as secrets:
+        return _run(cfg, overwrite, spark, resume, fresh, task, t0, timings, secrets)
 
 
-def _run(cfg: Config, overwrite: bool, spark, resume: bool, task, t0: float, timings: dict) -> Summary:
-    src, plan, info = preflight(cfg, overwrite, resume, task)
+def _run(cfg: Config, overwrite: bool, spark, resume: bool, fresh: bool, task, t0: float, timings: dict,
+         secrets) -> Summary:
+    src, plan, info = preflight(cfg, overwrite, resume, task, fresh)
     spark = start_spark(cfg, spark)
+    secrets.add_spark(spark)  # before the data stage builds its UDFs: they carry the context's environment
     timings["spark_start"] = time.perf_counter() - t0
     with RunFolders(cfg) as folders:
         t = time.perf_counter()
@@ -264,7 +310,7 @@ def output_lock(out: str) -> Iterator[Optional[str]]:
     why the folder cannot be written."""
     from spark_tuning.deploy.serving import this_process
 
-    path = os.path.join(os.path.dirname(out.rstrip("/")), f".{os.path.basename(out.rstrip('/'))}.lock")
+    path = lock_file(out)
     mine = json.dumps({**this_process(), "started": time.time()})
     parent = os.path.dirname(path)
     made = not os.path.isdir(parent)
@@ -400,7 +446,7 @@ def tracked_run(cfg: Config, plan: Plan, figures: dict, folders: RunFolders,
             tracking.close_stale_run(plan.earlier_run)  # a killed driver could not mark it FAILED
         if plan.resume_from:
             tracking.set_tag(run_ref, "spark_tuning.resumed_from", plan.resume_from)
-        _mark_run_in_progress(folders.out, cfg, run_ref, clear_first=plan.clear_first)
+        _mark_run_in_progress(folders.run, cfg, run_ref, clear_first=plan.clear_first)
         yield run_ref
     except BaseException:
         try:
@@ -427,7 +473,7 @@ def train(cfg: Config, src, staged, plan: Plan, folders: RunFolders, run_ref) ->
         model_dir=folders.partial, id2label={str(k): v for k, v in staged.id2label.items()},
         task_extras=staged.extras, events=os.path.join(folders.logs, "rank0-events.jsonl"), log_dir=folders.logs,
         resume_from=plan.resume_from,
-        checkpoint={"dir": checkpoint.checkpoint_dir(folders.out), "every_steps": ckpt.every_steps,
+        checkpoint={"dir": checkpoint.checkpoint_dir(folders.run), "every_steps": ckpt.every_steps,
                     "keep_last": ckpt.keep_last} if ckpt.enabled else None)
     with tracking.relay(run_ref, payload.events):
         return run_distributed(train_fn, payload.to_dict(), cfg.distributed)
@@ -470,34 +516,26 @@ def deploy(cfg: Config, task, staged, result: dict, metrics: dict, folders: RunF
     from spark_tuning.train import checkpoint
 
     t, partial, out = time.perf_counter(), folders.partial, folders.out
-    last = checkpoint.latest(checkpoint.checkpoint_dir(out))
+    last = checkpoint.latest(checkpoint.checkpoint_dir(folders.run))
     if cfg.checkpoint.keep_after_success and last:
         os.makedirs(checkpoint.checkpoint_dir(partial))
         os.rename(last, os.path.join(checkpoint.checkpoint_dir(partial), os.path.basename(last)))
-    # Our own interrupted-run folder (run.json + checkpoints) is replaced by the finished one. The marker lists
-    # what this run wrote: a later --overwrite replaces the folder only while it holds nothing else.
-    write_owner_marker(partial, run_id=run_ref.run_id)
-    publish(partial, out, overwrite or output_state(out) == "interrupted", *sources_of(cfg))
-    record = None
+    # The marker lists what this run wrote: a later --overwrite replaces the folder only while it holds nothing
+    # else. Once the model is in place, the run's state (run.json, checkpoints) has served its purpose.
+    inputs = logging_inputs(result["precision"], staged.extras)
+    write_owner_marker(partial, run_id=run_ref.run_id, **inputs)
+    publish(partial, out, overwrite, *sources_of(cfg))
+    remove_tree(folders.run, *sources_of(cfg))
     try:
-        tracking.log_metrics(run_ref, {f"final_{k}": v for k, v in metrics.items()
-                                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        for name in ("metrics.json", "config.yaml", "training_curves.png", *task.logged_files):
-            if os.path.exists(os.path.join(out, name)):
-                tracking.log_artifact(run_ref, os.path.join(out, name))
-        if cfg.tracking.log_model:
-            record = steps.package(cfg, run_ref, out, result["precision"], staged.extras)  # + mlflow_model.json
-            if os.path.isdir(os.path.join(out, "adapter")):  # LoRA: the small adapter, for reuse
-                tracking.log_artifacts(run_ref, os.path.join(out, "adapter"), "adapter")
-            write_owner_marker(out, run_id=run_ref.run_id)
+        record = log_outputs(cfg, task, run_ref, out, metrics, **inputs)
     except Exception as e:  # noqa: BLE001 - the tracking store's errors; the model is safe, say so
         from spark_tuning.errors import error_line
 
         raise JobFailed(
             f"the trained model is saved in {out} (published before logging), but logging it to MLflow run "
-            f"{run_ref.run_id} failed: {error_line(e)}. The run is marked FAILED; nothing is lost: the folder loads "
-            "with from_pretrained as it is, and a rerun of the same config with --overwrite once the tracking "
-            "store answers logs and registers a new model") from e
+            f"{run_ref.run_id} failed: {error_line(e)}. Nothing is lost: the folder loads with from_pretrained as "
+            f"it is; once the tracking store answers, log it into that run with: spark-tuning log-model "
+            f"--output-dir {out}") from e
     timings["logging"] = time.perf_counter() - t
     deployed: dict[str, Any] = {}
     if record is not None and cfg.deploy.verify:
@@ -507,6 +545,34 @@ def deploy(cfg: Config, task, staged, result: dict, metrics: dict, folders: RunF
     if record is not None:
         deployed.update(model_uri=record.model_uri, serving_uri=record.serving_uri, version=record.version)
     return deployed
+
+
+def logging_inputs(precision: str, extras: dict) -> dict:
+    """What logging the model needs beyond the folder's files, kept in its marker for `log-model`."""
+    def plain(value):
+        return value.tolist() if hasattr(value, "tolist") else str(value)
+
+    return {"precision": precision, "extras": json.loads(json.dumps(extras, default=plain))}
+
+
+def log_outputs(cfg: Config, task, run_ref, out: str, metrics: dict, precision: str, extras: dict):
+    """Log a published output folder into the MLflow run: final_* metrics, its files, and (tracking.log_model)
+    the MLflow model, registered and aliased. The job's last logging step, and `spark-tuning log-model`'s
+    after the tracking store failed there. Returns the model's record, or None."""
+    from spark_tuning.deploy import steps
+
+    tracking.log_metrics(run_ref, {f"final_{k}": v for k, v in metrics.items()
+                                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    for name in ("metrics.json", "config.yaml", "training_curves.png", *task.logged_files):
+        if os.path.exists(os.path.join(out, name)):
+            tracking.log_artifact(run_ref, os.path.join(out, name))
+    if not cfg.tracking.log_model:
+        return None
+    record = steps.package(cfg, run_ref, out, precision, extras)  # + mlflow_model.json
+    if os.path.isdir(os.path.join(out, "adapter")):  # LoRA: the small adapter, for reuse
+        tracking.log_artifacts(run_ref, os.path.join(out, "adapter"), "adapter")
+    write_owner_marker(out, run_id=run_ref.run_id, precision=precision, extras=extras)
+    return record
 
 
 def _expected_precision(cfg: Config) -> str:
@@ -519,12 +585,12 @@ def _expected_precision(cfg: Config) -> str:
     return resolve_precision(cfg.train.precision, "cuda:0" if cfg.distributed.use_gpu else "cpu")
 
 
-def _mark_run_in_progress(out_dir: str, cfg: Config, run_ref, clear_first: bool) -> None:
-    """Create output_dir with run.json: which config and MLflow run its checkpoints belong to."""
+def _mark_run_in_progress(run_dir: str, cfg: Config, run_ref, clear_first: bool) -> None:
+    """Create the run folder with run.json: which config and MLflow run its checkpoints belong to."""
     if clear_first:
-        remove_tree(out_dir, *sources_of(cfg))  # an interrupted run's own run.json and checkpoints
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, f".{RUN_MARKER}.tmp")
+        remove_tree(run_dir, *sources_of(cfg))  # an interrupted run's own run.json and checkpoints
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = os.path.join(run_dir, f".{RUN_MARKER}.tmp")
     with open(tmp, "w") as f:
         json.dump({"config": cfg.to_dict(), "run_id": run_ref.run_id, "tracking_uri": run_ref.tracking_uri}, f)
-    os.replace(tmp, os.path.join(out_dir, RUN_MARKER))
+    os.replace(tmp, os.path.join(run_dir, RUN_MARKER))

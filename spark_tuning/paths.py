@@ -63,6 +63,23 @@ def new_sibling(path: str, tag: str) -> str:
     return os.path.join(os.path.dirname(path.rstrip("/")), f".{base}.{tag}-{uuid.uuid4().hex[:8]}")
 
 
+def beside(out: str, what: str) -> str:
+    """spark-tuning's fixed hidden name beside an output folder: `.NAME.run` (an unfinished run's state),
+    `.NAME.lock` (the run using the folder)."""
+    base = os.path.basename(out.rstrip("/"))
+    return os.path.join(os.path.dirname(out.rstrip("/")), f".{base}.{what}")
+
+
+def run_folder(out: str) -> str:
+    """Where a run keeps its state while it trains (run.json, checkpoints/): beside the output folder, never
+    inside it, so that a finished model and the next run's checkpoints never share a folder."""
+    return beside(out, "run")
+
+
+def lock_file(out: str) -> str:
+    return beside(out, "lock")
+
+
 def holds_output(path: str) -> bool:
     return os.path.isdir(path) and bool(os.listdir(path))
 
@@ -146,7 +163,7 @@ def publish(tmp_dir: str, final_dir: str, overwrite: bool, *sources: str) -> Non
                 "or choose another output_dir"
             )
         check_removable(final_dir, "output folder", *sources)
-        foreign = foreign_names(final_dir, ("run.json", "checkpoints"))
+        foreign = foreign_names(final_dir)
         if foreign:
             raise InputError(f"output folder {final_dir} holds files that spark-tuning did not write "
                              f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): it is not replaced "

@@ -47,6 +47,13 @@ FILES = ("profile.md", "profile.json", "token_lengths.png")
 def run(cfg: Config, out: Optional[str] = None, spark=None) -> dict:
     """Profile `cfg`'s data and model; returns the report (also printed by the CLI, logged to MLflow, and
     written to `out` when given: a new or empty folder)."""
+    from spark_tuning.secrets import shared_with_workers
+
+    with shared_with_workers() as secrets:  # the hub token, resolved here, reaches the tokenizing UDFs
+        return _run(cfg, out, spark, secrets)
+
+
+def _run(cfg: Config, out: Optional[str], spark, secrets) -> dict:
     from spark_tuning.cluster.spark import get_spark
     from spark_tuning.model import llm
     from spark_tuning.model.sources import check_reachable, load_tokenizer, resolve_model
@@ -61,6 +68,7 @@ def run(cfg: Config, out: Optional[str] = None, spark=None) -> dict:
     load_tokenizer(src, cfg.model)
     src, info = llm.prepare(cfg, src, os.path.join(output_root(cfg.output_dir), ".models"), task)
     spark = spark or get_spark(cfg.spark)
+    secrets.add_spark(spark)
     profiled = task.profile_rows(spark, cfg, src, info)
     try:
         f = profiled.figures  # the data stage counted the rows already: no second pass of the tokenizer to count

@@ -11,11 +11,12 @@ signature) is refused when the config is loaded; its value is never repeated in 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import sys
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from spark_tuning.errors import InputError
 
@@ -43,6 +44,10 @@ SECRET_CONF_KEY = re.compile(r"secret|password|passwd|token|credential|\.sas\b|s
 NOT_A_SECRET_KEY = re.compile(r"(provider|\.type|\.enabled|\.class|\.mode|\.path|\.file|\.endpoint|\.url)$",
                               re.IGNORECASE)
 _RESOLVED: set[str] = set()  # secret values resolved from references in this process: scrubbed like env secrets
+# The resolved model.hub_token, handed by the driver to the processes a run starts (Spark's Python workers,
+# the training processes): neither has the driver's environment nor, on Databricks, a secret scope client.
+HUB_TOKEN_ENV = "SPARK_TUNING_HUB_TOKEN"
+_SHARING: list = []  # the runs (shared_with_workers) in progress in this process
 
 
 def spark_conf_problems(conf: dict) -> list[str]:
@@ -160,6 +165,60 @@ def scrubbed_excepthook(kind, value, tb) -> None:
     import traceback
 
     sys.stderr.write(scrub("".join(traceback.format_exception(kind, value, tb))))
+
+
+def hub_token(reference: Optional[str]) -> Optional[str]:
+    """model.hub_token's value: in a process the driver started, from the environment it was given; on the
+    driver, resolved from its reference once per run (shared_with_workers keeps it for the run's workers)."""
+    if reference is None:
+        return None
+    shared = os.environ.get(HUB_TOKEN_ENV)
+    if shared:
+        return shared
+    value = resolve(reference, "model.hub_token")
+    _RESOLVED.add(value)
+    if _SHARING:
+        os.environ[HUB_TOKEN_ENV] = value  # torchrun's processes inherit it; see share_with_spark
+        for share in _SHARING:
+            share.publish()
+    return value
+
+
+class _Share:
+    def __init__(self):
+        self.spark_contexts: list = []
+
+    def publish(self) -> None:
+        value = os.environ.get(HUB_TOKEN_ENV)
+        for sc in self.spark_contexts:
+            if value:
+                sc.environment[HUB_TOKEN_ENV] = value
+
+    def add_spark(self, spark) -> None:
+        self.spark_contexts.append(spark.sparkContext)
+        self.publish()
+
+
+@contextlib.contextmanager
+def shared_with_workers() -> Iterator[_Share]:
+    """For one run: a secret reference resolved on the driver (hub_token) reaches the processes the run
+    starts through their environment, not by being resolved again there (a training process or a Spark
+    executor has no secret scope, nor the driver's environment variables). Call `.add_spark(spark)` once
+    the session exists: Spark's Python workers (pandas UDFs, TorchDistributor's tasks on executors) get the
+    SparkContext's `environment`; local training processes inherit this process's. Both are cleared on exit."""
+    share = _Share()
+    before = os.environ.get(HUB_TOKEN_ENV)
+    _SHARING.append(share)
+    try:
+        yield share
+    finally:
+        _SHARING.remove(share)
+        for sc in share.spark_contexts:
+            sc.environment.pop(HUB_TOKEN_ENV, None)
+        if before is None:
+            os.environ.pop(HUB_TOKEN_ENV, None)
+        else:
+            os.environ[HUB_TOKEN_ENV] = before
 
 
 def resolve(reference: Optional[str], setting: str) -> Optional[str]:

@@ -83,3 +83,25 @@ def test_cleanup_of_a_missing_folder_is_bad_input(tmp_path):
     from spark_tuning.cli import main
 
     assert main(["cleanup", "--output-dir", str(tmp_path / "nope" / "model")]) == 2
+
+
+def test_an_interrupted_runs_folder_goes_only_when_its_run_is_over(tmp_path):
+    """The run folder beside the output (`.model.run`: run.json and the checkpoints a rerun resumes from)
+    is listed as a whole, or only its older checkpoints with keep_last_checkpoint; never while the run
+    holding the output's lock is alive."""
+    from spark_tuning.deploy import cleanup
+    from spark_tuning.deploy.serving import this_process
+
+    out = tmp_path / "model"
+    servers = str(tmp_path / "servers")
+    run = tmp_path / ".model.run"
+    _file(str(run / "run.json"), 10)
+    for step in ("00000010", "00000020"):
+        _file(str(run / "checkpoints" / f"step-{step}" / "COMPLETE"), 10)
+    assert [(os.path.basename(i.path), i.kind) for i in cleanup.find(str(out), state_dir=servers)] == [(".model.run", "run")]
+    older = cleanup.find(str(out), keep_last_checkpoint=True, state_dir=servers)
+    assert [(os.path.basename(i.path), i.kind) for i in older] == [("step-00000010", "checkpoint")]
+    (tmp_path / ".model.lock").write_text(json.dumps(this_process()))  # a live run (this process) holds it
+    assert cleanup.find(str(out), state_dir=servers) == []
+    (tmp_path / ".model.lock").write_text(json.dumps({"pid": 1, "process_start": -1, "cmdline": ["gone"]}))
+    assert [i.kind for i in cleanup.find(str(out), state_dir=servers)] == ["run"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +17,8 @@ import numpy as np
 import psutil
 import pytest
 import yaml
+
+from spark_tuning.errors import InputError
 
 from conftest import ROOT, make_reviews, tiny_job_config
 
@@ -58,12 +62,20 @@ def assert_same_model(summary, reference):
         np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
 
 
-def first_checkpoint(out: str, timeout: float = 600) -> str:
-    root = os.path.join(out, "checkpoints")
+def run_folder(out: str) -> str:
+    from spark_tuning.paths import run_folder
+
+    return run_folder(out)
+
+
+def first_checkpoint(out: str, timeout: float = 600, at_least: int = 1) -> str:
+    """The first complete checkpoint of step `at_least` or later in the run folder beside `out`."""
+    root = os.path.join(run_folder(out), "checkpoints")
     deadline = time.time() + timeout
     while time.time() < deadline:
         if os.path.isdir(root):
-            done = [n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n, "COMPLETE"))]
+            done = [n for n in os.listdir(root) if n.startswith("step-")
+                    and os.path.isfile(os.path.join(root, n, "COMPLETE")) and int(n.split("-")[1]) >= at_least]
             if done:
                 return sorted(done)[0]
         time.sleep(0.05)
@@ -83,10 +95,11 @@ def training_processes(root_pid: int, local_rank: str | None = None) -> list[psu
 
 
 def assert_resumable(out: str):
-    names = set(os.listdir(out))
-    assert names == {"run.json", "checkpoints"}, names  # no half-written model beside the checkpoints
-    complete = [n for n in os.listdir(os.path.join(out, "checkpoints"))
-                if os.path.isfile(os.path.join(out, "checkpoints", n, "COMPLETE"))]
+    run = run_folder(out)
+    names = set(os.listdir(run))
+    assert names == {"run.json", "checkpoints"}, names
+    complete = [n for n in os.listdir(os.path.join(run, "checkpoints"))
+                if os.path.isfile(os.path.join(run, "checkpoints", n, "COMPLETE"))]
     assert complete
 
 
@@ -124,7 +137,8 @@ def test_killed_worker_fails_fast_and_resume_matches(spark, tmp_path, data, tiny
     assert failed_after < 60, failed_after
 
     assert_resumable(cfg.output_dir)
-    marker = json.load(open(os.path.join(cfg.output_dir, "run.json")))
+    assert not os.path.exists(cfg.output_dir)  # no half-written model: nothing is published before the end
+    marker = json.load(open(os.path.join(run_folder(cfg.output_dir), "run.json")))
     client = MlflowClient(marker["tracking_uri"])
     assert client.get_run(marker["run_id"]).info.status == "FAILED"
     last_logged = max(m.step for m in client.get_metric_history(marker["run_id"], "train_loss"))
@@ -138,22 +152,44 @@ def test_killed_worker_fails_fast_and_resume_matches(spark, tmp_path, data, tiny
     assert resumed_step % CKPT_EVERY == 0 or resumed_step == reference.result["steps"]
     assert_same_model(resumed, reference)
     assert not os.path.exists(os.path.join(resumed.output_dir, "checkpoints"))
+    assert not os.path.exists(run_folder(cfg.output_dir))  # the run's state goes once the model is published
+
+
+def databricks_job_command(config_path: str, output_dir: str) -> list[str]:
+    """The command conf/databricks/finetune_job.json runs (its task's python_file and parameters, the job
+    parameters filled in), here."""
+    with open(os.path.join(ROOT, "conf", "databricks", "finetune_job.json")) as f:
+        job = json.load(f)
+    [task] = job["tasks"]
+    assert task["max_retries"] >= 1  # a failed run is retried with the very same command
+    values = {"config": config_path, "output_dir": output_dir}
+    args = [re.sub(r"\{\{job\.parameters\.(\w+)\}\}", lambda m: values[m.group(1)], a)
+            for a in task["spark_python_task"]["parameters"]]
+    script = task["spark_python_task"]["python_file"].split("/spark-tuning/", 1)[1]
+    return [sys.executable, os.path.join(ROOT, script), *args]
 
 
 @pytest.mark.slow
-def test_killed_driver_leaves_a_resumable_run(spark, tmp_path, data, tiny_bert_dir, reference):
+def test_the_scheduled_job_resumes_after_a_late_kill(spark, tmp_path, data, tiny_bert_dir, reference):
+    """The Databricks job always passes --overwrite (last week's model is in output_dir) and is retried on
+    failure with the same command. Its driver killed late in training: last week's model is untouched, the
+    watchdog marks the run FAILED, and the retry resumes from the newest checkpoint (not from step 0), to
+    the same model as an uninterrupted run, which then replaces last week's."""
     from mlflow import MlflowClient
 
-    from spark_tuning import finetune
-
     cfg = config(tmp_path, data, tiny_bert_dir)
+    out = cfg.output_dir
+    shutil.copytree(reference.output_dir, out)  # last week's finished model
+    last_week = weights(out)
     conf = tmp_path / "job.yaml"
-    conf.write_text("# spark-tuning finetune --config job.yaml\n" + yaml.safe_dump(cfg.to_dict()))
+    conf.write_text("# the job's config\n" + yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k != "output_dir"}))
+    command = databricks_job_command(str(conf), out)
+    assert "--overwrite" in command
+    late = reference.result["steps"] // 2
     log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "finetune.py"), "--config", str(conf)],
-                              stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
-        first_checkpoint(cfg.output_dir)
+        killed_at = int(first_checkpoint(out, at_least=late).split("-")[1])
         workers = training_processes(driver.pid)
         assert workers
         driver.send_signal(signal.SIGKILL)
@@ -163,8 +199,10 @@ def test_killed_driver_leaves_a_resumable_run(spark, tmp_path, data, tiny_bert_d
     finally:
         if driver.poll() is None:
             driver.kill()
-    assert_resumable(cfg.output_dir)
-    marker = json.load(open(os.path.join(cfg.output_dir, "run.json")))
+    assert_resumable(out)
+    for name, value in weights(out).items():  # last week's model, untouched
+        np.testing.assert_array_equal(value, last_week[name])
+    marker = json.load(open(os.path.join(run_folder(out), "run.json")))
     client = MlflowClient(marker["tracking_uri"])
     deadline = time.time() + 60  # the watchdog notices the dead driver within seconds
     while client.get_run(marker["run_id"]).info.status == "RUNNING" and time.time() < deadline:
@@ -173,9 +211,20 @@ def test_killed_driver_leaves_a_resumable_run(spark, tmp_path, data, tiny_bert_d
     assert run.info.status == "FAILED", run.info.status
     assert "driver process died" in run.data.tags["spark_tuning.failure"]
 
-    resumed = finetune.run(cfg, spark=spark)
-    assert "spark_tuning.resumed_from" in client.get_run(resumed.run_id).data.tags
-    assert_same_model(resumed, reference)
+    retry = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)  # the job's retry
+    assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
+    new_run = json.load(open(os.path.join(out, ".spark-tuning.json")))["run_id"]
+    start = client.get_run(new_run).data.tags["spark_tuning.resumed_from"]
+    assert int(os.path.basename(start).split("-")[1]) >= killed_at  # not from step 0
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["accuracy"] == reference.metrics["accuracy"]
+    assert metrics["eval_loss"] == pytest.approx(reference.metrics["eval_loss"], abs=1e-5)
+    a, b = weights(out), weights(reference.output_dir)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
+    assert not os.path.exists(run_folder(out))
+    print(f"\nkilled at step {killed_at} of {reference.result['steps']}; the retry resumed from {start}")
 
 
 def test_resume_with_another_config_is_refused(tmp_path, data, tiny_bert_dir):
@@ -183,7 +232,7 @@ def test_resume_with_another_config_is_refused(tmp_path, data, tiny_bert_dir):
     from spark_tuning.errors import InputError
 
     cfg = config(tmp_path, data, tiny_bert_dir)
-    out = cfg.output_dir
+    out = run_folder(cfg.output_dir)
     os.makedirs(os.path.join(out, "checkpoints", "step-00000010"))
     open(os.path.join(out, "checkpoints", "step-00000010", "COMPLETE"), "w").write("10")
     other = dict(cfg.to_dict())
@@ -194,6 +243,37 @@ def test_resume_with_another_config_is_refused(tmp_path, data, tiny_bert_dir):
         finetune.plan_output(cfg, overwrite=False, resume=False)
     assert "train.epochs: 99 -> 6" in str(err.value) and "train.learning_rate: 1.0 ->" in str(err.value)
     assert os.path.isdir(os.path.join(out, "checkpoints", "step-00000010"))  # nothing touched
+
+
+def test_overwrite_continues_the_same_config_and_fresh_discards_it(tmp_path, data, tiny_bert_dir, caplog):
+    """--overwrite is about the finished model (replaced at the end), not the interrupted run: the same
+    config resumes with it; another config is discarded with a warning under it; --fresh always discards.
+    An older version's layout (run.json and checkpoints inside output_dir) is moved beside it first."""
+    import logging
+
+    from spark_tuning import finetune
+
+    cfg = config(tmp_path, data, tiny_bert_dir)
+    out = cfg.output_dir
+    os.makedirs(os.path.join(out, "checkpoints", "step-00000010"))  # the old layout, inside a finished model
+    open(os.path.join(out, "checkpoints", "step-00000010", "COMPLETE"), "w").write("10")
+    open(os.path.join(out, "model.safetensors"), "w").write("last week")
+    json.dump({"written_by": "spark-tuning", "names": ["model.safetensors"]}, open(os.path.join(out, ".spark-tuning.json"), "w"))
+    json.dump({"config": cfg.to_dict(), "run_id": "x", "tracking_uri": "sqlite:///nowhere.db"},
+              open(os.path.join(out, "run.json"), "w"))
+    plan = finetune.plan_output(cfg, overwrite=True, resume=False)
+    assert plan.resume_from == os.path.join(run_folder(out), "checkpoints", "step-00000010") and not plan.clear_first
+    assert sorted(os.listdir(out)) == [".spark-tuning.json", "model.safetensors"]  # the model alone, as published
+    with pytest.raises(InputError, match="already holds a model: pass --overwrite"):
+        finetune.plan_output(cfg, overwrite=False, resume=False)
+    assert finetune.plan_output(cfg, overwrite=True, resume=False, fresh=True).clear_first
+    other = config(tmp_path, data, tiny_bert_dir)
+    other.train.learning_rate = 0.5
+    with caplog.at_level(logging.WARNING):
+        plan = finetune.plan_output(other, overwrite=True, resume=False)
+    assert plan.clear_first and plan.resume_from is None
+    assert "train.learning_rate" in caplog.text and "--overwrite discards it" in caplog.text
+    assert os.path.isdir(os.path.join(run_folder(out), "checkpoints", "step-00000010"))  # removed only once it starts
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):

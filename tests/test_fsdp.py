@@ -104,15 +104,18 @@ def test_an_fsdp_run_refuses_to_resume_a_ddp_checkpoint(tmp_path):
     from spark_tuning.config import load_config
     from spark_tuning.errors import InputError
     from spark_tuning.finetune import RUN_MARKER, plan_output
+    from spark_tuning.paths import run_folder
     from spark_tuning.train import checkpoint
 
     out = tmp_path / "run"
     cfg = load_config(None, [f"output_dir={out}"])
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
-    checkpoint.save(checkpoint.checkpoint_dir(str(out)), 3, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1),
+    run = tmp_path / ".run.run"  # the run folder beside output_dir
+    assert run_folder(str(out)) == str(run)
+    checkpoint.save(checkpoint.checkpoint_dir(str(run)), 3, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1),
                     [], {"step": 3}, keep_last=1)
-    (out / RUN_MARKER).write_text(json.dumps({"config": cfg.to_dict()}))
+    (run / RUN_MARKER).write_text(json.dumps({"config": cfg.to_dict()}))
     assert plan_output(cfg, False, True).resume_from.endswith("step-00000003")  # ddp resumes it
     fsdp = load_config(None, [f"output_dir={out}", "distributed.strategy=fsdp"])  # distributed.*: resume-neutral
     with pytest.raises(InputError, match="was written by distributed.strategy: ddp"):

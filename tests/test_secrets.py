@@ -73,3 +73,34 @@ def test_secret_values_survive_another_thread_changing_the_environment(monkeypat
         thread.join()
         for i in range(50):
             os.environ.pop(f"_CHURN_{i}", None)
+
+
+def test_the_hub_token_is_resolved_once_on_the_driver_and_reaches_spark_workers(spark, monkeypatch):
+    """A Spark Python worker (a tokenizing UDF; on a cluster, TorchDistributor's training tasks too) has
+    neither a secret scope nor the driver's environment: a variable set after the session started is not
+    there. The driver resolves model.hub_token once and hands the value over through the SparkContext's
+    environment; it is gone again after the run."""
+    from spark_tuning.config import load_config
+    from spark_tuning.model.sources import ModelSource
+    from spark_tuning.secrets import HUB_TOKEN_ENV, scrub, shared_with_workers
+
+    monkeypatch.setenv("ST_TEST_HUB_TOKEN", OTHER_KEY)  # the driver's environment, after Spark started
+    model_cfg = load_config(None, ["model.source=org/private-model", "model.hub_token=env:ST_TEST_HUB_TOKEN"]).model
+    hub = ModelSource("org/private-model", is_local=False)
+
+    def token_seen_by_a_worker(_):
+        import os
+
+        return [os.environ.get("ST_TEST_HUB_TOKEN"), hub.load_kwargs(model_cfg)["token"]]
+
+    sc = spark.sparkContext
+    with shared_with_workers() as share:
+        assert hub.load_kwargs(model_cfg)["token"] == OTHER_KEY  # preflight, on the driver
+        share.add_spark(spark)
+        [[driver_env_there, token_there]] = sc.parallelize([0], 1).map(token_seen_by_a_worker).collect()
+        assert driver_env_there is None  # the worker really lacks the driver's variable
+        assert token_there == OTHER_KEY
+        monkeypatch.delenv("ST_TEST_HUB_TOKEN")  # resolved once: later loads on the driver need no reference
+        assert hub.load_kwargs(model_cfg)["token"] == OTHER_KEY
+    assert HUB_TOKEN_ENV not in os.environ and HUB_TOKEN_ENV not in sc.environment
+    assert OTHER_KEY not in scrub(f"token={OTHER_KEY}")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from spark_tuning.track import tracking
 from spark_tuning.track.tracking import RankZeroLogger, RunRef
 
@@ -74,3 +76,103 @@ def test_other_ranks_and_runs_without_tracking_write_nothing(tmp_path):
     RankZeroLogger(str(path), enabled=False).metrics({"x": 1.0}, 1)
     RankZeroLogger(None, enabled=True).metrics({"x": 1.0}, 1)
     assert not path.exists()
+
+
+class MlflowServer:
+    """A real `mlflow server` (SQLite store, artifacts served by it) in its own process group."""
+
+    def __init__(self, root, port: int):
+        self.root, self.port, self.proc = root, port, None
+        self.url = f"http://127.0.0.1:{port}"
+
+    def start(self) -> "MlflowServer":
+        import os
+        import urllib.request
+
+        os.makedirs(self.root, exist_ok=True)
+        log = open(os.path.join(self.root, "server.log"), "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db", "--artifacts-destination", f"{self.root}/artifacts"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"mlflow server exited: {open(os.path.join(self.root, 'server.log')).read()[-2000:]}")
+                time.sleep(0.5)
+        raise TimeoutError("mlflow server did not answer")
+
+    def kill(self) -> None:
+        import os
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+
+@pytest.mark.slow
+def test_a_tracking_server_lost_after_training_keeps_the_model_and_log_model_logs_it(
+        spark, tmp_path, reviews_jsonl, tiny_bert_dir, monkeypatch, capsys):
+    """The server dies between training and logging: the job fails (exit 1) with the model published and a
+    command to log it; once the server is back, `spark-tuning log-model` logs the metrics, the files and the
+    registered model into the run and marks it FINISHED."""
+    import glob
+    import os
+    import threading
+
+    from mlflow import MlflowClient
+
+    from conftest import tiny_job_config
+    from spark_tuning import finetune
+    from spark_tuning.cli import main
+    from spark_tuning.deploy.serving import free_port
+    from spark_tuning.errors import JobFailed
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail in seconds, not after MLflow's backoff
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    server = MlflowServer(str(tmp_path / "store"), free_port()).start()
+    cfg = tiny_job_config(tmp_path, reviews_jsonl, tiny_bert_dir, **{
+        "train.epochs": 2, "tracking.tracking_uri": server.url, "tracking.log_model": True,
+        "deploy.registered_model_name": "lost-store"})
+    out = cfg.output_dir
+
+    def kill_once_trained():  # rank 0 has saved the trained model into the partial folder: training is over
+        deadline = time.time() + 600
+        while time.time() < deadline and not glob.glob(os.path.join(os.path.dirname(out), ".model.partial-*",
+                                                                     "model.safetensors")):
+            time.sleep(0.05)
+        server.kill()
+
+    killer = threading.Thread(target=kill_once_trained, daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(JobFailed) as err:
+            finetune.run(cfg, spark=spark)
+        killer.join(10)
+        message = str(err.value)
+        assert f"the trained model is saved in {out}" in message, message
+        assert f"spark-tuning log-model --output-dir {out}" in message
+        assert finetune.output_state(out) == "model" and os.path.isfile(os.path.join(out, "model.safetensors"))
+        run_id = json.load(open(os.path.join(out, ".spark-tuning.json")))["run_id"]
+
+        server.start()  # the store answers again
+        assert main(["log-model", "--output-dir", out]) == 0
+        printed = capsys.readouterr().out
+        assert f"into run {run_id}" in printed and "version 1" in printed, printed
+        client = MlflowClient(server.url)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["spark_tuning.logged_later"] == "true"
+        metrics = json.load(open(os.path.join(out, "metrics.json")))
+        assert run.data.metrics["final_accuracy"] == metrics["accuracy"]
+        assert "metrics.json" in [a.path for a in client.list_artifacts(run_id)]
+        [version] = client.search_model_versions("name='lost-store'")
+        assert version.run_id == run_id
+        assert json.load(open(os.path.join(out, "mlflow_model.json")))["version"] == version.version
+        assert finetune.output_state(out) == "model"  # the record it wrote is listed in the marker
+    finally:
+        server.kill()

@@ -6,8 +6,11 @@ Only what spark-tuning made, found by its own names and markers, never by a patt
               is alive with the same start time and command line); petastorm caches live inside them
   partial     half-written or replaced outputs: `<root>/.<name>.partial-XXXXXXXX` and `.old-XXXXXXXX`
               (spark-tuning's exact sibling names), unless a live run's marker names them
-  checkpoint  `<output>/checkpoints/step-NNNNNNNN` (and cut-short `.tmp-`/`.old-` ones), only in an output
-              folder spark-tuning wrote (run.json or .spark-tuning.json in it); with keep_last_checkpoint
+  run         an interrupted run's folder `<root>/.<name>.run` (run.json and its checkpoints: what a rerun
+              resumes from), unless the run holding the output's lock `.<name>.lock` is still going; with
+              keep_last_checkpoint only its older checkpoints go
+  checkpoint  `checkpoints/step-NNNNNNNN` (and cut-short `.tmp-`/`.old-` ones) in such a run folder, or in
+              a finished model spark-tuning wrote (checkpoint.keep_after_success); with keep_last_checkpoint
               the highest step stays. An HF Trainer's `checkpoint-NNN` folders are never touched.
   server      state and log files `server-PORT.json|log` of model servers that are not running any more
 Never removed: the final model, metrics, the MLflow store and artifacts, and any folder that is or holds the
@@ -79,7 +82,7 @@ def live_marker(folder: str) -> Optional[dict]:
 
 def find(output_dir: str, keep_last_checkpoint: bool = False, state_dir: Optional[str] = None) -> list[Item]:
     """Everything `cleanup` would remove, without removing anything."""
-    from spark_tuning.paths import OWNER_MARKER, local_path, output_root, removal_problem
+    from spark_tuning.paths import OWNER_MARKER, local_path, output_root, removal_problem, run_folder
 
     out = local_path(output_dir)
     root = output_root(output_dir)
@@ -103,15 +106,14 @@ def find(output_dir: str, keep_last_checkpoint: bool = False, state_dir: Optiona
         path = os.path.join(root, name)
         if sibling.match(name) and os.path.isdir(path) and path not in live_partials:
             found.append((path, "partial"))
-    ours = os.path.isdir(out) and any(os.path.exists(os.path.join(out, m)) for m in ("run.json", OWNER_MARKER))
-    ckpt_dir = os.path.join(out, "checkpoints")
-    if ours and os.path.isdir(ckpt_dir):
-        checkpoints = sorted((os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if CHECKPOINT_NAME.match(n)),
-                             key=_step)
-        complete = [c for c in checkpoints if os.path.basename(c).startswith("step-")]
-        if keep_last_checkpoint and complete:
-            checkpoints.remove(complete[-1])
-        found += [(p, "checkpoint") for p in checkpoints]
+    run = run_folder(out)
+    if os.path.isfile(os.path.join(run, "run.json")) and not live_lock(out):
+        if keep_last_checkpoint:
+            found += _checkpoints(run, keep_last_checkpoint)
+        else:
+            found.append((run, "run"))
+    if os.path.isdir(out) and any(os.path.exists(os.path.join(out, m)) for m in ("run.json", OWNER_MARKER)):
+        found += _checkpoints(out, keep_last_checkpoint)  # a finished model's kept checkpoint, an old layout's
     found += _dead_servers(state_dir)
     seen, items = set(), []
     for path, kind in found:
@@ -121,6 +123,31 @@ def find(output_dir: str, keep_last_checkpoint: bool = False, state_dir: Optiona
             seen.add(path)
             items.append(Item(path, kind, size_of(path)))
     return items
+
+
+def _checkpoints(folder: str, keep_last: bool) -> list[tuple[str, str]]:
+    ckpt_dir = os.path.join(folder, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        return []
+    checkpoints = sorted((os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if CHECKPOINT_NAME.match(n)),
+                         key=_step)
+    complete = [c for c in checkpoints if os.path.basename(c).startswith("step-")]
+    if keep_last and complete:
+        checkpoints.remove(complete[-1])
+    return [(p, "checkpoint") for p in checkpoints]
+
+
+def live_lock(out: str) -> Optional[dict]:
+    """The lock beside `out` when the run that took it is still going, else None."""
+    from spark_tuning.deploy.serving import same_process
+    from spark_tuning.paths import lock_file
+
+    try:
+        with open(lock_file(out)) as f:
+            holder = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and same_process(holder) else None
 
 
 def _dead_servers(state_dir: Optional[str]) -> list[tuple[str, str]]:

@@ -36,9 +36,9 @@ class ModelSource:
         if cfg.revision and not self.is_local:
             kwargs["revision"] = cfg.revision
         if cfg.hub_token and not self.is_local:
-            from spark_tuning.secrets import resolve
+            from spark_tuning.secrets import hub_token
 
-            kwargs["token"] = resolve(cfg.hub_token, "model.hub_token")
+            kwargs["token"] = hub_token(cfg.hub_token)  # resolved once, on the driver
         return kwargs
 
 
