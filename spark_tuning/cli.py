@@ -61,7 +61,8 @@ def _log_model(args: argparse.Namespace) -> int:
 
     done = relog.log_model(args.output_dir, args.tracking_uri)
     where = "a new run, " if done["new_run"] else "run "
-    print(f"logged {args.output_dir} into {where}{done['run_id']} ({ui_command(done['tracking_uri'])})"
+    print(f"{'already logged' if done['already'] else 'logged'} {args.output_dir} into {where}{done['run_id']} "
+          f"({ui_command(done['tracking_uri'])})"
           + (f"; model {done['model_uri']}, version {done['version']}" if done["model_uri"] else ""))
     return 0
 

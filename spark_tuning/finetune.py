@@ -25,7 +25,8 @@ import numpy as np
 from spark_tuning.config import Config, to_yaml
 from spark_tuning.errors import InputError
 from spark_tuning.paths import (OWNER_MARKER, check_removable, foreign_names, holds_output, local_path, lock_file,
-                                new_sibling, output_root, publish, remove_tree, run_folder, write_owner_marker)
+                                new_sibling, output_root, publish, removal_problem, remove_tree, run_folder,
+                                write_owner_marker)
 from spark_tuning.track import tracking
 
 log = logging.getLogger("spark_tuning")
@@ -152,6 +153,9 @@ def plan_output(cfg: Config, overwrite: bool, resume: bool, fresh: bool = False)
         )
     run = run_folder(out)
     earlier = interrupted_run(out)
+    if earlier is None and os.path.exists(run):
+        log.warning("%s holds no readable %s (cut short?): its contents are not resumed and are replaced", run,
+                    RUN_MARKER)
     if earlier is None:
         if resume:
             raise InputError(f"--resume: there is no interrupted run of output_dir {out} to continue (no {run}): "
@@ -162,6 +166,9 @@ def plan_output(cfg: Config, overwrite: bool, resume: bool, fresh: bool = False)
         return Plan(earlier_run=earlier, clear_first=True)
     latest = checkpoint.latest(checkpoint.checkpoint_dir(run))
     if latest is None:
+        if resume:
+            raise InputError(f"--resume: the interrupted run in {run} has no complete checkpoint to continue from: "
+                             "drop --resume to start afresh")
         log.warning("the interrupted run in %s has no complete checkpoint: starting afresh", run)
         return Plan(earlier_run=earlier, clear_first=True)
     from spark_tuning.train.fsdp import has_sharded
@@ -170,7 +177,7 @@ def plan_output(cfg: Config, overwrite: bool, resume: bool, fresh: bool = False)
     if cfg.distributed.strategy == "fsdp" and not has_sharded(latest):
         changed.append(f"checkpoint {latest} was written by distributed.strategy: ddp (whole weights), which an "
                        "fsdp run does not resume")
-    if changed and overwrite:
+    if changed and overwrite and not resume:
         log.warning("output_dir %s: the interrupted run in %s cannot be continued by this config (%s): --overwrite "
                     "discards it and starts over", out, run, "; ".join(changed))
         return Plan(earlier_run=earlier, clear_first=True)
@@ -255,7 +262,8 @@ class RunFolders:
         from spark_tuning.train import checkpoint
 
         shutil.rmtree(self.partial, ignore_errors=True)
-        if os.path.isdir(self.run) and not checkpoint.latest(checkpoint.checkpoint_dir(self.run)):
+        if os.path.isdir(self.run) and not checkpoint.latest(checkpoint.checkpoint_dir(self.run)) \
+                and removal_problem(self.run) is None:
             shutil.rmtree(self.run, ignore_errors=True)
         shutil.rmtree(self.staging, ignore_errors=True)
         for staged in self._held:
@@ -288,8 +296,9 @@ def _run(cfg: Config, overwrite: bool, spark, resume: bool, fresh: bool, task, t
     with RunFolders(cfg) as folders:
         t = time.perf_counter()
         staged = folders.hold(stage(spark, cfg, task, src, info, folders))
+        plan = check_same_data(plan, staged.fingerprint, overwrite, folders.out)
         timings["data"] = time.perf_counter() - t
-        with tracked_run(cfg, plan, staged.figures, folders, staged.profile) as run_ref:
+        with tracked_run(cfg, plan, staged.figures, folders, staged.profile, staged.fingerprint) as run_ref:
             t = time.perf_counter()
             result = train(cfg, src, staged, plan, folders, run_ref)
             timings["training"] = time.perf_counter() - t
@@ -389,6 +398,7 @@ def stage(spark, cfg: Config, task, src, info: dict, folders: RunFolders):
     staged = task.stage(spark, cfg, src, info, folders.staging)
     check_training_shards(staged.train_ref, cfg.distributed.num_processes)
     staged.profile, lengths = start_profile(cfg, task, info, staged)
+    staged.fingerprint = data_fingerprint(lengths, staged.train_ref.num_rows, staged.eval_ref.num_rows)
     from spark_tuning.profile import render, write_files
 
     write_files(staged.profile, lengths, folders.profile)  # logged into the MLflow run by tracked_run
@@ -402,6 +412,33 @@ def stage(spark, cfg: Config, task, src, info: dict, folders: RunFolders):
     log.info("profile of this run (spark-tuning profile measures the rows whole, before truncation):\n%s",
              render(staged.profile))
     return staged
+
+
+def data_fingerprint(lengths: np.ndarray, train_rows: int, eval_rows: int) -> str:
+    """What a resumed run checks its data against: the staged rows' counts and their token lengths as a
+    multiset (new or changed rows change them; the order, and so the number of processes, does not: a
+    sharded checkpoint may resume onto another number)."""
+    import hashlib
+
+    digest = hashlib.sha256(np.sort(np.asarray(lengths, dtype=np.int64)).tobytes())
+    digest.update(f"{train_rows}/{eval_rows}".encode())
+    return digest.hexdigest()[:32]
+
+
+def check_same_data(plan: Plan, fingerprint: str, overwrite: bool, out: str) -> Plan:
+    """A checkpoint continues only the data it was trained on: the interrupted run's staged rows must be
+    this run's (e.g. the table has had new rows since), else the resume is refused, or under --overwrite
+    given up for a fresh start."""
+    earlier = (plan.earlier_run or {}).get("data")
+    if not plan.resume_from or earlier is None or earlier == fingerprint:
+        return plan
+    if overwrite:
+        log.warning("output_dir %s: the interrupted run trained on other data (its staged rows differ from this "
+                    "run's): --overwrite starts over instead of resuming from %s", out, plan.resume_from)
+        return Plan(earlier_run=plan.earlier_run, clear_first=True)
+    raise InputError(f"output_dir {out}: the interrupted run in {run_folder(out)} trained on other data than this run "
+                     "reads (its staged rows' count or token lengths differ: the source has changed since): pass "
+                     "--fresh (or --overwrite) to start over on this data, or set another output_dir")
 
 
 def start_profile(cfg: Config, task, info: dict, staged) -> tuple[dict, np.ndarray]:
@@ -427,7 +464,7 @@ def start_profile(cfg: Config, task, info: dict, staged) -> tuple[dict, np.ndarr
 
 @contextlib.contextmanager
 def tracked_run(cfg: Config, plan: Plan, figures: dict, folders: RunFolders,
-                report: Optional[dict] = None) -> Iterator[Any]:
+                report: Optional[dict] = None, fingerprint: Optional[str] = None) -> Iterator[Any]:
     """The MLflow run: the driver owns it, rank 0 logs into it by id. FINISHED when the body returns,
     FAILED when it raises (and, through the watchdog, when this process is killed). `report`: the
     start-of-job profile, logged as profile_* metrics and files under profile/."""
@@ -446,7 +483,7 @@ def tracked_run(cfg: Config, plan: Plan, figures: dict, folders: RunFolders,
             tracking.close_stale_run(plan.earlier_run)  # a killed driver could not mark it FAILED
         if plan.resume_from:
             tracking.set_tag(run_ref, "spark_tuning.resumed_from", plan.resume_from)
-        _mark_run_in_progress(folders.run, cfg, run_ref, clear_first=plan.clear_first)
+        _mark_run_in_progress(folders.run, cfg, run_ref, plan.clear_first, fingerprint)
         yield run_ref
     except BaseException:
         try:
@@ -516,16 +553,11 @@ def deploy(cfg: Config, task, staged, result: dict, metrics: dict, folders: RunF
     from spark_tuning.train import checkpoint
 
     t, partial, out = time.perf_counter(), folders.partial, folders.out
-    last = checkpoint.latest(checkpoint.checkpoint_dir(folders.run))
-    if cfg.checkpoint.keep_after_success and last:
-        os.makedirs(checkpoint.checkpoint_dir(partial))
-        os.rename(last, os.path.join(checkpoint.checkpoint_dir(partial), os.path.basename(last)))
     # The marker lists what this run wrote: a later --overwrite replaces the folder only while it holds nothing
-    # else. Once the model is in place, the run's state (run.json, checkpoints) has served its purpose.
-    inputs = logging_inputs(result["precision"], staged.extras)
-    write_owner_marker(partial, run_id=run_ref.run_id, **inputs)
+    # else; with it go what logging the model needs, for log-model.
+    inputs = logging_inputs(run_ref, result["precision"], staged.extras)
+    write_owner_marker(partial, **inputs)
     publish(partial, out, overwrite, *sources_of(cfg))
-    remove_tree(folders.run, *sources_of(cfg))
     try:
         record = log_outputs(cfg, task, run_ref, out, metrics, **inputs)
     except Exception as e:  # noqa: BLE001 - the tracking store's errors; the model is safe, say so
@@ -535,7 +567,16 @@ def deploy(cfg: Config, task, staged, result: dict, metrics: dict, folders: RunF
             f"the trained model is saved in {out} (published before logging), but logging it to MLflow run "
             f"{run_ref.run_id} failed: {error_line(e)}. Nothing is lost: the folder loads with from_pretrained as "
             f"it is; once the tracking store answers, log it into that run with: spark-tuning log-model "
-            f"--output-dir {out}") from e
+            f"--output-dir {out} (a rerun of the same command with --overwrite resumes from the final checkpoint "
+            "and logs it too)") from e
+    # Logged: the run's state has served its purpose. Kept until now, so that a retry after a logging failure
+    # resumes from the final checkpoint instead of training again.
+    last = checkpoint.latest(checkpoint.checkpoint_dir(folders.run))
+    if cfg.checkpoint.keep_after_success and last:
+        os.makedirs(checkpoint.checkpoint_dir(out), exist_ok=True)
+        os.rename(last, os.path.join(checkpoint.checkpoint_dir(out), os.path.basename(last)))
+        write_owner_marker(out)  # the kept checkpoint is the run's own
+    remove_tree(folders.run, *sources_of(cfg))
     timings["logging"] = time.perf_counter() - t
     deployed: dict[str, Any] = {}
     if record is not None and cfg.deploy.verify:
@@ -547,15 +588,17 @@ def deploy(cfg: Config, task, staged, result: dict, metrics: dict, folders: RunF
     return deployed
 
 
-def logging_inputs(precision: str, extras: dict) -> dict:
-    """What logging the model needs beyond the folder's files, kept in its marker for `log-model`."""
+def logging_inputs(run_ref, precision: str, extras: dict) -> dict:
+    """What logging the model needs beyond the folder's files (its run, where that lives, the precision it
+    trained in, the task's extras), kept in its marker for `log-model`."""
     def plain(value):
         return value.tolist() if hasattr(value, "tolist") else str(value)
 
-    return {"precision": precision, "extras": json.loads(json.dumps(extras, default=plain))}
+    return {"run_id": run_ref.run_id, "tracking_uri": run_ref.tracking_uri, "precision": precision,
+            "extras": json.loads(json.dumps(extras, default=plain))}
 
 
-def log_outputs(cfg: Config, task, run_ref, out: str, metrics: dict, precision: str, extras: dict):
+def log_outputs(cfg: Config, task, run_ref, out: str, metrics: dict, precision: str, extras: dict, **_):
     """Log a published output folder into the MLflow run: final_* metrics, its files, and (tracking.log_model)
     the MLflow model, registered and aliased. The job's last logging step, and `spark-tuning log-model`'s
     after the tracking store failed there. Returns the model's record, or None."""
@@ -568,10 +611,10 @@ def log_outputs(cfg: Config, task, run_ref, out: str, metrics: dict, precision: 
             tracking.log_artifact(run_ref, os.path.join(out, name))
     if not cfg.tracking.log_model:
         return None
-    record = steps.package(cfg, run_ref, out, precision, extras)  # + mlflow_model.json
+    record = steps.package(cfg, run_ref, out, precision, extras)
+    write_owner_marker(out, run_id=run_ref.run_id)  # mlflow_model.json, the record it wrote, is the run's own
     if os.path.isdir(os.path.join(out, "adapter")):  # LoRA: the small adapter, for reuse
         tracking.log_artifacts(run_ref, os.path.join(out, "adapter"), "adapter")
-    write_owner_marker(out, run_id=run_ref.run_id, precision=precision, extras=extras)
     return record
 
 
@@ -585,12 +628,15 @@ def _expected_precision(cfg: Config) -> str:
     return resolve_precision(cfg.train.precision, "cuda:0" if cfg.distributed.use_gpu else "cpu")
 
 
-def _mark_run_in_progress(run_dir: str, cfg: Config, run_ref, clear_first: bool) -> None:
-    """Create the run folder with run.json: which config and MLflow run its checkpoints belong to."""
+def _mark_run_in_progress(run_dir: str, cfg: Config, run_ref, clear_first: bool, fingerprint: Optional[str]) -> None:
+    """Create the run folder with run.json: which config, data and MLflow run its checkpoints belong to."""
     if clear_first:
         remove_tree(run_dir, *sources_of(cfg))  # an interrupted run's own run.json and checkpoints
     os.makedirs(run_dir, exist_ok=True)
     tmp = os.path.join(run_dir, f".{RUN_MARKER}.tmp")
     with open(tmp, "w") as f:
-        json.dump({"config": cfg.to_dict(), "run_id": run_ref.run_id, "tracking_uri": run_ref.tracking_uri}, f)
+        json.dump({"config": cfg.to_dict(), "data": fingerprint, "run_id": run_ref.run_id,
+                   "tracking_uri": run_ref.tracking_uri}, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, os.path.join(run_dir, RUN_MARKER))

@@ -95,14 +95,22 @@ def write_owner_marker(folder: str, **about) -> None:
     spark-tuning's own, and anything added later to be someone else's."""
     import json
 
-    names = sorted(n for n in os.listdir(folder) if n != OWNER_MARKER)
-    with open(os.path.join(folder, OWNER_MARKER), "w") as f:
-        json.dump({"written_by": "spark-tuning", "names": names, **about}, f, indent=1)
+    path = os.path.join(folder, OWNER_MARKER)
+    kept: dict = {}
+    try:  # written again after files are added (the MLflow record, a kept checkpoint): what it said stays
+        with open(path) as f:
+            kept = {k: v for k, v in json.load(f).items() if k not in ("written_by", "names")}
+    except (OSError, ValueError, AttributeError):
+        pass
+    names = sorted(n for n in os.listdir(folder) if n not in (OWNER_MARKER, OWNER_MARKER + ".tmp"))
+    with open(path + ".tmp", "w") as f:
+        json.dump({"written_by": "spark-tuning", "names": names, **kept, **about}, f, indent=1)
+    os.replace(path + ".tmp", path)  # never a half-written marker, which would make the folder "not ours"
 
 
 def foreign_names(folder: str, allowed: tuple[str, ...] = ()) -> list[str]:
     """The names in `folder` that spark-tuning did not write there (by its marker; `allowed`: names a run
-    adds to its own folder later, e.g. run.json and checkpoints). All of them when there is no marker."""
+    adds to its own folder later). All of them when there is no marker."""
     import json
 
     names = sorted(os.listdir(folder))

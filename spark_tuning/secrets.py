@@ -186,17 +186,28 @@ def hub_token(reference: Optional[str]) -> Optional[str]:
 
 class _Share:
     def __init__(self):
-        self.spark_contexts: list = []
+        self.sessions: list = []
+        self.replaced: dict = {}  # id(SparkContext) -> (the context, what its environment held before)
 
     def publish(self) -> None:
         value = os.environ.get(HUB_TOKEN_ENV)
-        for sc in self.spark_contexts:
-            if value:
-                sc.environment[HUB_TOKEN_ENV] = value
+        if not value:
+            return  # nothing resolved: the SparkContext is not touched (Spark Connect has none)
+        for spark in self.sessions:
+            sc = spark.sparkContext
+            self.replaced.setdefault(id(sc), (sc, sc.environment.get(HUB_TOKEN_ENV)))
+            sc.environment[HUB_TOKEN_ENV] = value
 
     def add_spark(self, spark) -> None:
-        self.spark_contexts.append(spark.sparkContext)
+        self.sessions.append(spark)
         self.publish()
+
+    def restore(self) -> None:
+        for sc, before in self.replaced.values():
+            if before is None:
+                sc.environment.pop(HUB_TOKEN_ENV, None)
+            else:
+                sc.environment[HUB_TOKEN_ENV] = before
 
 
 @contextlib.contextmanager
@@ -213,8 +224,7 @@ def shared_with_workers() -> Iterator[_Share]:
         yield share
     finally:
         _SHARING.remove(share)
-        for sc in share.spark_contexts:
-            sc.environment.pop(HUB_TOKEN_ENV, None)
+        share.restore()
         if before is None:
             os.environ.pop(HUB_TOKEN_ENV, None)
         else:

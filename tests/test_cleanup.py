@@ -101,6 +101,8 @@ def test_an_interrupted_runs_folder_goes_only_when_its_run_is_over(tmp_path):
     assert [(os.path.basename(i.path), i.kind) for i in cleanup.find(str(out), state_dir=servers)] == [(".model.run", "run")]
     older = cleanup.find(str(out), keep_last_checkpoint=True, state_dir=servers)
     assert [(os.path.basename(i.path), i.kind) for i in older] == [("step-00000010", "checkpoint")]
+    (run / "checkpoints" / "step-00000020" / "trainer_state.json").write_text(json.dumps({"best_step": 10}))
+    assert cleanup.find(str(out), keep_last_checkpoint=True, state_dir=servers) == []  # keep_best's stays
     (tmp_path / ".model.lock").write_text(json.dumps(this_process()))  # a live run (this process) holds it
     assert cleanup.find(str(out), state_dir=servers) == []
     (tmp_path / ".model.lock").write_text(json.dumps({"pid": 1, "process_start": -1, "cmdline": ["gone"]}))

@@ -276,6 +276,33 @@ def test_overwrite_continues_the_same_config_and_fresh_discards_it(tmp_path, dat
     assert os.path.isdir(os.path.join(run_folder(out), "checkpoints", "step-00000010"))  # removed only once it starts
 
 
+def test_a_checkpoint_resumes_only_its_own_data_and_resume_insists(tmp_path, data, tiny_bert_dir):
+    """The weekly table has new rows since the run was interrupted: its checkpoint is not continued on them
+    (refused, or a fresh start under --overwrite). --resume fails where there is nothing to continue."""
+    import numpy as np
+
+    from spark_tuning import finetune
+
+    seen = finetune.data_fingerprint(np.array([5, 9, 12]), 3, 1)
+    assert finetune.data_fingerprint(np.array([12, 5, 9]), 3, 1) == seen  # another order, other shards: the same rows
+    assert finetune.data_fingerprint(np.array([5, 9, 12, 7]), 4, 1) != seen
+    plan = finetune.Plan(resume_from="/x/step-00000010", earlier_run={"data": seen})
+    assert finetune.check_same_data(plan, seen, overwrite=False, out="/x") is plan
+    other = finetune.data_fingerprint(np.array([5, 9, 13]), 3, 1)
+    with pytest.raises(InputError, match="trained on other data"):
+        finetune.check_same_data(plan, other, overwrite=False, out="/x")
+    fresh = finetune.check_same_data(plan, other, overwrite=True, out="/x")
+    assert fresh.resume_from is None and fresh.clear_first
+
+    cfg = config(tmp_path, data, tiny_bert_dir)
+    run = run_folder(cfg.output_dir)
+    os.makedirs(os.path.join(run, "checkpoints", "step-00000010"))  # cut short: no COMPLETE marker
+    json.dump({"config": cfg.to_dict(), "run_id": "x", "tracking_uri": "sqlite:///nowhere.db"},
+              open(os.path.join(run, "run.json"), "w"))
+    with pytest.raises(InputError, match="--resume: the interrupted run .* has no complete checkpoint"):
+        finetune.plan_output(cfg, overwrite=False, resume=True)
+
+
 def test_incomplete_checkpoint_is_ignored(tmp_path):
     from spark_tuning.train import checkpoint
 

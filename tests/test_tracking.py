@@ -104,6 +104,7 @@ class MlflowServer:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"mlflow server exited: {open(os.path.join(self.root, 'server.log')).read()[-2000:]}")
                 time.sleep(0.5)
+        self.kill()
         raise TimeoutError("mlflow server did not answer")
 
     def kill(self) -> None:
@@ -132,10 +133,11 @@ def test_a_tracking_server_lost_after_training_keeps_the_model_and_log_model_log
     from spark_tuning.cli import main
     from spark_tuning.deploy.serving import free_port
     from spark_tuning.errors import JobFailed
+    from spark_tuning.paths import run_folder
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail in seconds, not after MLflow's backoff
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    server = MlflowServer(str(tmp_path / "store"), free_port()).start()
+    server = MlflowServer(str(tmp_path / "store"), free_port())
     cfg = tiny_job_config(tmp_path, reviews_jsonl, tiny_bert_dir, **{
         "train.epochs": 2, "tracking.tracking_uri": server.url, "tracking.log_model": True,
         "deploy.registered_model_name": "lost-store"})
@@ -148,9 +150,10 @@ def test_a_tracking_server_lost_after_training_keeps_the_model_and_log_model_log
             time.sleep(0.05)
         server.kill()
 
-    killer = threading.Thread(target=kill_once_trained, daemon=True)
-    killer.start()
     try:
+        server.start()
+        killer = threading.Thread(target=kill_once_trained, daemon=True)
+        killer.start()
         with pytest.raises(JobFailed) as err:
             finetune.run(cfg, spark=spark)
         killer.join(10)
@@ -159,6 +162,7 @@ def test_a_tracking_server_lost_after_training_keeps_the_model_and_log_model_log
         assert f"spark-tuning log-model --output-dir {out}" in message
         assert finetune.output_state(out) == "model" and os.path.isfile(os.path.join(out, "model.safetensors"))
         run_id = json.load(open(os.path.join(out, ".spark-tuning.json")))["run_id"]
+        assert os.path.isdir(run_folder(out))  # kept: a retry of the job would resume from its final checkpoint
 
         server.start()  # the store answers again
         assert main(["log-model", "--output-dir", out]) == 0
@@ -174,5 +178,9 @@ def test_a_tracking_server_lost_after_training_keeps_the_model_and_log_model_log
         assert version.run_id == run_id
         assert json.load(open(os.path.join(out, "mlflow_model.json")))["version"] == version.version
         assert finetune.output_state(out) == "model"  # the record it wrote is listed in the marker
+        assert not os.path.exists(run_folder(out))
+        assert main(["log-model", "--output-dir", out]) == 0  # once is enough: no second version
+        assert "already logged" in capsys.readouterr().out
+        assert len(client.search_model_versions("name='lost-store'")) == 1
     finally:
         server.kill()

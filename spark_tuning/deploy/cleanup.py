@@ -8,7 +8,8 @@ Only what spark-tuning made, found by its own names and markers, never by a patt
               (spark-tuning's exact sibling names), unless a live run's marker names them
   run         an interrupted run's folder `<root>/.<name>.run` (run.json and its checkpoints: what a rerun
               resumes from), unless the run holding the output's lock `.<name>.lock` is still going; with
-              keep_last_checkpoint only its older checkpoints go
+              keep_last_checkpoint only its older checkpoints go (not the train.keep_best one the newest
+              refers to)
   checkpoint  `checkpoints/step-NNNNNNNN` (and cut-short `.tmp-`/`.old-` ones) in such a run folder, or in
               a finished model spark-tuning wrote (checkpoint.keep_after_success); with keep_last_checkpoint
               the highest step stays. An HF Trainer's `checkpoint-NNN` folders are never touched.
@@ -134,7 +135,19 @@ def _checkpoints(folder: str, keep_last: bool) -> list[tuple[str, str]]:
     complete = [c for c in checkpoints if os.path.basename(c).startswith("step-")]
     if keep_last and complete:
         checkpoints.remove(complete[-1])
+        best = _best_step(complete[-1])  # train.keep_best: the resumed run ends with the best one's weights
+        checkpoints = [c for c in checkpoints if best is None or _step(c) != best or c not in complete]
     return [(p, "checkpoint") for p in checkpoints]
+
+
+def _best_step(checkpoint: str) -> Optional[int]:
+    """The step of the best checkpoint so far that `checkpoint`'s trainer state refers to (train.keep_best)."""
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            best = json.load(f).get("best_step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return best if isinstance(best, int) else None
 
 
 def live_lock(out: str) -> Optional[dict]:

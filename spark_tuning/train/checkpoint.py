@@ -1,6 +1,6 @@
 """Checkpoints: written atomically by rank 0, found again on resume. No distributed code here.
 
-A checkpoint is a folder `<output_dir>/checkpoints/step-00000120/` holding the model (safetensors; a sharded
+A checkpoint is a folder `<run folder>/checkpoints/step-00000120/` (the run folder `.NAME.run` beside output_dir) holding the model (safetensors; a sharded
 run's weights and optimizer state in dcp/ instead, each rank's shards, see train/fsdp.py), the
 optimizer, scheduler and loss-scaler states, every rank's RNG states (CPU and GPU), and `trainer_state.json` (step, epoch, position in
 the epoch's batch plan, metrics so far). It is written under a temporary name and renamed into place; the
