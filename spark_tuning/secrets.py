@@ -210,6 +210,12 @@ class _Share:
                 sc.environment[HUB_TOKEN_ENV] = before
 
 
+def environment_without_shared() -> dict[str, str]:
+    """This process's environment for a helper process that loads no model (the watchdog, a model server):
+    without the hub token handed to the run's workers."""
+    return {k: v for k, v in _environ_snapshot().items() if k != HUB_TOKEN_ENV}
+
+
 @contextlib.contextmanager
 def shared_with_workers() -> Iterator[_Share]:
     """For one run: a secret reference resolved on the driver (hub_token) reaches the processes the run

@@ -162,12 +162,17 @@ def test_spark_conf_secrets_are_references_resolved_on_the_driver_and_scrubbed(t
     assert "s3-secret-value-42" not in scrub("conf fs.s3a.secret.key=s3-secret-value-42")
 
 
-def test_the_watchdog_gets_the_tracking_uri_through_its_environment(tmp_path):
-    """`ps` shows every user a command line: a database URI with a password must not be on it."""
+def test_the_watchdog_gets_the_tracking_uri_through_its_environment(tmp_path, monkeypatch):
+    """`ps` shows every user a command line: a database URI with a password must not be on it. Nor does the
+    watchdog get the hub token handed to the run's workers: it loads no model."""
     import mlflow
+    import psutil
 
     from spark_tuning.deploy.serving import process_identity
+    from spark_tuning.secrets import HUB_TOKEN_ENV
     from spark_tuning.track import watchdog
+
+    monkeypatch.setenv(HUB_TOKEN_ENV, "hub-token-of-the-workers")
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
@@ -176,6 +181,8 @@ def test_the_watchdog_gets_the_tracking_uri_through_its_environment(tmp_path):
     try:
         _, cmdline = process_identity(proc.pid)
         assert cmdline and not any(uri in a or "mlflow.db" in a for a in cmdline), cmdline
+        environ = psutil.Process(proc.pid).environ()
+        assert environ[watchdog.URI_ENV] == uri and HUB_TOKEN_ENV not in environ
         client.set_terminated(run.info.run_id, "FINISHED")  # the watchdog exits once the run has ended
         proc.wait(timeout=30)
         assert proc.returncode == 0

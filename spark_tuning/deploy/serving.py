@@ -157,7 +157,9 @@ def start(model_uri: str, host: str = "127.0.0.1", port: int = 0, tracking_uri: 
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     os.chmod(state_dir, 0o700)  # pids, ports and logs of this user's servers: not for others to read or plant
     log_path = os.path.join(state_dir, f"server-{port}.log")
-    env = dict(os.environ)
+    from spark_tuning.secrets import environment_without_shared
+
+    env = environment_without_shared()  # it serves a logged model: no hub token needed
     env[MAX_ROWS_ENV], env[MAX_BYTES_ENV] = str(max_rows), str(max_bytes)
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri

@@ -22,8 +22,10 @@ URI_ENV = "SPARK_TUNING_WATCHDOG_URI"
 
 
 def start(tracking_uri: str, run_id: str):
+    from spark_tuning.secrets import environment_without_shared
+
     return subprocess.Popen([sys.executable, "-m", "spark_tuning.track.watchdog", str(os.getpid()), run_id],
-                            env={**os.environ, URI_ENV: tracking_uri}, stdin=subprocess.DEVNULL,
+                            env={**environment_without_shared(), URI_ENV: tracking_uri}, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
